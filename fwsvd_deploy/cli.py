@@ -1,0 +1,196 @@
+"""The ``fwsvd-deploy`` command line: builds configs from flags and calls the pipeline.
+
+Exit codes: 0 success, 1 a gate failed, 2 bad usage or input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .config import CompressionConfig, DataConfig, FinetuneConfig, FisherConfig
+from .errors import ConfigError, FwsvdError
+from .modeling import EMBEDDED_MODEL
+
+PROG = "fwsvd-deploy"
+DEFAULT_FISHER_CACHE = os.path.join("~", ".cache", "fwsvd-deploy", "fisher")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="rotten_tomatoes",
+                   help="built-in 'rotten_tomatoes', a CSV/TSV/JSON/JSONL/Parquet file, or hub NAME[:CONFIG] "
+                        "(default: %(default)s)")
+    g.add_argument("--eval-dataset", default=None, help="separate file or hub dataset for evaluation")
+    g.add_argument("--train-split", default="train")
+    g.add_argument("--eval-split", default="validation")
+    g.add_argument("--text-column", default="text")
+    g.add_argument("--text-pair-column", default=None)
+    g.add_argument("--label-column", default="label")
+    g.add_argument("--max-length", type=int, default=128, help="tokenizer truncation (default: %(default)s)")
+    g.add_argument("--eval-batch-size", type=int, default=64)
+    g.add_argument("--train-samples", type=int, default=None, help="cap on training examples (seeded subset)")
+    g.add_argument("--eval-samples", type=int, default=None, help="cap on evaluation examples (seeded subset)")
+    g.add_argument("--eval-fraction", type=float, default=0.1,
+                   help="held-out share of a single-file dataset (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _data_config(a: argparse.Namespace) -> DataConfig:
+    return DataConfig(
+        dataset=a.dataset, eval_dataset=a.eval_dataset, train_split=a.train_split, eval_split=a.eval_split,
+        text_column=a.text_column, text_pair_column=a.text_pair_column, label_column=a.label_column,
+        max_length=a.max_length, batch_size=a.eval_batch_size, max_train_samples=a.train_samples,
+        max_eval_samples=a.eval_samples, eval_fraction=a.eval_fraction, seed=a.seed,
+    )
+
+
+def _targets(value: str) -> str | tuple[str, ...]:
+    if value == "all-linear":
+        return value
+    if value.startswith("re:"):
+        return value[3:]
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _overrides(values: list[str] | None) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in values or []:
+        name, sep, rank = item.partition("=")
+        if not sep or not name or not rank.strip().lstrip("-").isdigit():
+            raise ConfigError(f"--rank-override {item!r} must look like MODULE_NAME=RANK")
+        out[name.strip()] = int(rank)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Fisher-weighted SVD compression, ONNX export and validation.")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    ft = sub.add_parser("finetune", help="fine-tune a sequence classifier (dense, or compressed for recovery)",
+                        description="Fine-tune a sequence classifier. A model without a classification head gets "
+                                    "a fresh one sized from the data; a compressed folder keeps its low-rank layers.")
+    ft.add_argument("--model", default=EMBEDDED_MODEL,
+                    help="model folder, hub id, or a folder written by 'compress' (default: %(default)s, embedded)")
+    ft.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    ft.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    _add_data_args(ft)
+    g = ft.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=3)
+    g.add_argument("--max-steps", type=int, default=None, help="total optimiser steps (overrides --epochs)")
+    g.add_argument("--learning-rate", type=float, default=5e-5)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--warmup-ratio", type=float, default=0.1)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--no-eval", action="store_true", help="skip per-epoch evaluation (keep the last weights)")
+
+    cp = sub.add_parser("compress", help="factorise a fine-tuned model with FWSVD or SVD",
+                        description="Collect Fisher statistics (fwsvd), factorise the targeted layers, evaluate "
+                                    "before and after, and write a compressed model folder.")
+    cp.add_argument("--model", required=True, help="fine-tuned model folder or hub id (not a compressed folder)")
+    cp.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    cp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    g = cp.add_argument_group("compression")
+    g.add_argument("--method", default="fwsvd", choices=["fwsvd", "svd"])
+    g.add_argument("--fisher-axis", default="both", choices=["both", "output", "input"],
+                   help="how Fisher importance is shared (default: %(default)s)")
+    size = g.add_mutually_exclusive_group()
+    size.add_argument("--ratio", type=float, default=None,
+                      help="fraction of targeted weight parameters kept, global budget (default 0.5)")
+    size.add_argument("--rank", type=int, default=None, help="fixed rank for every targeted layer")
+    g.add_argument("--allocation", default="uniform", choices=["uniform", "fisher"])
+    g.add_argument("--targets", default="all-linear",
+                   help="'all-linear', comma-separated name suffixes, or re:REGEX (default: %(default)s)")
+    g.add_argument("--exclude", default=None, help="comma-separated name suffixes or re:REGEX to leave dense")
+    g.add_argument("--rank-override", action="append", metavar="NAME=RANK", help="per-layer rank (repeatable)")
+    g = cp.add_argument_group("Fisher")
+    g.add_argument("--fisher-samples", type=int, default=512, help="labelled examples (default: %(default)s)")
+    g.add_argument("--fisher-estimator", default="per_example", choices=["per_example", "batch_mean"])
+    g.add_argument("--fisher-batch-size", type=int, default=16)
+    g.add_argument("--fisher-cache", default=DEFAULT_FISHER_CACHE,
+                   help="cache folder for Fisher statistics, or 'none' (default: %(default)s)")
+    g.add_argument("--no-eval", action="store_true", help="skip evaluation before and after")
+    _add_data_args(cp)
+    return parser
+
+
+def _progress(a: argparse.Namespace) -> bool | None:
+    return False if a.quiet else None
+
+
+def _cmd_finetune(a: argparse.Namespace) -> int:
+    from .pipeline import run_finetune
+
+    cfg = FinetuneConfig(epochs=a.epochs, max_steps=a.max_steps, learning_rate=a.learning_rate,
+                         weight_decay=a.weight_decay, warmup_ratio=a.warmup_ratio, batch_size=a.batch_size,
+                         eval_every_epoch=not a.no_eval, seed=a.seed)
+    outcome = run_finetune(a.model, _data_config(a), cfg, a.out, overwrite=a.overwrite, progress=_progress(a))
+    after = outcome.eval_after
+    kind = "compressed model (recovery)" if outcome.compressed else "model"
+    line = f"fine-tuned {kind}: {outcome.result.steps} steps in {outcome.result.seconds:.1f} s"
+    if after is not None:
+        line += "; eval " + ", ".join(f"{k} {v:.4f}" for k, v in after.metrics.items())
+        line += f" ({after.num_examples} examples)"
+    if outcome.eval_before is not None and "accuracy" in outcome.eval_before.metrics:
+        line += f"; accuracy before fine-tuning {outcome.eval_before.metrics['accuracy']:.4f}"
+    print(line)
+    print(f"wrote {outcome.out_dir}")
+    return 0
+
+
+def _cmd_compress(a: argparse.Namespace) -> int:
+    from .pipeline import run_compress
+
+    cache = None if a.fisher_cache.lower() == "none" else os.path.expanduser(a.fisher_cache)
+    comp = CompressionConfig(
+        method=a.method, fisher_axis=a.fisher_axis, ratio=a.ratio, rank=a.rank, allocation=a.allocation,
+        target_modules=_targets(a.targets), exclude_modules=None if a.exclude is None else _targets(a.exclude),
+        rank_overrides=_overrides(a.rank_override),
+    )
+    fisher = FisherConfig(num_samples=a.fisher_samples, estimator=a.fisher_estimator,
+                          batch_size=a.fisher_batch_size, cache_dir=cache)
+    outcome = run_compress(a.model, _data_config(a), fisher, comp, a.out, evaluate_model=not a.no_eval,
+                           overwrite=a.overwrite, progress=_progress(a))
+    r = outcome.report
+    print(r.to_markdown(max_rows=0).splitlines()[0])
+    timing = f"compress {outcome.compress_seconds:.1f} s"
+    if outcome.fisher is not None:
+        f = outcome.fisher
+        timing = (f"Fisher {f.num_examples} examples: " + ("cached" if f.from_cache else f"{f.seconds:.1f} s")
+                  + "; " + timing)
+    print(timing)
+    if outcome.eval_before is not None and outcome.eval_after is not None:
+        key = "accuracy" if "accuracy" in outcome.eval_after.metrics else "mse"
+        print(f"eval {key}: baseline {outcome.eval_before.metrics[key]:.4f} -> compressed "
+              f"{outcome.eval_after.metrics[key]:.4f} ({outcome.eval_after.num_examples} examples, no fine-tuning)")
+    print(f"wrote {outcome.out_dir}")
+    return 0
+
+
+_COMMANDS: dict[str, Any] = {"finetune": _cmd_finetune, "compress": _cmd_compress}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(_COMMANDS[args.command](args))
+    except FwsvdError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; finished outputs are intact, unfinished ones were removed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Target resolution and the module swap: the only place that replaces modules in a model.
+
+Every target is resolved and validated, and every replacement built, before the first module is
+swapped, so an error never leaves a half-compressed model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..config import CompressionConfig
+from ..errors import AlreadyCompressedError, ConfigError, FisherError, NoTargetModulesError, UnsupportedModuleError
+from .layers import LowRankLinear
+from .ranks import fixed_ranks, greedy_ranks, uniform_ranks
+from .report import CompressionReport, LayerReport
+from .svd import Decomposition, decompose, max_saving_rank, relative_error
+
+SUPPORTED_TYPES = (nn.Linear, Conv1D)
+_SUPPORTED_NAMES = "torch.nn.Linear, transformers Conv1D"
+_BLOCK_INDEX = re.compile(r"\.\d+\.")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One layer to factorise, with its weight in ``(out, in)`` orientation."""
+
+    name: str
+    module: nn.Module
+
+    @property
+    def kind(self) -> str:
+        return "conv1d" if isinstance(self.module, Conv1D) else "linear"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.module.weight
+        return w.T if self.kind == "conv1d" else w
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        out_features, in_features = self.weight.shape
+        return int(out_features), int(in_features)
+
+    def orient(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like the module's parameter, in ``(out, in)`` orientation."""
+        return tensor.T if self.kind == "conv1d" else tensor
+
+
+def _matches(name: str, patterns: str | tuple[str, ...]) -> bool:
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    heads: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_emb = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if out_emb is not None and module is out_emb:
+            heads.add(name)
+    return heads
+
+
+def resolve_targets(
+    model: nn.Module,
+    target_modules: str | tuple[str, ...] | list[str] = "all-linear",
+    exclude_modules: str | tuple[str, ...] | list[str] | None = None,
+) -> list[Target]:
+    """Find the layers to factorise.
+
+    Args:
+        model: the model.
+        target_modules: ``"all-linear"`` (every Linear/Conv1D inside the repeated transformer blocks —
+            embeddings, pooler and task head stay dense), a list of name suffixes, or a regex that must
+            match the whole module name.
+        exclude_modules: suffix list or regex removed from the targets.
+
+    Returns:
+        The targets, in model order.
+
+    Raises:
+        AlreadyCompressedError: when the model already holds factorised layers.
+        NoTargetModulesError: when nothing matches.
+        UnsupportedModuleError: when an explicit pattern matches a module that cannot be factorised.
+    """
+    if isinstance(target_modules, list):
+        target_modules = tuple(target_modules)
+    if isinstance(exclude_modules, list):
+        exclude_modules = tuple(exclude_modules)
+    already = [n for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    if already:
+        raise AlreadyCompressedError(
+            f"the model already has {len(already)} factorised layers (e.g. {already[0]}); compress the "
+            "original model instead"
+        )
+    heads = _head_names(model)
+    targets: list[Target] = []
+    for name, module in model.named_modules():
+        if not name or name in heads:
+            continue
+        if target_modules == "all-linear":
+            chosen = isinstance(module, SUPPORTED_TYPES) and _BLOCK_INDEX.search(f".{name}.") is not None
+        else:
+            chosen = _matches(name, target_modules)
+        if not chosen or (exclude_modules is not None and _matches(name, exclude_modules)):
+            continue
+        if not isinstance(module, SUPPORTED_TYPES):
+            raise UnsupportedModuleError(
+                f"target {name} is a {type(module).__name__}; only {_SUPPORTED_NAMES} can be factorised "
+                "(narrow target_modules or add it to exclude_modules)"
+            )
+        targets.append(Target(name, module))
+    if not targets:
+        raise NoTargetModulesError(
+            f"no module matched target_modules={target_modules!r} exclude_modules={exclude_modules!r} "
+            f"in {type(model).__name__}"
+        )
+    return targets
+
+
+def _fisher_tensor(fisher: Mapping[str, torch.Tensor], target: Target) -> torch.Tensor:
+    if target.name not in fisher:
+        raise FisherError(
+            f"no Fisher statistics for {target.name}; collect Fisher with the same target_modules"
+        )
+    tensor = fisher[target.name]
+    if tuple(tensor.shape) != tuple(target.module.weight.shape):
+        raise FisherError(
+            f"Fisher for {target.name} has shape {tuple(tensor.shape)}, the weight has "
+            f"{tuple(target.module.weight.shape)}; the statistics belong to another model"
+        )
+    return target.orient(tensor)
+
+
+def _allocation_gain(decomp: Decomposition, fisher: torch.Tensor, axis: str) -> torch.Tensor:
+    """Per-rank-step weighted error, scaled so that layers compare as estimated loss increase."""
+    m, n = decomp.shape
+    if axis == "both":
+        scale = float(fisher.to(torch.float64).sum().clamp_min(torch.finfo(torch.float64).tiny))
+    elif axis == "output":
+        scale = float(n)
+    else:
+        scale = float(m)
+    return decomp.s.square() / scale
+
+
+def _fisher_mapping(fisher: Any) -> Mapping[str, torch.Tensor] | None:
+    if fisher is None:
+        return None
+    return getattr(fisher, "fisher", fisher)
+
+
+def compress(model: nn.Module, cfg: CompressionConfig, fisher: Any = None) -> CompressionReport:
+    """Factorise the targeted layers of ``model`` in place.
+
+    Args:
+        model: a transformers model (or any module) holding Linear/Conv1D layers.
+        cfg: what to factorise and how far.
+        fisher: a :class:`~fwsvd_deploy.compression.fisher.FisherResult` or a mapping of module name to
+            per-weight Fisher (shaped like the module's weight). Required by ``method='fwsvd'``;
+            when given to ``svd`` it only feeds the Fisher-weighted error in the report.
+
+    Returns:
+        The per-layer report.
+
+    Raises:
+        FisherError: ``fwsvd`` without Fisher, or Fisher that does not fit the model.
+        NoTargetModulesError, UnsupportedModuleError, AlreadyCompressedError: see :func:`resolve_targets`.
+    """
+    stats = _fisher_mapping(fisher)
+    if cfg.needs_fisher and stats is None:
+        raise FisherError("method='fwsvd' needs Fisher statistics; run collect_fisher first (or use method='svd')")
+    targets = resolve_targets(model, cfg.target_modules, cfg.exclude_modules)
+    params_before = sum(p.numel() for p in model.parameters())
+
+    fishers = {t.name: _fisher_tensor(stats, t) for t in targets} if stats is not None else {}
+    decomps: dict[str, Decomposition] = {}
+    for t in targets:
+        weighted = fishers[t.name] if cfg.method == "fwsvd" else None
+        decomps[t.name] = decompose(t.weight, weighted, cfg.fisher_axis, cfg.eps)
+
+    shapes = {t.name: t.shape for t in targets}
+    if cfg.rank is not None:
+        ranks = fixed_ranks(shapes, cfg.rank)
+    elif cfg.allocation == "fisher":
+        gains = {t.name: _allocation_gain(decomps[t.name], fishers[t.name], cfg.fisher_axis) for t in targets}
+        ranks = greedy_ranks(shapes, gains, cfg.ratio)  # type: ignore[arg-type]
+    else:
+        ranks = uniform_ranks(shapes, cfg.ratio)  # type: ignore[arg-type]
+    _apply_overrides(ranks, shapes, cfg.rank_overrides)
+
+    replacements: dict[str, LowRankLinear] = {}
+    layers: list[LayerReport] = []
+    for t in targets:
+        rank = ranks[t.name]
+        m, n = t.shape
+        bias = getattr(t.module, "bias", None)
+        bias_params = 0 if bias is None else bias.numel()
+        if rank is None:
+            layers.append(LayerReport(
+                name=t.name, kind=t.kind, shape=(m, n), rank=None, params_before=m * n + bias_params,
+                params_after=m * n + bias_params, plain_error=0.0,
+                fisher_error=0.0 if t.name in fishers else None,
+                skipped=f"left dense: a rank >= {m * n / (m + n):.1f} saves no parameters",
+            ))
+            continue
+        decomp = decomps[t.name]
+        up, down = decomp.factors(rank, dtype=t.module.weight.dtype)
+        new = LowRankLinear.from_factors(up.to(t.module.weight.device), down.to(t.module.weight.device),
+                                         None if bias is None else bias.detach(), source_kind=t.kind)
+        replacements[t.name] = new
+        approx = decomp.reconstruct(rank)
+        layers.append(LayerReport(
+            name=t.name, kind=t.kind, shape=(m, n), rank=rank, params_before=m * n + bias_params,
+            params_after=sum(p.numel() for p in new.parameters()),
+            plain_error=relative_error(decomp.weight, approx),
+            fisher_error=relative_error(decomp.weight, approx, fishers[t.name]) if t.name in fishers else None,
+            skipped=None,
+        ))
+
+    swap_modules(model, replacements)
+    return CompressionReport(
+        method=cfg.method,
+        fisher_axis=cfg.fisher_axis if cfg.method == "fwsvd" else None,
+        allocation=cfg.allocation if cfg.rank is None else "fixed",
+        ratio=cfg.ratio,
+        rank=cfg.rank,
+        layers=tuple(layers),
+        model_params_before=params_before,
+        model_params_after=sum(p.numel() for p in model.parameters()),
+    )
+
+
+def _apply_overrides(ranks: dict[str, int | None], shapes: Mapping[str, tuple[int, int]],
+                     overrides: Mapping[str, int]) -> None:
+    for pattern, rank in overrides.items():
+        hits = [name for name in ranks if name == pattern or name.endswith("." + pattern)]
+        if not hits:
+            raise ConfigError(f"rank_overrides key {pattern!r} matches no targeted module")
+        for name in hits:
+            ranks[name] = rank if rank <= max_saving_rank(shapes[name]) else None
+
+
+def swap_modules(model: nn.Module, replacements: Mapping[str, nn.Module]) -> None:
+    """Replace each named submodule; every name is checked before anything changes."""
+    parents: list[tuple[nn.Module, str, nn.Module]] = []
+    for name, new in replacements.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if not hasattr(parent, child):
+            raise KeyError(f"{type(model).__name__} has no submodule {name}")
+        parents.append((parent, child, new))
+    for parent, child, new in parents:
+        setattr(parent, child, new)
+
+
+def apply_plan(model: nn.Module, layers: Mapping[str, Mapping[str, Any]]) -> None:
+    """Give ``model`` the factorised structure recorded in a saved plan (weights are loaded afterwards).
+
+    Raises:
+        ValueError: when a planned layer is missing or of another shape or kind.
+    """
+    replacements: dict[str, LowRankLinear] = {}
+    for name, spec in layers.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as exc:
+            raise ValueError(f"planned layer {name} does not exist in {type(model).__name__}") from exc
+        if not isinstance(module, SUPPORTED_TYPES):
+            raise ValueError(f"planned layer {name} is a {type(module).__name__}, expected Linear/Conv1D")
+        target = Target(name, module)
+        if target.kind != spec["kind"] or list(target.shape) != [spec["out_features"], spec["in_features"]]:
+            raise ValueError(
+                f"planned layer {name} is {target.kind} {target.shape}, plan says {spec['kind']} "
+                f"({spec['out_features']}, {spec['in_features']})"
+            )
+        replacements[name] = LowRankLinear(
+            spec["in_features"], spec["out_features"], int(spec["rank"]), bias=bool(spec["bias"]),
+            source_kind=spec["kind"], dtype=module.weight.dtype, device=module.weight.device,
+        )
+    swap_modules(model, replacements)
+
+
+def compressed_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The factorised layers of a model, as a plan that :func:`apply_plan` rebuilds."""
+    return {
+        name: {
+            "kind": m.source_kind, "rank": m.rank, "in_features": m.in_features,
+            "out_features": m.out_features, "bias": m.up.bias is not None,
+        }
+        for name, m in model.named_modules()
+        if isinstance(m, LowRankLinear)
+    }

@@ -1,0 +1,246 @@
+"""Frozen, validated configuration for each stage.
+
+Every dataclass checks its values in ``__post_init__`` and raises :class:`ConfigError` naming the
+field, the value and what is allowed. ``from_dict`` rejects unknown keys instead of dropping them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .errors import ConfigError
+
+T = TypeVar("T", bound="_Config")
+
+METHODS = ("fwsvd", "svd")
+FISHER_AXES = ("both", "output", "input")
+FISHER_ESTIMATORS = ("per_example", "batch_mean")
+ALLOCATIONS = ("uniform", "fisher")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def _check_int(name: str, value: Any, minimum: int, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name}={value!r} must be an integer")
+    if value < minimum:
+        raise ConfigError(f"{name}={value!r} must be >= {minimum}")
+
+
+def _check_float(name: str, value: Any, low: float, high: float, *, low_open: bool, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} must be a finite number")
+    too_low = value <= low if low_open else value < low
+    if too_low or value > high:
+        bracket = "(" if low_open else "["
+        raise ConfigError(f"{name}={value!r} must be in {bracket}{low}, {high}]")
+
+
+class _Config:
+    """Shared loading and dumping for the stage configs."""
+
+    @classmethod
+    def from_dict(cls: type[T], data: Mapping[str, Any] | None) -> T:
+        data = dict(data or {})
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown key(s) {', '.join(unknown)} for {cls.__name__}; allowed: {', '.join(sorted(names))}"
+            )
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True)
+class DataConfig(_Config):
+    """Where task data comes from and how it is tokenised.
+
+    Attributes:
+        dataset: ``rotten_tomatoes`` (built in, offline), a local CSV/TSV/JSON/JSONL/Parquet file, or a
+            hub dataset ``NAME[:CONFIG]``.
+        train_split / eval_split: split names. Local files have one split, ``train``; an evaluation split
+            is carved out of it with ``eval_fraction`` unless ``eval_dataset`` names another file.
+        eval_dataset: optional second file or hub dataset used for evaluation.
+        text_column / text_pair_column / label_column: column names.
+        max_length: tokenizer truncation length.
+        batch_size: examples per batch for inference passes.
+        max_train_samples / max_eval_samples: caps (a seeded random subset); ``None`` keeps all.
+        eval_fraction: share held out for evaluation from a single-split dataset.
+        seed: seed for subsets and splits.
+    """
+
+    dataset: str = "rotten_tomatoes"
+    train_split: str = "train"
+    eval_split: str = "validation"
+    eval_dataset: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    max_length: int = 128
+    batch_size: int = 32
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    eval_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dataset, str) or not self.dataset.strip():
+            raise ConfigError(f"dataset={self.dataset!r} must be a non-empty string")
+        for name in ("text_column", "label_column", "train_split", "eval_split"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{name}={value!r} must be a non-empty string")
+        _check_int("max_length", self.max_length, 2)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("max_train_samples", self.max_train_samples, 1, optional=True)
+        _check_int("max_eval_samples", self.max_eval_samples, 1, optional=True)
+        _check_float("eval_fraction", self.eval_fraction, 0.0, 0.9, low_open=True)
+        _check_int("seed", self.seed, 0)
+
+
+@dataclass(frozen=True)
+class FisherConfig(_Config):
+    """How the empirical Fisher is estimated.
+
+    Attributes:
+        num_samples: labelled examples used; ``None`` uses the whole calibration split.
+        estimator: ``per_example`` sums the squared gradient of each example (the empirical Fisher);
+            ``batch_mean`` sums squared batch-mean gradients, a cheaper and different estimator.
+        batch_size: examples per forward/backward pass.
+        cache_dir: folder for cached Fisher files (safetensors), keyed by model, data and settings.
+    """
+
+    num_samples: int | None = 512
+    estimator: str = "per_example"
+    batch_size: int = 16
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("num_samples", self.num_samples, 1, optional=True)
+        _check_choice("estimator", self.estimator, FISHER_ESTIMATORS)
+        _check_int("batch_size", self.batch_size, 1)
+
+
+@dataclass(frozen=True)
+class CompressionConfig(_Config):
+    """What to factorise and how far.
+
+    Attributes:
+        method: ``fwsvd`` (Fisher-weighted) or ``svd`` (plain truncated SVD).
+        fisher_axis: how Fisher importance is shared in ``fwsvd``: ``both`` (separable row x column
+            weight), ``output`` (per output row) or ``input`` (per input column, the paper's literal axis).
+        ratio: fraction of the targeted weight parameters kept, one global budget; ``0.5`` halves them.
+        rank: a fixed rank for every targeted layer instead of ``ratio``.
+        allocation: ``uniform`` (the same kept fraction per layer) or ``fisher`` (greedy over the
+            Fisher-weighted singular values of all layers, most error removed per parameter first).
+        target_modules: ``"all-linear"`` (every Linear/Conv1D inside the repeated transformer blocks),
+            a list of name suffixes, or a regular expression matched against the full module name.
+        exclude_modules: names (suffix list) or a regex removed from the targets.
+        rank_overrides: module-name suffix -> rank, applied after allocation.
+        eps: importance floor, relative to the largest row/column importance of a layer.
+    """
+
+    method: str = "fwsvd"
+    fisher_axis: str = "both"
+    ratio: float | None = None
+    rank: int | None = None
+    allocation: str = "uniform"
+    target_modules: str | tuple[str, ...] = "all-linear"
+    exclude_modules: str | tuple[str, ...] | None = None
+    rank_overrides: Mapping[str, int] = field(default_factory=dict)
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, METHODS)
+        _check_choice("fisher_axis", self.fisher_axis, FISHER_AXES)
+        _check_choice("allocation", self.allocation, ALLOCATIONS)
+        if self.rank is not None and self.ratio is not None:
+            raise ConfigError(f"give either rank={self.rank!r} or ratio={self.ratio!r}, not both")
+        if self.rank is None and self.ratio is None:
+            object.__setattr__(self, "ratio", 0.5)
+        _check_int("rank", self.rank, 1, optional=True)
+        _check_float("ratio", self.ratio, 0.0, 1.0, low_open=True, optional=True)
+        if self.allocation == "fisher" and self.method != "fwsvd":
+            raise ConfigError("allocation='fisher' ranks layers by Fisher-weighted error; it needs method='fwsvd'")
+        if self.allocation == "fisher" and self.rank is not None:
+            raise ConfigError("allocation='fisher' spends a global budget; give ratio, not rank")
+        object.__setattr__(self, "target_modules", _patterns("target_modules", self.target_modules))
+        if self.exclude_modules is not None:
+            object.__setattr__(self, "exclude_modules", _patterns("exclude_modules", self.exclude_modules))
+        if not isinstance(self.rank_overrides, Mapping):
+            raise ConfigError(f"rank_overrides={self.rank_overrides!r} must be a mapping of module name to rank")
+        for name, rank in self.rank_overrides.items():
+            _check_int(f"rank_overrides[{name!r}]", rank, 1)
+        object.__setattr__(self, "rank_overrides", dict(self.rank_overrides))
+        _check_float("eps", self.eps, 0.0, 1.0, low_open=True)
+
+    @property
+    def needs_fisher(self) -> bool:
+        return self.method == "fwsvd"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for key in ("target_modules", "exclude_modules"):
+            if isinstance(out[key], tuple):
+                out[key] = list(out[key])
+        return out
+
+
+def _patterns(name: str, value: Any) -> str | tuple[str, ...]:
+    if isinstance(value, str):
+        if not value:
+            raise ConfigError(f"{name} must not be empty")
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value):
+        return tuple(value)
+    raise ConfigError(f"{name}={value!r} must be a regex string or a non-empty list of module names")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(_Config):
+    """Supervised fine-tuning for sequence classification (also used for recovery after compression).
+
+    Attributes:
+        epochs: passes over the training split (ignored when ``max_steps`` is set).
+        max_steps: optimiser steps in total, overriding ``epochs``.
+        learning_rate / weight_decay / warmup_ratio / max_grad_norm: AdamW with linear warm-up and decay.
+        batch_size: training batch size.
+        eval_every_epoch: evaluate after each epoch and keep the best checkpoint.
+        seed: seed for shuffling, dropout and a fresh head's initialisation.
+    """
+
+    epochs: int = 3
+    max_steps: int | None = None
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    batch_size: int = 32
+    eval_every_epoch: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("epochs", self.epochs, 1)
+        _check_int("max_steps", self.max_steps, 1, optional=True)
+        _check_float("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
+        _check_float("weight_decay", self.weight_decay, 0.0, 1.0, low_open=False)
+        _check_float("warmup_ratio", self.warmup_ratio, 0.0, 1.0, low_open=False)
+        _check_float("max_grad_norm", self.max_grad_norm, 0.0, 1e6, low_open=True)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("seed", self.seed, 0)
+        if not isinstance(self.eval_every_epoch, bool):
+            raise ConfigError(f"eval_every_epoch={self.eval_every_epoch!r} must be true or false")

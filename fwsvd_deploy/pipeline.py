@@ -1,0 +1,183 @@
+"""Stages, each artifact in -> artifact out: model folder + data -> fine-tuned or compressed model folder."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import atomic_output_dir, check_output_dir, save_compressed, save_model, write_compressed
+from .compression.apply import compress
+from .compression.fisher import FisherResult, collect_fisher
+from .compression.report import CompressionReport
+from .config import CompressionConfig, DataConfig, FinetuneConfig, FisherConfig
+from .data import align_labels, load_splits
+from .modeling import (
+    has_classification_head,
+    is_compressed,
+    load_classifier,
+    load_config,
+    load_tokenizer,
+    model_fingerprint,
+    model_label2id,
+    read_plan,
+    resolve_model,
+)
+from .training import EvalResult, FinetuneResult, evaluate, finetune
+
+
+@dataclass(frozen=True)
+class FinetuneOutcome:
+    out_dir: Path
+    result: FinetuneResult
+    eval_before: EvalResult | None
+    eval_after: EvalResult | None
+    compressed: bool
+
+
+@dataclass(frozen=True)
+class CompressOutcome:
+    out_dir: Path
+    report: CompressionReport
+    fisher: FisherResult | None
+    compress_seconds: float
+    eval_before: EvalResult | None
+    eval_after: EvalResult | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _load_task(model_spec: str, data_cfg: DataConfig, *, allow_compressed: bool) -> tuple[Any, Any, Any]:
+    """Model, tokenizer and label-aligned splits; a head-less model gets a head sized from the data."""
+    source = resolve_model(model_spec)
+    splits = load_splits(data_cfg)
+    if is_compressed(source) or has_classification_head(load_config(model_spec)):
+        model = load_classifier(model_spec, allow_compressed=allow_compressed)
+    else:
+        names = splits.label_names
+        if names is None:
+            labels = set(splits.train.labels or ())
+            names = tuple(str(i) for i in range(max(labels) + 1)) if labels else None
+        model = load_classifier(model_spec, label_names=names, seed=data_cfg.seed)
+    label2id = model_label2id(model)
+    num_labels = int(model.config.num_labels)
+    train = align_labels(splits.train, label2id, num_labels)
+    evaluation = align_labels(splits.eval, label2id, num_labels)
+    return model, load_tokenizer(model_spec), (train, evaluation)
+
+
+def run_finetune(
+    model_spec: str,
+    data_cfg: DataConfig,
+    ft_cfg: FinetuneConfig,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> FinetuneOutcome:
+    """Fine-tune a model (dense, or compressed for recovery) and save it; the output is written atomically."""
+    check_output_dir(out_dir, overwrite)
+    model, tokenizer, (train, evaluation) = _load_task(model_spec, data_cfg, allow_compressed=True)
+    source = resolve_model(model_spec)
+    compressed = is_compressed(source)
+    before = None
+    if compressed:
+        before = evaluate(model, evaluation, tokenizer, batch_size=data_cfg.batch_size,
+                          max_length=data_cfg.max_length, progress=progress)
+    result = finetune(model, train, tokenizer, ft_cfg, eval_data=evaluation, max_length=data_cfg.max_length,
+                      progress=progress)
+    after = evaluate(model, evaluation, tokenizer, batch_size=data_cfg.batch_size,
+                     max_length=data_cfg.max_length, progress=progress)
+    record = {
+        "finetune": {
+            "source_model": str(model_spec),
+            "data": data_cfg.to_dict(),
+            "config": ft_cfg.to_dict(),
+            "history": result.history,
+            "eval": after.metrics,
+            "eval_examples": after.num_examples,
+        }
+    }
+    if compressed:
+        plan = read_plan(source)
+        keep = {k: plan[k] for k in ("method", "fisher_axis", "report", "input_model_hash", "compression") if k in plan}
+        report = CompressionReport.from_dict(plan["report"]) if "report" in plan else None
+        keep.pop("report", None)
+        save_compressed(model, out_dir, tokenizer, report=report, metadata={**keep, "recovery": record["finetune"]},
+                        overwrite=overwrite)
+    else:
+        save_model(model, out_dir, tokenizer, metadata=record, overwrite=overwrite)
+    return FinetuneOutcome(Path(out_dir), result, before, after, compressed)
+
+
+def run_compress(
+    model_spec: str,
+    data_cfg: DataConfig,
+    fisher_cfg: FisherConfig,
+    comp_cfg: CompressionConfig,
+    out_dir: str | Path,
+    *,
+    evaluate_model: bool = True,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> CompressOutcome:
+    """Fisher (when needed) -> compress -> save; evaluation before and after on the eval split."""
+    check_output_dir(out_dir, overwrite)
+    model, tokenizer, (train, evaluation) = _load_task(model_spec, data_cfg, allow_compressed=False)
+    input_hash = model_fingerprint(model)
+    before = None
+    if evaluate_model:
+        before = evaluate(model, evaluation, tokenizer, batch_size=data_cfg.batch_size,
+                          max_length=data_cfg.max_length, progress=progress)
+    fisher = None
+    if comp_cfg.needs_fisher:
+        fisher = collect_fisher(model, train, tokenizer, fisher_cfg, target_modules=comp_cfg.target_modules,
+                                exclude_modules=comp_cfg.exclude_modules, max_length=data_cfg.max_length,
+                                progress=progress)
+    start = time.perf_counter()
+    report = compress(model, comp_cfg, fisher)
+    seconds = time.perf_counter() - start
+    after = None
+    if evaluate_model:
+        after = evaluate(model, evaluation, tokenizer, batch_size=data_cfg.batch_size,
+                         max_length=data_cfg.max_length, progress=progress)
+    metadata: dict[str, Any] = {
+        "input_model": str(model_spec),
+        "input_model_hash": input_hash,
+        "compression": comp_cfg.to_dict(),
+        "fisher": None if fisher is None else {
+            **fisher_cfg.to_dict(), "num_examples": fisher.num_examples, "seconds": fisher.seconds,
+            "from_cache": fisher.from_cache, "key": fisher.key,
+        },
+        "data": data_cfg.to_dict(),
+        "compress_seconds": seconds,
+        "evaluation": None if after is None else {
+            "split": evaluation.source, "examples": after.num_examples,
+            "baseline": before.metrics if before else None, "compressed": after.metrics,
+        },
+    }
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        write_compressed(model, tmp, tokenizer, report=report, metadata=metadata)
+        (tmp / "compression_report.md").write_text(_report_markdown(report, before, after, fisher, seconds))
+    return CompressOutcome(Path(out_dir), report, fisher, seconds, before, after)
+
+
+def _report_markdown(report: CompressionReport, before: EvalResult | None, after: EvalResult | None,
+                     fisher: FisherResult | None, seconds: float) -> str:
+    lines = ["# Compression report", "", report.to_markdown(), ""]
+    if before is not None and after is not None:
+        lines += [
+            "## Evaluation (PyTorch, no fine-tuning after compression)",
+            "",
+            "| metric | baseline | compressed |",
+            "|---|---:|---:|",
+        ]
+        for key in after.metrics:
+            lines.append(f"| {key} | {before.metrics.get(key, float('nan')):.4f} | {after.metrics[key]:.4f} |")
+        lines.append("")
+    timing = f"compress {seconds:.2f} s"
+    if fisher is not None:
+        source = "cache" if fisher.from_cache else f"{fisher.seconds:.1f} s"
+        timing = f"Fisher over {fisher.num_examples} examples ({fisher.estimator}): {source}; " + timing
+    lines.append(timing)
+    return "\n".join(lines) + "\n"

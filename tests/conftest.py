@@ -1,0 +1,118 @@
+"""Shared fixtures: tiny seeded models built from configs, the embedded tokenizer, toy data, tolerances."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+from fwsvd_deploy.data import TaskData
+from fwsvd_deploy.modeling import embedded_model_dir
+
+torch.set_num_threads(2)
+
+# One table of tolerances, by kind of comparison.
+TOL = {
+    "identity": 1e-5,  # math identities on float64-computed factors, compared in float32
+    "reload": 0.0,  # save -> load must give bit-identical logits
+    "fisher_sum": 1e-4,  # the same sums accumulated in another order / process layout (relative)
+}
+
+VOCAB = 30522  # the embedded MiniLM tokenizer's vocabulary; all tiny models share it
+TINY = {
+    "bert": lambda labels: BertForSequenceClassification(BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, num_labels=labels)),
+    "distilbert": lambda labels: DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=128,
+        num_labels=labels)),
+    "roberta": lambda labels: RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=130, pad_token_id=0, num_labels=labels)),
+    "gpt2": lambda labels: GPT2ForSequenceClassification(GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=128, pad_token_id=0, num_labels=labels)),
+}
+ARCHS = tuple(TINY)
+
+
+def tiny_model(arch: str, num_labels: int = 2, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return TINY[arch](num_labels).eval()
+
+
+def tiny_causal_lm(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                                      pad_token_id=0)).eval()
+
+
+_WORDS_POS = ("great", "wonderful", "moving", "brilliant", "funny", "superb")
+_WORDS_NEG = ("dull", "awful", "boring", "clumsy", "tedious", "bland")
+
+
+def toy_data(n: int = 48, seed: int = 0) -> TaskData:
+    """A tiny two-class sentiment set of varied lengths (so batches carry padding)."""
+    g = torch.Generator().manual_seed(seed)
+    texts, labels = [], []
+    for i in range(n):
+        label = i % 2
+        words = _WORDS_POS if label else _WORDS_NEG
+        k = int(torch.randint(1, 6, (1,), generator=g))
+        picks = [words[int(j)] for j in torch.randint(0, len(words), (k,), generator=g)]
+        texts.append(f"the film was {' and '.join(picks)} overall")
+        labels.append(label)
+    return TaskData(texts=tuple(texts), labels=tuple(labels), label_names=("negative", "positive"), source="toy")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(embedded_model_dir()))
+
+
+@pytest.fixture()
+def data() -> TaskData:
+    return toy_data()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, tokenizer) -> Path:
+    """A saved tiny BERT classifier folder with tokenizer and label names, for CLI tests."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    model = tiny_model("bert")
+    model.config.id2label = {0: "negative", 1: "positive"}
+    model.config.label2id = {"negative": 0, "positive": 1}
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def toy_csv(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    path = folder / "toy.csv"
+    d = toy_data(80)
+    import pandas as pd
+
+    pd.DataFrame({"sentence": d.texts, "sentiment": [d.label_names[y] for y in d.labels]}).to_csv(path, index=False)
+    return path
+
+
+def logits(model: torch.nn.Module, tok, data: TaskData, max_length: int = 32) -> torch.Tensor:
+    from fwsvd_deploy.modeling import forward_inputs
+
+    with torch.no_grad():
+        return torch.cat([model(**forward_inputs(model, b)).logits for b in data.batches(tok, 16, max_length)])

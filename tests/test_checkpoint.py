@@ -1,0 +1,70 @@
+"""Save -> load of compressed models, and outputs that are never half-written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import ARCHS, TOL, logits, tiny_causal_lm, tiny_model
+from fwsvd_deploy import CompressionConfig, LowRankLinear, collect_fisher, compress, load_compressed, save_compressed
+from fwsvd_deploy.checkpoint import atomic_output_dir
+from fwsvd_deploy.errors import ModelLoadError, OutputExistsError
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_gives_identical_logits(arch, tokenizer, data, tmp_path):
+    model = tiny_model(arch)
+    fisher = collect_fisher(model, data, tokenizer, max_length=32)
+    report = compress(model, CompressionConfig(ratio=0.3, allocation="fisher"), fisher)
+    expected = logits(model, tokenizer, data)
+    save_compressed(model, tmp_path / "m", tokenizer, report=report, metadata={"input_model_hash": "abc"})
+    plan = json.loads((tmp_path / "m" / "compression.json").read_text())
+    assert plan["method"] == "fwsvd" and plan["input_model_hash"] == "abc" and "torch" in plan["versions"]
+    assert {k: v["rank"] for k, v in plan["layers"].items()} == report.ranks
+    loaded = load_compressed(tmp_path / "m")
+    assert torch.equal(logits(loaded, tokenizer, data), expected) if TOL["reload"] == 0 else None
+    assert sum(isinstance(m, LowRankLinear) for m in loaded.modules()) == len(report.layers)
+
+
+def test_tied_causal_lm_round_trip(tmp_path, tokenizer, data):
+    model = tiny_causal_lm()
+    compress(model, CompressionConfig(method="svd", rank=4))
+    save_compressed(model, tmp_path / "lm", tokenizer)
+    loaded = load_compressed(tmp_path / "lm")
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+    batch = next(data.batches(tokenizer, 4, 16))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=batch["input_ids"]).logits, loaded(input_ids=batch["input_ids"]).logits)
+
+
+def test_existing_output_is_not_overwritten(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    model = tiny_model("bert")
+    compress(model, CompressionConfig(method="svd"))
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        save_compressed(model, tmp_path / "out")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    save_compressed(model, tmp_path / "out", overwrite=True)
+    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "compression.json").exists()
+
+
+def test_interrupted_write_leaves_nothing(tmp_path):
+    with pytest.raises(KeyboardInterrupt), atomic_output_dir(tmp_path / "out") as tmp:
+        (tmp / "model.safetensors").write_text("partial")
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_refuses_what_is_not_a_compressed_folder(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a compressed model"):
+        load_compressed(tmp_path)
+    (tmp_path / "compression.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="cannot read"):
+        load_compressed(tmp_path)
+    (tmp_path / "compression.json").write_text(json.dumps({"format": "fwsvd-deploy/compressed-model",
+                                                           "format_version": 99}))
+    with pytest.raises(ModelLoadError, match="upgrade"):
+        load_compressed(tmp_path)

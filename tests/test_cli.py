@@ -1,0 +1,112 @@
+"""The command line: the happy path on a tiny model, and every bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fwsvd_deploy.cli import main
+from fwsvd_deploy.modeling import read_plan
+
+
+def _run(capsys, *argv):
+    code = main(["--quiet", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _data_args(csv):
+    return ["--dataset", str(csv), "--text-column", "sentence", "--label-column", "sentiment", "--max-length", "32"]
+
+
+def test_finetune_compress_recover(capsys, tmp_path, tiny_bert_dir, toy_csv):
+    code, out, err = _run(capsys, "finetune", "--model", str(tiny_bert_dir), "--out", str(tmp_path / "ft"),
+                          "--epochs", "1", *_data_args(toy_csv))
+    assert code == 0, err
+    assert "fine-tuned model" in out and "accuracy" in out
+    code, out, err = _run(capsys, "compress", "--model", str(tmp_path / "ft"), "--out", str(tmp_path / "c"),
+                          "--ratio", "0.5", "--fisher-axis", "output", "--fisher-cache", str(tmp_path / "cache"),
+                          *_data_args(toy_csv))
+    assert code == 0, err
+    assert "**fwsvd**, Fisher axis output" in out and "eval accuracy: baseline" in out
+    plan = read_plan(tmp_path / "c")
+    assert plan["compression"]["fisher_axis"] == "output" and plan["fisher"]["num_examples"] == 72
+    assert plan["evaluation"]["compressed"]["accuracy"] >= 0 and (tmp_path / "c" / "compression_report.md").exists()
+    assert len(plan["input_model_hash"]) == 64
+    # recovery fine-tuning keeps the plan
+    code, out, err = _run(capsys, "finetune", "--model", str(tmp_path / "c"), "--out", str(tmp_path / "r"),
+                          "--epochs", "1", *_data_args(toy_csv))
+    assert code == 0, err
+    assert "compressed model (recovery)" in out
+    recovered = read_plan(tmp_path / "r")
+    assert recovered["layers"] == plan["layers"] and recovered["recovery"]["config"]["epochs"] == 1
+    assert recovered["input_model_hash"] == plan["input_model_hash"]
+
+
+def _bad_cases(tiny_bert_dir, toy_csv, tmp_path):
+    compressed = tmp_path / "already"
+    compressed.mkdir()
+    (compressed / "config.json").write_text((tiny_bert_dir / "config.json").read_text())
+    (compressed / "compression.json").write_text(json.dumps({"format": "fwsvd-deploy/compressed-model"}))
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("keep")
+    empty_csv = tmp_path / "empty.csv"
+    empty_csv.write_text("sentence,sentiment\n")
+    wrong_labels = tmp_path / "wrong.csv"
+    wrong_labels.write_text("sentence,sentiment\ngood film,great\nbad film,terrible\n" * 10)
+    model, data = ["--model", str(tiny_bert_dir)], _data_args(toy_csv)
+    return {
+        "missing model": (["compress", "--model", str(tmp_path / "nope"), *data], "does not exist"),
+        "unknown hub id": (["compress", "--model", "no-such-org/no-such-model", *data], "cannot load"),
+        "no target": (["compress", *model, "--targets", "does_not_exist", *data], "no module matched"),
+        "rank zero": (["compress", *model, "--rank", "0", *data], "rank=0"),
+        "ratio above one": (["compress", *model, "--ratio", "1.5", *data], "ratio=1.5"),
+        "ratio zero": (["compress", *model, "--ratio", "0", *data], "ratio=0"),
+        "dataset missing": (["compress", *model, "--dataset", str(tmp_path / "none.csv")], "does not exist"),
+        "dataset empty": (["compress", *model, "--dataset", str(empty_csv), "--text-column", "sentence",
+                           "--label-column", "sentiment"], "no rows"),
+        "column missing": (["compress", *model, "--dataset", str(toy_csv)], "no column"),
+        "labels do not fit": (["compress", *model, "--dataset", str(wrong_labels), "--text-column", "sentence",
+                               "--label-column", "sentiment"], "not in the model's labels"),
+        "already compressed": (["compress", "--model", str(compressed), *data], "already compressed"),
+        "output exists": (["compress", *model, *data], "not empty"),
+        "bad override": (["compress", *model, "--rank-override", "query", *data], "NAME=RANK"),
+        "finetune output exists": (["finetune", *model, *data], "not empty"),
+    }, taken
+
+
+CASES = ["missing model", "unknown hub id", "no target", "rank zero", "ratio above one", "ratio zero",
+         "dataset missing", "dataset empty", "column missing", "labels do not fit", "already compressed",
+         "output exists", "bad override", "finetune output exists"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_exit_2_nothing_written(case, capsys, tmp_path, tiny_bert_dir, toy_csv):
+    cases, taken = _bad_cases(tiny_bert_dir, toy_csv, tmp_path)
+    argv, match = cases[case]
+    out_dir = taken if "exists" in case else tmp_path / "out"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = _run(capsys, *argv, "--out", str(out_dir), "--fisher-cache", "none") if argv[0] == "compress" \
+        else _run(capsys, *argv, "--out", str(out_dir))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fwsvd-deploy: error:") and match in lines[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no temp folders
+    assert (taken / "x").read_text() == "keep"
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", "--method", "pca"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_console_script_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fwsvd_deploy.cli", "compress", "--model", str(tmp_path / "nope"),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("fwsvd-deploy: error: model folder")
