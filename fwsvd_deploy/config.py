@@ -244,3 +244,92 @@ class FinetuneConfig(_Config):
         _check_int("seed", self.seed, 0)
         if not isinstance(self.eval_every_epoch, bool):
             raise ConfigError(f"eval_every_epoch={self.eval_every_epoch!r} must be true or false")
+
+
+EXPORT_TASKS = ("text-classification", "token-classification", "question-answering", "feature-extraction")
+MIN_OPSET = 14  # scaled-dot-product attention and the exporters' BERT configs need 14
+DEVICES = ("cpu", "cuda")
+LEVELS = ("O1", "O2", "O3")
+
+
+def _check_shapes(name: str, shapes: Any) -> tuple[tuple[int, int], ...]:
+    try:
+        out = tuple((int(b), int(s)) for b, s in shapes)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}={shapes!r} must be a list of [batch, sequence] pairs") from exc
+    if not out or any(b < 1 or s < 2 for b, s in out):
+        raise ConfigError(f"{name}={shapes!r} needs batch >= 1 and sequence >= 2 in every pair")
+    return out
+
+
+@dataclass(frozen=True)
+class ExportConfig(_Config):
+    """PyTorch -> ONNX.
+
+    Attributes:
+        task: text-classification, token-classification, question-answering or feature-extraction.
+        opset: ONNX opset; ``None`` takes the exporter's default for the architecture (at least 14).
+        external_data: store weights beside ``model.onnx`` (automatic above the 2 GB protobuf limit).
+        atol: largest absolute difference allowed between ONNX and PyTorch outputs.
+        validate_shapes: (batch, sequence) pairs for the parity check, other than the export's (2, 16).
+    """
+
+    task: str = "text-classification"
+    opset: int | None = None
+    external_data: bool = False
+    atol: float = 1e-4
+    validate_shapes: tuple[tuple[int, int], ...] = ((3, 23), (1, 41))
+
+    def __post_init__(self) -> None:
+        _check_choice("task", self.task, EXPORT_TASKS)
+        if self.opset is not None:
+            _check_int("opset", self.opset, 1)
+            if self.opset < MIN_OPSET:
+                raise ConfigError(f"opset={self.opset} is too old for these operators; use {MIN_OPSET} or newer")
+        if not isinstance(self.external_data, bool):
+            raise ConfigError(f"external_data={self.external_data!r} must be true or false")
+        _check_float("atol", self.atol, 0.0, 1e3, low_open=True)
+        object.__setattr__(self, "validate_shapes", _check_shapes("validate_shapes", self.validate_shapes))
+
+
+@dataclass(frozen=True)
+class OptimizeConfig(_Config):
+    """ONNX Runtime transformer optimisation with low-rank-aware fusion.
+
+    Attributes:
+        device: execution provider the graph is built for: ``cpu`` or ``cuda``.
+        level: ``O1`` (ONNX Runtime's basic graph rewrites), ``O2`` (+ transformer fusions: attention,
+            embedding and skip layer norms, bias + GELU), ``O3`` (+ GELU approximation, FastGelu).
+        fp16: float16 weights with float32 inputs/outputs (CUDA only).
+        int8: dynamic int8 quantisation of the MatMul weights (CPU only).
+        atol: largest absolute difference allowed between the optimised and the unoptimised graph (fp32).
+        int8_atol: for ``int8``, the largest absolute output difference allowed (int8 weights are lossy).
+        validate_shapes: (batch, sequence) pairs for the parity check.
+    """
+
+    device: str = "cpu"
+    level: str = "O2"
+    fp16: bool = False
+    int8: bool = False
+    atol: float = 1e-3
+    int8_atol: float = 0.1
+    validate_shapes: tuple[tuple[int, int], ...] = ((3, 23), (1, 41))
+
+    def __post_init__(self) -> None:
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("level", self.level, LEVELS)
+        for name in ("fp16", "int8"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.fp16 and self.device != "cuda":
+            raise ConfigError(
+                "fp16 needs device='cuda': ONNX Runtime's CPU provider has no float16 kernels for the fused "
+                "transformer operators, so a float16 CPU graph runs slower than float32"
+            )
+        if self.int8 and self.device != "cpu":
+            raise ConfigError("int8 dynamic quantisation targets the CPU provider; use device='cpu'")
+        if self.fp16 and self.int8:
+            raise ConfigError("choose fp16 or int8, not both")
+        _check_float("atol", self.atol, 0.0, 1e3, low_open=True)
+        _check_float("int8_atol", self.int8_atol, 0.0, 1e3, low_open=True)
+        object.__setattr__(self, "validate_shapes", _check_shapes("validate_shapes", self.validate_shapes))

@@ -50,3 +50,15 @@ class GateFailedError(FwsvdError):
     """Checks ran and at least one failed."""
 
     exit_code = 1
+
+
+class ExportError(FwsvdError):
+    """An ONNX export or optimisation could not produce a valid graph."""
+
+
+class ParityError(FwsvdError):
+    """Two models that must agree do not, beyond the tolerance."""
+
+
+class DeviceUnavailableError(FwsvdError):
+    """The requested execution provider or device is not present on this machine."""

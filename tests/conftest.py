@@ -7,10 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
+    AlbertConfig,
+    AutoModel,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     BertConfig,
     BertForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
+    ElectraConfig,
     GPT2Config,
     GPT2ForSequenceClassification,
     GPT2LMHeadModel,
@@ -50,6 +56,34 @@ ARCHS = tuple(TINY)
 def tiny_model(arch: str, num_labels: int = 2, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return TINY[arch](num_labels).eval()
+
+
+# Encoder configs for the export tests: every architecture the exporter supports, 2 layers, hidden 32, 2 heads.
+ENCODER_CONFIGS = {
+    "bert": lambda: BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=128),
+    "distilbert": lambda: DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                                           max_position_embeddings=128),
+    "roberta": lambda: RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=130, pad_token_id=0),
+    "albert": lambda: AlbertConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, intermediate_size=64, max_position_embeddings=128),
+    "electra": lambda: ElectraConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=128),
+}
+TASK_CLASSES = {
+    "text-classification": AutoModelForSequenceClassification,
+    "token-classification": AutoModelForTokenClassification,
+    "question-answering": AutoModelForQuestionAnswering,
+    "feature-extraction": AutoModel,
+}
+
+
+def tiny_encoder(arch: str, task: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = ENCODER_CONFIGS[arch]()
+    config.num_labels = 3 if task == "token-classification" else 2
+    return TASK_CLASSES[task].from_config(config).eval()
 
 
 def tiny_causal_lm(seed: int = 0) -> torch.nn.Module:

@@ -126,3 +126,18 @@ def test_two_processes_equal_one(tokenizer, tmp_path):
         assert int(f.metadata()["num_examples"]) == one.num_examples == len(toy_data())
     for name, tensor in one.fisher.items():
         _assert_close_rel(two[name], tensor, TOL["fisher_sum"])
+
+
+@pytest.mark.parametrize("estimator", ["per_example", "batch_mean"])
+def test_shared_layers_sum_all_uses_before_squaring(tokenizer, estimator):
+    """ALBERT runs one layer several times per forward: an example's gradient is the sum over its uses."""
+    from conftest import tiny_encoder
+
+    data = toy_data(12)
+    model = tiny_encoder("albert", "text-classification")
+    got = collect_fisher(model, data, tokenizer, FisherConfig(num_samples=None, batch_size=4, estimator=estimator),
+                         max_length=32)
+    want = _loop_fisher(model, data, tokenizer, estimator, batch_size=4)
+    assert len(want) == 6
+    for name, tensor in want.items():
+        _assert_close_rel(got.fisher[name], tensor, TOL["fisher_sum"])

@@ -97,6 +97,7 @@ class _Accumulator:
         self.estimator = estimator
         self.sums = {t.name: torch.zeros_like(t.module.weight, dtype=torch.float32) for t in targets}
         self.calls: dict[str, int] = {}
+        self._pending: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
 
     def __enter__(self) -> _Accumulator:
@@ -112,8 +113,6 @@ class _Accumulator:
     def _forward_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             self.calls[name] = self.calls.get(name, 0) + 1
-            if self.calls[name] > 1:
-                raise FisherError(f"{name} runs more than once per forward pass; per-example Fisher needs one call")
             if not output.requires_grad:
                 return
             x = args[0].detach()
@@ -130,16 +129,35 @@ class _Accumulator:
         acc = self.sums[name]
         if self.estimator == "batch_mean":
             # the backward pass ran on the batch-mean loss, so this is already the mean gradient
-            contribution = torch.einsum("bto,bti->oi", left, right).square()
+            grad_sum = torch.einsum("bto,bti->oi", left, right)
+            if self.calls.get(name, 1) > 1:  # shared weight (e.g. ALBERT): sum all uses, square at the end
+                self._pending[name] = self._pending.get(name, 0) + grad_sum
+                return
+            contribution = grad_sum.square()
+        elif self.calls.get(name, 1) > 1:
+            # A weight used several times per forward (ALBERT shares its layers): an example's gradient is
+            # the sum over all uses, so per-example gradients are summed first and squared in finish_batch.
+            self._pending[name] = self._pending.get(name, 0) + torch.einsum("bto,bti->boi", left, right)
+            return
         else:
             per = max(1, _CHUNK_BYTES // (4 * acc.numel()))
             contribution = torch.zeros_like(acc)
             for start in range(0, batch, per):
                 chunk = torch.einsum("bto,bti->boi", left[start:start + per], right[start:start + per])
                 contribution += chunk.square().sum(0)
+        self._add(name, contribution)
+
+    def _add(self, name: str, contribution: torch.Tensor) -> None:
         if not torch.isfinite(contribution).all():
             raise FisherError(f"gradient of {name} is NaN or inf; check the data, labels and model weights")
-        acc += contribution
+        self.sums[name] += contribution
+
+    def finish_batch(self) -> None:
+        """Square and add the per-example gradients of shared weights, summed over their uses."""
+        for name, pending in self._pending.items():
+            squared = pending.square()
+            self._add(name, squared if squared.dim() == 2 else squared.sum(0))
+        self._pending.clear()
 
     def reset_calls(self) -> None:
         self.calls.clear()
@@ -245,6 +263,7 @@ def collect_fisher(
                     raise FisherError("the task loss is NaN or inf on a calibration batch")
                 total = losses.mean() if cfg.estimator == "batch_mean" else losses.sum()
                 total.backward()
+                acc.finish_batch()
                 for t in targets:
                     t.module.weight.grad = None
                 bar.set_postfix(loss=f"{float(losses.detach().mean()):.4f}")

@@ -1,0 +1,220 @@
+"""Latency of optimised compressed graphs against the optimised baseline, on the real MiniLM.
+
+Builds (or reuses) the graphs under --work: the baseline and SVD-factorised models keeping 0.25 / 0.5 / 0.75 of
+the encoder's block-linear weights (latency depends on the ranks, not on how the factors were chosen), each
+exported and optimised through the same path (`export_onnx` -> `optimize_onnx`). Then, in one process, with a
+fixed thread count, it times every graph interleaved: warm-up, then rounds in which each graph runs once.
+It reports median / p90 / p99, the ratio to the baseline's median, the weight-matmul FLOP ratio, and ONNX
+Runtime's per-operator profile of each graph at the main shape.
+
+    python benchmarks/latency.py --threads 2 --batch 32 --seq 128 --grid 1x32,8x128,32x128
+
+Writes benchmarks/results/latency.json and latency.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from fwsvd_deploy import CompressionConfig, compress, load_classifier, load_tokenizer, save_model
+from fwsvd_deploy.config import ExportConfig, OptimizeConfig
+from fwsvd_deploy.exporters import export_onnx, optimize_onnx
+from fwsvd_deploy.exporters.runtime import make_session
+from fwsvd_deploy.modeling import EMBEDDED_MODEL, package_versions
+
+HERE = Path(__file__).resolve().parent
+KEEPS = (0.25, 0.5, 0.75)
+
+
+def build(work: Path, model_spec: str, keeps: tuple[float, ...]) -> dict[str, Path]:
+    """Export and optimise the baseline and one compressed model per kept fraction; reuse what exists."""
+    graphs = {}
+    base = load_classifier(model_spec, label_names=("rotten", "fresh"))
+    tokenizer = load_tokenizer(model_spec)
+    for name, keep in [("baseline", None), *[(f"keep-{k}", k) for k in keeps]]:
+        optimized = work / f"{name}-optimized"
+        if not (optimized / "model.onnx").is_file():
+            model = copy.deepcopy(base)
+            if keep is not None:
+                compress(model, CompressionConfig(method="svd", ratio=keep))
+            torch_dir = work / f"{name}-torch"
+            save_model(model, torch_dir, tokenizer, overwrite=True)
+            export_onnx(torch_dir, ExportConfig(), work / f"{name}-onnx", overwrite=True)
+            optimize_onnx(work / f"{name}-onnx", OptimizeConfig(), optimized, overwrite=True)
+        graphs[name] = optimized
+    return graphs
+
+
+def weight_matmul_flops(path: Path, batch: int, seq: int) -> float:
+    """2 * tokens * K * N over MatMuls by constant weights (fused Attention's packed weight included)."""
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    flops = 0.0
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Attention") and len(node.input) > 1 and node.input[1] in inits:
+            dims = inits[node.input[1]].dims
+            if len(dims) == 2:
+                flops += 2.0 * batch * seq * dims[0] * dims[1]
+    return flops
+
+
+def inputs_for(session, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for inp in session.get_inputs():
+        if inp.name == "input_ids":
+            feed[inp.name] = rng.integers(1000, 29000, size=(batch, seq), dtype=np.int64)
+        elif inp.name == "attention_mask":
+            feed[inp.name] = np.ones((batch, seq), dtype=np.int64)
+        else:
+            feed[inp.name] = np.zeros((batch, seq), dtype=np.int64)
+    return feed
+
+
+def time_interleaved(sessions: dict[str, object], batch: int, seq: int, warmup: int, rounds: int) -> dict[str, list]:
+    feeds = {name: inputs_for(s, batch, seq) for name, s in sessions.items()}
+    for _ in range(warmup):
+        for name, s in sessions.items():
+            s.run(None, feeds[name])
+    times: dict[str, list[float]] = defaultdict(list)
+    for _ in range(rounds):
+        for name, s in sessions.items():
+            start = time.perf_counter()
+            s.run(None, feeds[name])
+            times[name].append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def summary(ms: list[float]) -> dict[str, float]:
+    a = np.asarray(ms)
+    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "min": float(a.min()), "n": len(ms)}
+
+
+def profile(path: Path, threads: int, batch: int, seq: int, runs: int = 5) -> dict[str, float]:
+    """Share of kernel time per operator type, from ONNX Runtime's profiler."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.enable_profiling = True
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "prof")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feed = inputs_for(session, batch, seq)
+        for _ in range(runs):
+            session.run(None, feed)
+        trace = json.loads(Path(session.end_profiling()).read_text())
+    per_op: dict[str, float] = defaultdict(float)
+    for event in trace:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            per_op[event["args"]["op_name"]] += event["dur"]
+    total = sum(per_op.values()) or 1.0
+    return {op: dur / total for op, dur in sorted(per_op.items(), key=lambda kv: -kv[1])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=EMBEDDED_MODEL)
+    p.add_argument("--work", default=str(HERE.parent / ".cache" / "bench-latency"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--grid", default="1x32,1x128,8x32,8x128,32x32,32x128")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--grid-rounds", type=int, default=8)
+    p.add_argument("--out", default=str(HERE / "results"))
+    a = p.parse_args(argv)
+
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    graphs = build(work, a.model, KEEPS)
+    sessions = {name: make_session(path / "model.onnx", "cpu", threads=a.threads) for name, path in graphs.items()}
+    fusions = {name: json.loads((path / "manifest.json").read_text())["fusions"] for name, path in graphs.items()}
+
+    main_times = time_interleaved(sessions, a.batch, a.seq, a.warmup, a.rounds)
+    base_flops = weight_matmul_flops(graphs["baseline"] / "model.onnx", a.batch, a.seq)
+    rows = []
+    for name in graphs:
+        s = summary(main_times[name])
+        base = summary(main_times["baseline"])
+        per_round = [t / b for t, b in zip(main_times[name], main_times["baseline"], strict=True)]
+        rows.append({
+            "graph": name, **{f"{k}_ms": v for k, v in s.items() if k != "n"},
+            "ratio_p50": s["p50"] / base["p50"],
+            "ratio_per_round_p10_p90": [float(np.percentile(per_round, 10)), float(np.percentile(per_round, 90))],
+            "weight_matmul_flop_ratio": weight_matmul_flops(graphs[name] / "model.onnx", a.batch, a.seq) / base_flops,
+            "fusions": fusions[name],
+        })
+    grid = []
+    for item in a.grid.split(","):
+        b, s_ = (int(x) for x in item.lower().split("x"))
+        times = time_interleaved(sessions, b, s_, 2, a.grid_rounds)
+        base = statistics.median(times["baseline"])
+        grid.append({"batch": b, "sequence": s_, "baseline_p50_ms": base,
+                     **{f"{n}_ratio": statistics.median(times[n]) / base for n in graphs if n != "baseline"}})
+    profiles = {name: profile(path / "model.onnx", a.threads, a.batch, a.seq) for name, path in graphs.items()}
+
+    result = {
+        "benchmark": "latency", "model": a.model, "provider": "CPUExecutionProvider", "threads": a.threads,
+        "batch": a.batch, "sequence": a.seq, "warmup": a.warmup, "rounds": a.rounds,
+        "environment": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                        "python": sys.version.split()[0], "versions": package_versions()},
+        "main": rows, "grid": grid, "profiles": profiles,
+    }
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latency.json").write_text(json.dumps(result, indent=2))
+    (out / "latency.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+def markdown(r: dict) -> str:
+    lines = [
+        f"Latency, {r['model']}, {r['provider']}, {r['threads']} threads, batch {r['batch']} x sequence "
+        f"{r['sequence']}, {r['rounds']} interleaved rounds after {r['warmup']} warm-up",
+        "",
+        "| graph | p50 ms | p90 ms | p99 ms | ratio (p50) | per-round ratio p10-p90 | weight-matmul FLOP ratio "
+        "| fused |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in r["main"]:
+        fused = ", ".join(f"{k} {v}" for k, v in row["fusions"].items() if v)
+        lo, hi = row["ratio_per_round_p10_p90"]
+        lines.append(f"| {row['graph']} | {row['p50_ms']:.1f} | {row['p90_ms']:.1f} | {row['p99_ms']:.1f} | "
+                     f"{row['ratio_p50']:.3f} | {lo:.3f}-{hi:.3f} | {row['weight_matmul_flop_ratio']:.3f} | {fused} |")
+    names = [k for k in r["grid"][0] if k.endswith("_ratio")]
+    lines += ["", "Ratio to the baseline's median over the grid:", "",
+              "| batch x sequence | baseline p50 ms | " + " | ".join(n.replace("_ratio", "") for n in names) + " |",
+              "|---|---:|" + "---:|" * len(names)]
+    for g in r["grid"]:
+        lines.append(f"| {g['batch']} x {g['sequence']} | {g['baseline_p50_ms']:.1f} | "
+                     + " | ".join(f"{g[n]:.3f}" for n in names) + " |")
+    lines += ["", "Share of kernel time per operator (ONNX Runtime profiler, main shape):", ""]
+    ops = sorted({op for prof in r["profiles"].values() for op in prof},
+                 key=lambda op: -r["profiles"]["baseline"].get(op, 0))[:10]
+    lines += ["| operator | " + " | ".join(r["profiles"]) + " |", "|---|" + "---:|" * len(r["profiles"])]
+    for op in ops:
+        lines.append(f"| {op} | " + " | ".join(f"{prof.get(op, 0):.3f}" for prof in r["profiles"].values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""Low-rank-aware fusion for ONNX Runtime's transformer optimiser.
+
+ONNX Runtime's fusion passes match the graph of a dense model: ``MatMul(x, W) -> Add(b)`` for each of q, k,
+v and the attention output. A factorised layer exports as two MatMuls, ``MatMul(MatMul(x, D), U)``, so the
+attention pattern no longer matches, and with it the embedding fusion is lost too.
+
+The pass here works around the matcher rather than re-implementing it:
+
+1. :func:`densify` replaces every factorised pair by one MatMul whose weight is the product ``D @ U`` and
+   remembers, by the exact bytes of that product, which pair it came from. The graph now has the dense
+   structure, so ONNX Runtime's own fusions (Attention, EmbedLayerNormalization, SkipLayerNormalization,
+   BiasGelu/FastGelu) apply exactly as they do to the baseline.
+2. :func:`restore` puts the factors back: a remaining MatMul whose weight is a known product becomes the two
+   MatMuls again; a fused ``Attention`` whose packed q/k/v weight contains known products becomes one
+   MatMul with the concatenated down-projections, a Split, the up-projections, and a com.microsoft
+   ``MultiHeadAttention`` with the same bias, mask and heads. Every product must be restored, or the pass
+   fails: a graph that silently went dense again would be mislabelled.
+
+Products are recognised by value, so the pass needs no knowledge of node names or ONNX Runtime internals
+beyond the documented contract of the ``Attention`` and ``MultiHeadAttention`` operators.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import ExportError
+
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class LowRankPair:
+    """One factorised layer: ``y = (x @ down) @ up``."""
+
+    down_name: str
+    up_name: str
+    down: np.ndarray  # (in, r)
+    up: np.ndarray  # (r, out)
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[1])
+
+
+@dataclass
+class LowRankIndex:
+    """Dense products by content hash, and what the restore pass did with them."""
+
+    pairs: dict[str, LowRankPair] = field(default_factory=dict)
+    restored: Counter = field(default_factory=Counter)
+    uses: Counter = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
+def _digest(array: np.ndarray) -> str:
+    a = np.ascontiguousarray(array)
+    return hashlib.sha1(f"{a.dtype}{a.shape}".encode() + a.tobytes()).hexdigest()
+
+
+def _initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    return {init.name: init for init in graph.initializer}
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            out.setdefault(name, []).append(node)
+    return out
+
+
+def find_pairs(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
+    """``(down_matmul, up_matmul)`` node pairs: MatMul by a 2-D constant feeding only another such MatMul."""
+    graph = model.graph
+    inits = _initializers(graph)
+    consumers = _consumers(graph)
+    outputs = {o.name for o in graph.output}
+
+    def const_matmul(node: onnx.NodeProto) -> bool:
+        return (node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and len(node.input) == 2
+                and node.input[1] in inits and len(inits[node.input[1]].dims) == 2)
+
+    pairs = []
+    for node in graph.node:
+        if not const_matmul(node) or node.output[0] in outputs:
+            continue
+        users = consumers.get(node.output[0], [])
+        if len(users) == 1 and const_matmul(users[0]) and users[0].input[0] == node.output[0]:
+            d, u = inits[node.input[1]].dims, inits[users[0].input[1]].dims
+            if d[1] == u[0] and d[1] * (d[0] + u[1]) < d[0] * u[1]:
+                pairs.append((node, users[0]))
+    return pairs
+
+
+def densify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LowRankIndex]:
+    """A copy of ``model`` with each factorised pair replaced by one MatMul on the product of its factors."""
+    model = _copy(model)
+    graph = model.graph
+    inits = _initializers(graph)
+    index = LowRankIndex()
+    pairs = find_pairs(model)
+    drop_nodes: set[int] = set()
+    new_nodes: dict[int, onnx.NodeProto] = {}
+    used_factors: set[str] = set()
+    products: dict[str, str] = {}
+    for down_node, up_node in pairs:
+        down = numpy_helper.to_array(inits[down_node.input[1]])
+        up = numpy_helper.to_array(inits[up_node.input[1]])
+        dense = (down.astype(np.float64) @ up.astype(np.float64)).astype(down.dtype)
+        key = _digest(dense)
+        name = f"{up_node.input[1]}__lowrank_product"
+        if key in products:  # a shared layer (ALBERT) or identical factors: one product serves all uses
+            name = products[key]
+        else:
+            products[key] = name
+            graph.initializer.append(numpy_helper.from_array(dense, name))
+            index.pairs[key] = LowRankPair(down_node.input[1], up_node.input[1], down, up)
+        merged = helper.make_node("MatMul", [down_node.input[0], name], list(up_node.output), name=up_node.name)
+        drop_nodes.add(id(down_node))
+        new_nodes[id(up_node)] = merged
+        used_factors.update([down_node.input[1], up_node.input[1]])
+    nodes = [new_nodes.get(id(n), n) for n in graph.node if id(n) not in drop_nodes]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    still_used = {name for n in graph.node for name in n.input}
+    keep = [i for i in graph.initializer if i.name not in used_factors or i.name in still_used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return model, index
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copied = onnx.ModelProto()
+    copied.CopyFrom(model)
+    return copied
+
+
+class _Builder:
+    """Adds initializers and nodes with names unique in the graph."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        self.names = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
+        self.names |= {n.name for n in graph.node}
+        self._added: dict[str, str] = {}
+
+    def unique(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.names:
+            name, i = f"{base}_{i}", i + 1
+        self.names.add(name)
+        return name
+
+    def initializer(self, array: np.ndarray, base: str) -> str:
+        """Add ``array`` once: an identical array added before (a shared layer) returns that name."""
+        key = _digest(array)
+        if key in self._added:
+            return self._added[key]
+        name = self.unique(base)
+        self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self._added[key] = name
+        return name
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _split_qkv(weight: np.ndarray, node: onnx.NodeProto) -> list[np.ndarray] | None:
+    sizes = _attr(node, "qkv_hidden_sizes")
+    if sizes is None:
+        if weight.shape[1] % 3:
+            return None
+        sizes = [weight.shape[1] // 3] * 3
+    sizes = [int(s) for s in sizes]
+    if sum(sizes) != weight.shape[1]:
+        return None
+    bounds = np.cumsum([0, *sizes])
+    return [weight[:, bounds[i]:bounds[i + 1]] for i in range(3)]
+
+
+def _attention_to_mha(node: onnx.NodeProto, index: LowRankIndex, inits: dict[str, onnx.TensorProto],
+                      build: _Builder) -> list[onnx.NodeProto] | None:
+    """Nodes replacing a fused Attention whose q/k/v weights are known products; None to keep it."""
+    inputs = list(node.input) + [""] * (6 - len(node.input))
+    x, weight_name, bias_name, mask, past, attention_bias = inputs[:6]
+    if weight_name not in inits or past or _attr(node, "unidirectional", 0) or len(node.output) > 1:
+        return None
+    slices = _split_qkv(numpy_helper.to_array(inits[weight_name]), node)
+    if slices is None:
+        return None
+    keys = [_digest(s) for s in slices]
+    pairs = [index.pairs.get(k) for k in keys]
+    if not any(pairs):
+        return None
+    index.uses.update(k for k in keys if k in index.pairs)
+    base = node.name or "attention"
+    nodes: list[onnx.NodeProto] = []
+    projected: list[str] = [""] * 3
+    low = [i for i, p in enumerate(pairs) if p is not None]
+    downs = [pairs[i].down for i in low]  # type: ignore[union-attr]
+    down_name = build.initializer(np.concatenate(downs, axis=1), f"{base}_lowrank_qkv_down")
+    down_out = build.unique(f"{base}_lowrank_qkv_down_out")
+    nodes.append(helper.make_node("MatMul", [x, down_name], [down_out], name=build.unique(f"{base}_lowrank_down")))
+    if len(low) > 1:
+        split_sizes = build.initializer(np.array([d.shape[1] for d in downs], dtype=np.int64), f"{base}_lowrank_split")
+        parts = [build.unique(f"{base}_lowrank_r{'qkv'[i]}") for i in low]
+        nodes.append(helper.make_node("Split", [down_out, split_sizes], parts, axis=-1,
+                                      name=build.unique(f"{base}_lowrank_split")))
+    else:
+        parts = [down_out]
+    for part, i in zip(parts, low, strict=True):
+        pair = pairs[i]
+        assert pair is not None
+        up_name = build.initializer(pair.up, f"{base}_lowrank_{'qkv'[i]}_up")
+        projected[i] = build.unique(f"{base}_{'qkv'[i]}")
+        nodes.append(helper.make_node("MatMul", [part, up_name], [projected[i]],
+                                      name=build.unique(f"{base}_lowrank_{'qkv'[i]}_up")))
+        index.restored["attention_projection"] += 1
+    for i, pair in enumerate(pairs):
+        if pair is None:  # a dense projection inside an otherwise factorised attention
+            w = build.initializer(slices[i], f"{base}_{'qkv'[i]}_weight")
+            projected[i] = build.unique(f"{base}_{'qkv'[i]}")
+            nodes.append(helper.make_node("MatMul", [x, w], [projected[i]], name=build.unique(f"{base}_{'qkv'[i]}")))
+    attrs = {"num_heads": int(_attr(node, "num_heads"))}
+    for key in ("mask_filter_value", "scale"):
+        value = _attr(node, key)
+        if value is not None:
+            attrs[key] = value
+    mha_inputs = [*projected, bias_name, mask, attention_bias]
+    while mha_inputs and not mha_inputs[-1]:
+        mha_inputs.pop()
+    nodes.append(helper.make_node("MultiHeadAttention", mha_inputs, list(node.output), domain=MS_DOMAIN,
+                                  name=build.unique(f"{base}_mha"), **attrs))
+    return nodes
+
+
+def restore(model: onnx.ModelProto, index: LowRankIndex) -> onnx.ModelProto:
+    """Put the factorised layers back into an optimised graph built from :func:`densify`'s output.
+
+    Raises:
+        ExportError: when a dense product is left in the graph (the fusion changed it beyond recognition).
+    """
+    model = _copy(model)
+    graph = model.graph
+    inits = _initializers(graph)
+    build = _Builder(graph)
+    out_nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.op_type == "Attention" and node.domain == MS_DOMAIN:
+            replacement = _attention_to_mha(node, index, inits, build)
+            if replacement is not None:
+                out_nodes.extend(replacement)
+                continue
+        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and len(node.input) == 2 \
+                and node.input[1] in inits:
+            key = _digest(numpy_helper.to_array(inits[node.input[1]]))
+            pair = index.pairs.get(key)
+            if pair is not None:
+                index.uses[key] += 1
+                down = build.initializer(pair.down, pair.down_name)
+                up = build.initializer(pair.up, pair.up_name)
+                mid = build.unique(f"{node.name or 'matmul'}_lowrank")
+                out_nodes.append(helper.make_node("MatMul", [node.input[0], down], [mid],
+                                                  name=build.unique(f"{node.name}_down")))
+                out_nodes.append(helper.make_node("MatMul", [mid, up], list(node.output),
+                                                  name=build.unique(f"{node.name}_up")))
+                index.restored["matmul"] += 1
+                continue
+        out_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(out_nodes)
+    used = {name for n in graph.node for name in n.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    leftover = [i.name for i in graph.initializer if _digest(numpy_helper.to_array(i)) in index.pairs]
+    if leftover:
+        raise ExportError(f"{len(leftover)} factorised layers stayed dense after fusion (e.g. {leftover[0]})")
+    restored = {k for k, v in index.uses.items() if v}
+    if len(restored) != len(index):
+        raise ExportError(f"restored {len(restored)} of {len(index)} factorised layers after fusion")
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return model

@@ -1,0 +1,178 @@
+"""PyTorch -> ONNX through optimum-onnx's exporter, with a parity check on shapes other than the export's."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..checkpoint import atomic_output_dir, check_output_dir
+from ..config import ExportConfig
+from ..errors import ConfigError, ExportError, ModelLoadError
+from ..manifest import file_sha256, folder_fingerprint, write_manifest
+from ..modeling import PLAN_FILE, is_compressed, load_tokenizer, read_plan, resolve_model
+from .runtime import ONNX_FILE, make_session, parity_report
+
+TASK_HEADS = {
+    "text-classification": ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+    "token-classification": ("ForTokenClassification", "AutoModelForTokenClassification"),
+    "question-answering": ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
+    "feature-extraction": ("Model", "AutoModel"),
+}
+SUPPORTED_MODEL_TYPES = ("bert", "distilbert", "roberta", "albert", "electra")
+PARITY_TEXTS = (
+    "A three-hour cinema master class.",
+    "It is neither funny nor clever, and it goes on far too long for what little it has to say.",
+    "Dull.",
+    "The cast is uniformly excellent, the script sharp, the photography gorgeous, and the ending earns its tears.",
+    "An odd, likeable mess.",
+)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out_dir: Path
+    onnx_path: Path
+    task: str
+    opset: int
+    compressed: bool
+    parity: dict[str, Any]
+    seconds: float
+
+
+def is_onnx_folder(folder: Path) -> bool:
+    return (folder / ONNX_FILE).is_file() or any(folder.glob("*.onnx"))
+
+
+def _load_for_task(source: str, task: str) -> tuple[torch.nn.Module, bool]:
+    import transformers
+
+    suffix, auto_name = TASK_HEADS[task]
+    if is_compressed(source):
+        from ..checkpoint import load_compressed
+
+        model = load_compressed(source)
+        if task != "feature-extraction" and not type(model).__name__.endswith(suffix):
+            raise ConfigError(f"{source} is a {type(model).__name__}; it cannot be exported for task {task!r}")
+        if task == "feature-extraction" and hasattr(model, "base_model") and model.base_model is not model:
+            model = model.base_model
+        return model, True
+    config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=False)
+    archs = config.architectures or []
+    if task != "feature-extraction" and not any(a.endswith(suffix) for a in archs):
+        raise ConfigError(
+            f"{source} is {', '.join(archs) or 'a model without a task head'}; task {task!r} needs a *{suffix} "
+            "model (fine-tune one first, or use task feature-extraction)"
+        )
+    auto = getattr(transformers, auto_name)
+    try:
+        model = auto.from_pretrained(source, trust_remote_code=False)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load {source} for {task}: {str(exc).splitlines()[0]}") from exc
+    return model.eval(), False
+
+
+def _check_model_type(model: torch.nn.Module) -> str:
+    model_type = getattr(model.config, "model_type", "")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"model type {model_type!r} is not supported for export; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return model_type
+
+
+def parity_inputs(tokenizer: Any, input_names: list[str], batch: int, seq_len: int) -> dict[str, np.ndarray]:
+    """Real text padded to ``seq_len``; rows of different lengths so padding is exercised."""
+    texts = [PARITY_TEXTS[i % len(PARITY_TEXTS)] for i in range(batch)]
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
+    out = {}
+    for name in input_names:
+        if name in enc:
+            out[name] = enc[name].astype(np.int64)
+        elif name == "token_type_ids":
+            out[name] = np.zeros_like(enc["input_ids"], dtype=np.int64)
+        else:
+            raise ExportError(f"the ONNX model wants an input {name!r} that the tokenizer does not produce")
+    return out
+
+
+def torch_outputs(model: torch.nn.Module, inputs: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        out = model(**{k: torch.from_numpy(v) for k, v in inputs.items()})
+    return {name: out[name].float().numpy() for name in names if name in out}
+
+
+def export_onnx(model_dir: str | Path, cfg: ExportConfig, out_dir: str | Path, *,
+                overwrite: bool = False) -> ExportResult:
+    """Export a model folder (dense, or written by ``save_compressed``) to ``out_dir/model.onnx``.
+
+    The folder also receives the config and tokenizer (so ``ORTModelFor*`` and a transformers ``pipeline``
+    load it), and ``manifest.json`` with the input hash, settings, versions and parity figures.
+
+    Raises:
+        ConfigError: unknown task, unsupported model type, an opset too old, or an ONNX folder as input.
+        ParityError: ONNX and PyTorch disagree beyond ``cfg.atol`` on the validation shapes.
+    """
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    source = resolve_model(str(model_dir))
+    if Path(source).is_dir() and is_onnx_folder(Path(source)):
+        raise ConfigError(f"{model_dir} already holds an ONNX model; export takes a PyTorch model folder")
+    check_output_dir(out_dir, overwrite)
+    model, compressed = _load_for_task(source, cfg.task)
+    _check_model_type(model)
+    tokenizer = load_tokenizer(str(model_dir))
+    start = time.perf_counter()
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            previous = logging.getLogger("optimum").level
+            logging.getLogger("optimum").setLevel(logging.ERROR)
+            try:
+                onnx_export_from_model(model, tmp, task=cfg.task, opset=cfg.opset, do_validation=False,
+                                       preprocessors=[tokenizer], device="cpu")
+            except Exception as exc:
+                raise ExportError(f"export failed: {str(exc).strip().splitlines()[0]}") from exc
+            finally:
+                logging.getLogger("optimum").setLevel(previous)
+        onnx_path = tmp / ONNX_FILE
+        import onnx
+
+        proto = onnx.load(str(onnx_path))
+        if cfg.external_data:
+            for extra in tmp.glob("*.onnx_data"):
+                extra.unlink()
+            onnx.save_model(proto, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=f"{ONNX_FILE}_data", size_threshold=1024)
+        onnx.checker.check_model(str(onnx_path))
+        opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+        if compressed:
+            shutil.copy(Path(source) / PLAN_FILE, tmp / "source_compression.json")
+        session = make_session(onnx_path, "cpu")
+        parity = parity_report(session, tokenizer, lambda inputs, names: torch_outputs(model, inputs, names),
+                               cfg.validate_shapes, cfg.atol, what="ONNX vs PyTorch")
+        seconds = time.perf_counter() - start
+        write_manifest(tmp, {
+            "kind": "onnx-export",
+            "input": {"path": str(model_dir), "fingerprint": folder_fingerprint(Path(source)),
+                      "compressed": compressed,
+                      "compression": read_plan(source).get("report", {}).get("totals") if compressed else None},
+            "settings": cfg.to_dict() | {"opset": opset},
+            "artifacts": {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.suffix in (".onnx", ".onnx_data")},
+            "parity": parity,
+            "seconds": seconds,
+        })
+    out = Path(out_dir)
+    return ExportResult(out, out / ONNX_FILE, cfg.task, opset, compressed, parity, seconds)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())

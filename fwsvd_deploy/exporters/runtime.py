@@ -1,0 +1,118 @@
+"""ONNX Runtime sessions on a chosen device, and output comparison between two models."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DeviceUnavailableError, ExportError, ParityError
+
+ONNX_FILE = "model.onnx"
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def require_provider(device: str) -> str:
+    """The execution provider for ``device``; a clear error when it is absent."""
+    import onnxruntime as ort
+
+    provider = PROVIDERS[device]
+    available = ort.get_available_providers()
+    if provider not in available:
+        if device == "cuda":
+            raise DeviceUnavailableError(
+                "CUDA is not available: ONNX Runtime here offers only "
+                f"{', '.join(available)}; install fwsvd-deploy[gpu] (onnxruntime-gpu) on a machine with an NVIDIA "
+                "GPU and driver, or use --device cpu"
+            )
+        raise DeviceUnavailableError(f"{provider} is not available; ONNX Runtime offers {', '.join(available)}")
+    return provider
+
+
+def make_session(path: str | Path, device: str = "cpu", threads: int | None = None) -> Any:
+    """An InferenceSession on ``device`` with all graph optimisations and fixed thread counts."""
+    import onnxruntime as ort
+
+    provider = require_provider(device)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=[provider])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"ONNX Runtime cannot load {path}: {first}") from exc
+
+
+def session_input_names(session: Any) -> list[str]:
+    return [i.name for i in session.get_inputs()]
+
+
+def session_output_names(session: Any) -> list[str]:
+    return [o.name for o in session.get_outputs()]
+
+
+def run_session(session: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = session_output_names(session)
+    feed = {k: v for k, v in inputs.items() if k in set(session_input_names(session))}
+    return dict(zip(names, session.run(names, feed), strict=True))
+
+
+def compare_outputs(got: dict[str, np.ndarray], want: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, float]:
+    """Max absolute difference per output; token-level outputs are compared on real (unpadded) tokens only."""
+    diffs = {}
+    for name, ref in want.items():
+        if name not in got:
+            raise ExportError(f"output {name!r} is missing from the ONNX model")
+        out = got[name].astype(np.float64)
+        ref = ref.astype(np.float64)
+        if out.shape != ref.shape:
+            raise ExportError(f"output {name!r} has shape {out.shape}, expected {ref.shape}")
+        diff = np.abs(out - ref)
+        if diff.ndim >= 2 and diff.shape[:2] == mask.shape:
+            diff = diff[mask.astype(bool)]
+        diffs[name] = float(diff.max()) if diff.size else 0.0
+    return diffs
+
+
+def parity_report(
+    session: Any,
+    tokenizer: Any,
+    reference: Callable[[dict[str, np.ndarray], list[str]], dict[str, np.ndarray]],
+    shapes: Sequence[tuple[int, int]],
+    atol: float,
+    *,
+    what: str,
+) -> dict[str, Any]:
+    """Compare ``session`` with ``reference`` on each (batch, sequence) shape; raise when beyond ``atol``.
+
+    Raises:
+        ParityError: naming the output, the shape and the difference.
+    """
+    from .onnx import parity_inputs
+
+    rows = []
+    worst = 0.0
+    failures = []
+    names = session_output_names(session)
+    for batch, seq in shapes:
+        inputs = parity_inputs(tokenizer, session_input_names(session), batch, seq)
+        got = run_session(session, inputs)
+        want = reference(inputs, names)
+        diffs = compare_outputs(got, want, inputs["attention_mask"])
+        for name in want:
+            if not diffs[name] <= atol:
+                failures.append(f"{name} at batch {batch} x sequence {seq}: max |diff| {diffs[name]:.3g} > {atol:.3g}")
+            worst = max(worst, diffs[name])
+        rows.append({"batch": batch, "sequence": seq, "max_abs_diff": diffs})
+    report = {"compared": what, "atol": atol, "max_abs_diff": worst, "shapes": rows,
+              "passed": not failures}
+    if failures:
+        more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise ParityError(f"{what} parity failed: {failures[0]}{more}")
+    return report
