@@ -17,23 +17,18 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from fwsvd_deploy import CompressionConfig, compress, load_classifier, load_tokenizer, save_model
 from fwsvd_deploy.config import ExportConfig, OptimizeConfig
 from fwsvd_deploy.exporters import export_onnx, optimize_onnx
-from fwsvd_deploy.exporters.runtime import make_session
-from fwsvd_deploy.modeling import EMBEDDED_MODEL, package_versions
+from fwsvd_deploy.modeling import EMBEDDED_MODEL
+from fwsvd_deploy.validators.latency import measure_latency, synthetic_inputs
 
 HERE = Path(__file__).resolve().parent
 KEEPS = (0.25, 0.5, 0.75)
@@ -71,39 +66,6 @@ def weight_matmul_flops(path: Path, batch: int, seq: int) -> float:
     return flops
 
 
-def inputs_for(session, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    feed = {}
-    for inp in session.get_inputs():
-        if inp.name == "input_ids":
-            feed[inp.name] = rng.integers(1000, 29000, size=(batch, seq), dtype=np.int64)
-        elif inp.name == "attention_mask":
-            feed[inp.name] = np.ones((batch, seq), dtype=np.int64)
-        else:
-            feed[inp.name] = np.zeros((batch, seq), dtype=np.int64)
-    return feed
-
-
-def time_interleaved(sessions: dict[str, object], batch: int, seq: int, warmup: int, rounds: int) -> dict[str, list]:
-    feeds = {name: inputs_for(s, batch, seq) for name, s in sessions.items()}
-    for _ in range(warmup):
-        for name, s in sessions.items():
-            s.run(None, feeds[name])
-    times: dict[str, list[float]] = defaultdict(list)
-    for _ in range(rounds):
-        for name, s in sessions.items():
-            start = time.perf_counter()
-            s.run(None, feeds[name])
-            times[name].append((time.perf_counter() - start) * 1000)
-    return times
-
-
-def summary(ms: list[float]) -> dict[str, float]:
-    a = np.asarray(ms)
-    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "min": float(a.min()), "n": len(ms)}
-
-
 def profile(path: Path, threads: int, batch: int, seq: int, runs: int = 5) -> dict[str, float]:
     """Share of kernel time per operator type, from ONNX Runtime's profiler."""
     import onnxruntime as ort
@@ -116,7 +78,7 @@ def profile(path: Path, threads: int, batch: int, seq: int, runs: int = 5) -> di
     with tempfile.TemporaryDirectory() as tmp:
         options.profile_file_prefix = str(Path(tmp) / "prof")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        feed = inputs_for(session, batch, seq)
+        feed = synthetic_inputs(session, batch, seq)
         for _ in range(runs):
             session.run(None, feed)
         trace = json.loads(Path(session.end_profiling()).read_text())
@@ -145,38 +107,34 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     graphs = build(work, a.model, KEEPS)
-    sessions = {name: make_session(path / "model.onnx", "cpu", threads=a.threads) for name, path in graphs.items()}
     fusions = {name: json.loads((path / "manifest.json").read_text())["fusions"] for name, path in graphs.items()}
 
-    main_times = time_interleaved(sessions, a.batch, a.seq, a.warmup, a.rounds)
+    main_run = measure_latency(graphs, batch_sizes=(a.batch,), seq_lens=(a.seq,), threads=a.threads,
+                               warmup=a.warmup, rounds=a.rounds)
+    cell = main_run["cells"][0]
     base_flops = weight_matmul_flops(graphs["baseline"] / "model.onnx", a.batch, a.seq)
     rows = []
     for name in graphs:
-        s = summary(main_times[name])
-        base = summary(main_times["baseline"])
-        per_round = [t / b for t, b in zip(main_times[name], main_times["baseline"], strict=True)]
+        ratio = cell["ratios"].get(name, {"p50": 1.0, "p10": 1.0, "p90": 1.0})
         rows.append({
-            "graph": name, **{f"{k}_ms": v for k, v in s.items() if k != "n"},
-            "ratio_p50": s["p50"] / base["p50"],
-            "ratio_per_round_p10_p90": [float(np.percentile(per_round, 10)), float(np.percentile(per_round, 90))],
+            "graph": name, **cell["models"][name], "ratio_p50": ratio["p50"],
+            "ratio_per_round_p10_p90": [ratio["p10"], ratio["p90"]],
             "weight_matmul_flop_ratio": weight_matmul_flops(graphs[name] / "model.onnx", a.batch, a.seq) / base_flops,
             "fusions": fusions[name],
         })
+    shapes = [tuple(int(x) for x in item.lower().split("x")) for item in a.grid.split(",")]
     grid = []
-    for item in a.grid.split(","):
-        b, s_ = (int(x) for x in item.lower().split("x"))
-        times = time_interleaved(sessions, b, s_, 2, a.grid_rounds)
-        base = statistics.median(times["baseline"])
-        grid.append({"batch": b, "sequence": s_, "baseline_p50_ms": base,
-                     **{f"{n}_ratio": statistics.median(times[n]) / base for n in graphs if n != "baseline"}})
+    for b, s_ in shapes:
+        run = measure_latency(graphs, batch_sizes=(b,), seq_lens=(s_,), threads=a.threads, warmup=2,
+                              rounds=a.grid_rounds)["cells"][0]
+        grid.append({"batch": b, "sequence": s_, "baseline_p50_ms": run["models"]["baseline"]["p50_ms"],
+                     **{f"{n}_ratio": r["p50"] for n, r in run["ratios"].items()}})
     profiles = {name: profile(path / "model.onnx", a.threads, a.batch, a.seq) for name, path in graphs.items()}
 
     result = {
         "benchmark": "latency", "model": a.model, "provider": "CPUExecutionProvider", "threads": a.threads,
         "batch": a.batch, "sequence": a.seq, "warmup": a.warmup, "rounds": a.rounds,
-        "environment": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                        "python": sys.version.split()[0], "versions": package_versions()},
-        "main": rows, "grid": grid, "profiles": profiles,
+        "environment": main_run["environment"], "main": rows, "grid": grid, "profiles": profiles,
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -209,7 +167,7 @@ def markdown(r: dict) -> str:
                      + " | ".join(f"{g[n]:.3f}" for n in names) + " |")
     lines += ["", "Share of kernel time per operator (ONNX Runtime profiler, main shape):", ""]
     ops = sorted({op for prof in r["profiles"].values() for op in prof},
-                 key=lambda op: -r["profiles"]["baseline"].get(op, 0))[:10]
+                 key=lambda op: -max(prof.get(op, 0) for prof in r["profiles"].values()))[:10]
     lines += ["| operator | " + " | ".join(r["profiles"]) + " |", "|---|" + "---:|" * len(r["profiles"])]
     for op in ops:
         lines.append(f"| {op} | " + " | ".join(f"{prof.get(op, 0):.3f}" for prof in r["profiles"].values()) + " |")

@@ -11,7 +11,17 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .config import CompressionConfig, DataConfig, ExportConfig, FinetuneConfig, FisherConfig, OptimizeConfig
+from .config import (
+    CompressionConfig,
+    DataConfig,
+    ExportConfig,
+    FinetuneConfig,
+    FisherConfig,
+    GateConfig,
+    OptimizeConfig,
+    PipelineConfig,
+    ValidateConfig,
+)
 from .errors import ConfigError, FwsvdError
 from .modeling import EMBEDDED_MODEL
 
@@ -146,7 +156,61 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--int8", action="store_true", help="dynamic int8 quantisation (CPU only)")
     op.add_argument("--atol", type=float, default=1e-3, help="fp32 parity tolerance (default: %(default)s)")
     op.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+    va = sub.add_parser("validate", help="compare a candidate ONNX model with its baseline and apply the gate",
+                        description="Accuracy (ONNX Runtime), latency and memory of both models on the same data, "
+                                    "provider and machine; exit 0 when every check passes, 1 when the gate fails.")
+    va.add_argument("--baseline", required=True, help="optimised baseline ONNX folder")
+    va.add_argument("--candidate", required=True, help="optimised candidate ONNX folder")
+    va.add_argument("--out", required=True, help="report folder (must not exist or be empty)")
+    va.add_argument("--overwrite", action="store_true")
+    _add_measure_args(va)
+    g = va.add_argument_group("gate (a threshold left out is not checked)")
+    g.add_argument("--max-accuracy-drop", type=float, default=1.0, help="points (default: %(default)s)")
+    g.add_argument("--min-agreement", type=float, default=None)
+    g.add_argument("--max-latency-ratio", type=float, default=None)
+    g.add_argument("--max-memory-ratio", type=float, default=None)
+    g.add_argument("--max-logit-diff", type=float, default=None)
+    g.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+    g.add_argument("--no-memory", action="store_true", help="skip memory measurement")
+    _add_data_args(va)
+
+    be = sub.add_parser("bench", help="latency of ONNX models, interleaved in one process",
+                        description="Latency grid of one or more ONNX folders; ratios are against the first.")
+    be.add_argument("--model", action="append", required=True, help="ONNX folder (repeat; the first is the reference)")
+    be.add_argument("--out", default=None, help="write bench.json and bench.md into this folder")
+    _add_measure_args(be)
+
+    rn = sub.add_parser("run", help="the whole pipeline: finetune? -> compress -> export -> optimise -> validate",
+                        description="Run every stage of a pipeline config (default: the embedded MiniLM on Rotten "
+                                    "Tomatoes), reuse cached stages, write the report, exit 1 if the gate fails.")
+    rn.add_argument("--config", default=None, help="pipeline YAML (default: the embedded default)")
+    rn.add_argument("--out", default="runs/pipeline", help="output folder (default: %(default)s)")
+    rn.add_argument("--dry-run", action="store_true", help="print the resolved configuration and stop")
+    rn.add_argument("--force", action="store_true", help="recompute every stage")
     return parser
+
+
+def _add_measure_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("measurement")
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    g.add_argument("--threads", type=int, default=2, help="intra-op threads per session (default: %(default)s)")
+    g.add_argument("--batch-sizes", default="1,8,32", help="latency grid (default: %(default)s)")
+    g.add_argument("--seq-lens", default="32,128", help="latency grid (default: %(default)s)")
+    g.add_argument("--rounds", type=int, default=10, help="interleaved rounds per grid cell (default: %(default)s)")
+    g.add_argument("--warmup", type=int, default=2)
+
+
+def _int_list(flag: str, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{flag} {value!r} must be comma-separated integers, e.g. 1,8,32") from None
+
+
+def _validate_config(a: argparse.Namespace, **extra: Any) -> ValidateConfig:
+    return ValidateConfig(device=a.device, threads=a.threads, batch_sizes=_int_list("--batch-sizes", a.batch_sizes),
+                          seq_lens=_int_list("--seq-lens", a.seq_lens), rounds=a.rounds, warmup=a.warmup, **extra)
 
 
 def _progress(a: argparse.Namespace) -> bool | None:
@@ -234,8 +298,94 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_validate(a: argparse.Namespace) -> int:
+    from .validators.validate import validate
+
+    cfg = _validate_config(a, latency=not a.no_latency, memory=not a.no_memory)
+    gate = GateConfig(max_accuracy_drop=a.max_accuracy_drop, min_agreement=a.min_agreement,
+                      max_latency_ratio=a.max_latency_ratio, max_memory_ratio=a.max_memory_ratio,
+                      max_logit_diff=a.max_logit_diff)
+    result = validate(a.baseline, a.candidate, _data_config(a), cfg, gate, a.out, overwrite=a.overwrite,
+                      progress=_progress(a), raise_on_failure=False)
+    _print_validation(result)
+    return 0 if result.passed else 1
+
+
+def _print_validation(result: Any) -> None:
+    from .validators.validate import gate_failure_message
+
+    acc = result.report["accuracy"]
+    key = "accuracy" if "accuracy" in acc["baseline"] else "mse"
+    line = (f"{key}: baseline {acc['baseline'][key]:.4f}, candidate {acc['candidate'][key]:.4f} on "
+            f"{acc['examples']} examples")
+    if "agreement" in acc["comparison"]:
+        line += f"; agreement {acc['comparison']['agreement']:.4f}"
+    print(line)
+    for c in result.checks:
+        value = "n/a" if c.value is None else f"{c.value:.4f}"
+        print(f"  {'PASS' if c.passed else 'FAIL'} {c.name} = {value} ({c.comparison} {c.threshold:g})")
+    if result.passed:
+        print(f"gate passed; report: {result.out_dir / 'report.md'}")
+    else:
+        print(f"fwsvd-deploy: {gate_failure_message(result.checks, result.out_dir)}", file=sys.stderr)
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    import json
+
+    from .validators.latency import measure_latency
+
+    cfg = _validate_config(a)
+    names = {}
+    for path in a.model:
+        name = os.path.basename(os.path.normpath(path)) or path
+        while name in names:
+            name += "'"
+        names[name] = path
+    result = measure_latency(names, device=cfg.device, batch_sizes=cfg.batch_sizes, seq_lens=cfg.seq_lens,
+                             threads=cfg.threads, warmup=cfg.warmup, rounds=cfg.rounds, progress=_progress(a))
+    first = next(iter(names))
+    lines = ["| batch x sequence | " + " | ".join(f"{n} p50 ms" for n in names)
+             + "".join(f" | {n} / {first}" for n in list(names)[1:]) + " |",
+             "|---|" + "---:|" * (2 * len(names) - 1)]
+    for cell in result["cells"]:
+        row = [f"{cell['models'][n]['p50_ms']:.1f}" for n in names]
+        row += [f"{cell['ratios'][n]['p50']:.3f}" for n in list(names)[1:]]
+        lines.append(f"| {cell['batch']} x {cell['sequence']} | " + " | ".join(row) + " |")
+    table = "\n".join(lines) + "\n"
+    print(table, end="")
+    if a.out:
+        from .checkpoint import atomic_output_dir
+
+        with atomic_output_dir(a.out, overwrite=True) as tmp:
+            (tmp / "bench.json").write_text(json.dumps(result, indent=2))
+            (tmp / "bench.md").write_text(table)
+        print(f"wrote {a.out}")
+    return 0
+
+
+def _cmd_run(a: argparse.Namespace) -> int:
+    from .pipeline import run_pipeline
+
+    cfg = PipelineConfig.from_yaml(a.config) if a.config else PipelineConfig()
+    if a.dry_run:
+        print(cfg.to_yaml(), end="")
+        return 0
+    if cfg.validate.device == "cuda" or cfg.optimize.device == "cuda":
+        from .exporters.runtime import require_provider
+
+        require_provider("cuda")
+    result = run_pipeline(cfg, a.out, force=a.force, progress=_progress(a))
+    cached = sum(s.cached for s in result.stages)
+    print(f"pipeline finished in {result.seconds:.1f} s ({cached} of {len(result.stages)} stages from cache)")
+    _print_validation(result.validation)
+    print(f"configuration: {result.out_dir / 'pipeline.yaml'}")
+    return 0 if result.passed else 1
+
+
 _COMMANDS: dict[str, Any] = {"finetune": _cmd_finetune, "compress": _cmd_compress, "export": _cmd_export,
-                             "optimize": _cmd_optimize}
+                             "optimize": _cmd_optimize, "validate": _cmd_validate, "bench": _cmd_bench,
+                             "run": _cmd_run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

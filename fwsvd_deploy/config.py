@@ -10,6 +10,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import ConfigError
@@ -333,3 +334,206 @@ class OptimizeConfig(_Config):
         _check_float("atol", self.atol, 0.0, 1e3, low_open=True)
         _check_float("int8_atol", self.int8_atol, 0.0, 1e3, low_open=True)
         object.__setattr__(self, "validate_shapes", _check_shapes("validate_shapes", self.validate_shapes))
+
+
+def _check_opt_number(name: str, value: Any, low: float, high: float) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} must be a number or null")
+    if not low <= value <= high:
+        raise ConfigError(f"{name}={value!r} must be in [{low}, {high}]")
+
+
+@dataclass(frozen=True)
+class GateConfig(_Config):
+    """Release thresholds; ``None`` leaves a check out. Every check is evaluated and every failure reported.
+
+    Attributes:
+        max_accuracy_drop: baseline accuracy minus candidate accuracy, in percentage points.
+        min_agreement: fraction of examples on which both models predict the same class.
+        max_latency_ratio: candidate/baseline median latency, in every cell of the latency grid.
+        max_memory_ratio: candidate/baseline model size on disk.
+        max_logit_diff: largest absolute logit difference between the two models.
+    """
+
+    max_accuracy_drop: float | None = 1.0
+    min_agreement: float | None = None
+    max_latency_ratio: float | None = None
+    max_memory_ratio: float | None = None
+    max_logit_diff: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_opt_number("max_accuracy_drop", self.max_accuracy_drop, -100.0, 100.0)
+        _check_opt_number("min_agreement", self.min_agreement, 0.0, 1.0)
+        _check_opt_number("max_latency_ratio", self.max_latency_ratio, 0.0, 1e6)
+        _check_opt_number("max_memory_ratio", self.max_memory_ratio, 0.0, 1e6)
+        _check_opt_number("max_logit_diff", self.max_logit_diff, 0.0, 1e9)
+
+
+def _check_int_list(name: str, values: Any) -> tuple[int, ...]:
+    if isinstance(values, int) and not isinstance(values, bool):
+        values = (values,)
+    if not isinstance(values, (list, tuple)) or not values:
+        raise ConfigError(f"{name}={values!r} must be a non-empty list of positive integers")
+    for v in values:
+        _check_int(name, v, 1)
+    return tuple(values)
+
+
+@dataclass(frozen=True)
+class ValidateConfig(_Config):
+    """How baseline and candidate are measured.
+
+    Attributes:
+        device: ``cpu`` or ``cuda`` (both models run on the same provider).
+        threads: intra-op threads for every session (fixed, so runs compare).
+        batch_sizes / seq_lens: the latency grid.
+        warmup / rounds: per grid cell; rounds run the models interleaved.
+        eval_batch_size: batch size of the accuracy pass.
+        memory_batch / memory_seq: the batch whose peak memory is measured.
+        latency: measure latency (skip for accuracy-only gates).
+        memory: measure memory.
+        split: the split the accuracy is measured on; ``None`` uses the data's ``eval_split``.
+    """
+
+    device: str = "cpu"
+    threads: int = 2
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    seq_lens: tuple[int, ...] = (32, 128)
+    warmup: int = 2
+    rounds: int = 10
+    eval_batch_size: int = 64
+    memory_batch: int = 8
+    memory_seq: int = 128
+    latency: bool = True
+    memory: bool = True
+    split: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("device", self.device, DEVICES)
+        if self.split is not None and (not isinstance(self.split, str) or not self.split):
+            raise ConfigError(f"split={self.split!r} must be a split name or null (the data's eval_split)")
+        _check_int("threads", self.threads, 1)
+        object.__setattr__(self, "batch_sizes", _check_int_list("batch_sizes", self.batch_sizes))
+        object.__setattr__(self, "seq_lens", _check_int_list("seq_lens", self.seq_lens))
+        _check_int("warmup", self.warmup, 0)
+        _check_int("rounds", self.rounds, 1)
+        _check_int("eval_batch_size", self.eval_batch_size, 1)
+        _check_int("memory_batch", self.memory_batch, 1)
+        _check_int("memory_seq", self.memory_seq, 2)
+        for name in ("latency", "memory"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["batch_sizes"], out["seq_lens"] = list(self.batch_sizes), list(self.seq_lens)
+        return out
+
+
+@dataclass(frozen=True)
+class StageSwitch(_Config):
+    """Whether an optional fine-tuning stage runs, and its settings."""
+
+    enabled: bool = True
+    settings: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"enabled={self.enabled!r} must be true or false")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> StageSwitch:
+        data = dict(data or {})
+        enabled = data.pop("enabled", True)
+        return cls(enabled=enabled, settings=FinetuneConfig.from_dict(data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, **self.settings.to_dict()}
+
+
+_SECTIONS = {
+    "data": DataConfig, "finetune": StageSwitch, "fisher": FisherConfig, "compression": CompressionConfig,
+    "recovery": StageSwitch, "export": ExportConfig, "optimize": OptimizeConfig, "validate": ValidateConfig,
+    "gate": GateConfig,
+}
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything ``fwsvd-deploy run`` does, one section per stage; unknown keys are rejected at every level.
+
+    ``model`` is the starting model (folder, hub id or the embedded ``all-MiniLM-L6-v2``). With
+    ``finetune.enabled`` it is fine-tuned first; ``recovery.enabled`` fine-tunes the compressed model.
+    """
+
+    model: str = "all-MiniLM-L6-v2"
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=64, max_train_samples=3000))
+    finetune: StageSwitch = field(default_factory=lambda: StageSwitch(True, FinetuneConfig(epochs=1)))
+    fisher: FisherConfig = field(default_factory=FisherConfig)
+    compression: CompressionConfig = field(default_factory=lambda: CompressionConfig(ratio=0.5))
+    recovery: StageSwitch = field(default_factory=lambda: StageSwitch(True, FinetuneConfig(epochs=1)))
+    export: ExportConfig = field(default_factory=ExportConfig)
+    optimize: OptimizeConfig = field(default_factory=OptimizeConfig)
+    validate: ValidateConfig = field(default_factory=lambda: ValidateConfig(split="test"))
+    gate: GateConfig = field(default_factory=lambda: GateConfig(max_accuracy_drop=1.0, max_latency_ratio=1.0,
+                                                                max_memory_ratio=0.9))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError(f"model={self.model!r} must be a model folder, hub id or all-MiniLM-L6-v2")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> PipelineConfig:
+        data = dict(data or {})
+        allowed = {"model", *_SECTIONS}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ConfigError(f"unknown key(s) {', '.join(unknown)} in the pipeline config; allowed: "
+                              f"{', '.join(sorted(allowed))}")
+        defaults = cls()
+        kwargs: dict[str, Any] = {}
+        if "model" in data:
+            kwargs["model"] = data["model"]
+        for name, section in _SECTIONS.items():
+            if name not in data:
+                continue
+            value = data[name]
+            if value is not None and not isinstance(value, Mapping):
+                raise ConfigError(f"section {name!r} must be a mapping, got {type(value).__name__}")
+            merged = {**getattr(defaults, name).to_dict(), **dict(value or {})}
+            try:
+                kwargs[name] = section.from_dict(merged)
+            except ConfigError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+            except TypeError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+        return cls(**kwargs)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> PipelineConfig:
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"pipeline config {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        if data is not None and not isinstance(data, Mapping):
+            raise ConfigError(f"{p} must hold a mapping of sections")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.model}
+        for name in _SECTIONS:
+            section = getattr(self, name).to_dict()
+            out[name] = {k: (list(map(list, v)) if k == "validate_shapes" else v) for k, v in section.items()}
+        return out
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -181,3 +181,115 @@ def _report_markdown(report: CompressionReport, before: EvalResult | None, after
         timing = f"Fisher over {fisher.num_examples} examples ({fisher.estimator}): {source}; " + timing
     lines.append(timing)
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole pipeline, stage by stage, each cached by a hash of its inputs and settings
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    name: str
+    folder: Path
+    cached: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    out_dir: Path
+    stages: list[StageRecord]
+    validation: Any
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.validation.passed)
+
+
+def _digest(*parts: Any) -> str:
+    import hashlib
+    import json as _json
+
+    return hashlib.sha256(_json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _source_identity(spec: str) -> str:
+    from .manifest import folder_fingerprint
+
+    source = resolve_model(spec)
+    return folder_fingerprint(Path(source)) if Path(source).is_dir() else source
+
+
+def run_pipeline(cfg: Any, out_dir: str | Path, *, force: bool = False, progress: bool | None = None,
+                 log: Any = print) -> PipelineResult:
+    """finetune? -> compress -> recovery? -> export (both) -> optimise (both) -> validate -> gate.
+
+    Each stage writes ``out_dir/stages/<stage>-<hash>``, where the hash covers the stage's settings and the
+    hashes of its inputs; an existing stage folder is reused unless ``force``. Stage folders are written
+    atomically, so an interrupted run leaves earlier stages valid and no half-written folder. The report
+    goes to ``out_dir/report`` and the resolved configuration to ``out_dir/pipeline.yaml``.
+    """
+    from dataclasses import replace as _replace
+
+    from .exporters import export_onnx, optimize_onnx
+    from .validators.validate import validate
+
+    out = Path(out_dir)
+    stages_dir = out / "stages"
+    stages_dir.mkdir(parents=True, exist_ok=True)
+    records: list[StageRecord] = []
+    start = time.perf_counter()
+
+    def stage(name: str, key: str, build: Any) -> Path:
+        folder = stages_dir / f"{name}-{key}"
+        began = time.perf_counter()
+        if folder.is_dir() and any(folder.iterdir()) and not force:
+            records.append(StageRecord(name, folder, True, 0.0))
+            log(f"[{name}] cached: {folder}")
+            return folder
+        log(f"[{name}] running")
+        build(folder)
+        records.append(StageRecord(name, folder, False, time.perf_counter() - began))
+        log(f"[{name}] done in {records[-1].seconds:.1f} s: {folder}")
+        return folder
+
+    data = cfg.data
+    source_key = _digest("source", _source_identity(cfg.model))
+    if cfg.finetune.enabled:
+        ft_key = _digest(source_key, data.to_dict(), cfg.finetune.to_dict())
+        baseline_model = stage("finetune", ft_key, lambda f: run_finetune(
+            cfg.model, data, cfg.finetune.settings, f, overwrite=force, progress=progress))
+        baseline_key = ft_key
+    else:
+        baseline_model, baseline_key = Path(resolve_model(cfg.model)), source_key
+    fisher_cfg = cfg.fisher if cfg.fisher.cache_dir is not None else _replace(cfg.fisher,
+                                                                               cache_dir=str(stages_dir / "fisher"))
+    cp_key = _digest(baseline_key, data.to_dict(), cfg.fisher.to_dict(), cfg.compression.to_dict())
+    candidate_model = stage("compress", cp_key, lambda f: run_compress(
+        str(baseline_model), data, fisher_cfg, cfg.compression, f, evaluate_model=False, overwrite=force,
+        progress=progress))
+    candidate_key = cp_key
+    if cfg.recovery.enabled:
+        rc_key = _digest(cp_key, data.to_dict(), cfg.recovery.to_dict())
+        candidate_model = stage("recovery", rc_key, lambda f: run_finetune(
+            str(candidate_model), data, cfg.recovery.settings, f, overwrite=force, progress=progress))
+        candidate_key = rc_key
+    folders = {}
+    for role, model_dir, key in (("baseline", baseline_model, baseline_key),
+                                 ("candidate", candidate_model, candidate_key)):
+        ex_key = _digest(key, cfg.export.to_dict())
+        exported = stage(f"export-{role}", ex_key, lambda f, m=model_dir: export_onnx(m, cfg.export, f,
+                                                                                      overwrite=force))
+        op_key = _digest(ex_key, cfg.optimize.to_dict())
+        folders[role] = stage(f"optimize-{role}", op_key, lambda f, e=exported: optimize_onnx(
+            e, cfg.optimize, f, overwrite=force))
+    eval_data = _replace(data, eval_split=cfg.validate.split or data.eval_split)
+    log("[validate] running")
+    began = time.perf_counter()
+    result = validate(folders["baseline"], folders["candidate"], eval_data, cfg.validate, cfg.gate, out / "report",
+                      overwrite=True, progress=progress, raise_on_failure=False)
+    records.append(StageRecord("validate", out / "report", False, time.perf_counter() - began))
+    (out / "pipeline.yaml").write_text(cfg.to_yaml())
+    return PipelineResult(out, records, result, time.perf_counter() - start)

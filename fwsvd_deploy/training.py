@@ -21,6 +21,7 @@ from .data import TaskData
 from .errors import DatasetError, FwsvdError
 from .modeling import forward_inputs
 from .progress import progress_bar
+from .validators.metrics import classification_metrics, regression_metrics
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def evaluate(
     max_length: int = 128,
     progress: bool | None = None,
 ) -> EvalResult:
-    """Accuracy and macro-F1 (classification) or MSE (regression), plus mean loss, in PyTorch.
+    """Accuracy, macro-F1 and MCC (classification) or MSE/Pearson/Spearman (regression), plus loss, in PyTorch.
 
     Raises:
         DatasetError: when ``data`` has no labels.
@@ -86,26 +87,14 @@ def evaluate(
             preds.append(logits.squeeze(-1))
         labels.append(y)
     model.train(was_training)
-    pred = torch.cat(preds)
-    true = torch.cat(labels)
+    pred = torch.cat(preds).numpy()
+    true = torch.cat(labels).numpy()
     metrics = {"loss": float(torch.cat(losses).mean())}
     if kind == "classification":
-        metrics["accuracy"] = float((pred == true).float().mean())
-        metrics["macro_f1"] = _macro_f1(pred, true)
+        metrics.update(classification_metrics(pred, true))
     else:
-        metrics["mse"] = float((pred - true.float()).square().mean())
+        metrics.update(regression_metrics(pred, true))
     return EvalResult(metrics, len(data))
-
-
-def _macro_f1(pred: torch.Tensor, true: torch.Tensor) -> float:
-    scores = []
-    for c in torch.unique(torch.cat([pred, true])):
-        tp = float(((pred == c) & (true == c)).sum())
-        fp = float(((pred == c) & (true != c)).sum())
-        fn = float(((pred != c) & (true == c)).sum())
-        denom = 2 * tp + fp + fn
-        scores.append(0.0 if denom == 0 else 2 * tp / denom)
-    return sum(scores) / len(scores)
 
 
 def finetune(

@@ -21,7 +21,7 @@ def test_finetune_learns_and_keeps_the_best_epoch(tokenizer):
     assert before.accuracy == 0.5 and after.accuracy == 1.0
     best = result.history[result.best_epoch - 1]
     assert after.metrics["loss"] == pytest.approx(best["eval_loss"], rel=1e-6)  # the best epoch's weights
-    assert set(after.metrics) == {"loss", "accuracy", "macro_f1"}
+    assert set(after.metrics) == {"loss", "accuracy", "macro_f1", "mcc"}
 
 
 def test_max_steps_overrides_epochs(tokenizer):

@@ -1,0 +1,143 @@
+"""Latency of several ONNX models measured together: same process, same inputs, interleaved rounds."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..exporters.runtime import ONNX_FILE, make_session
+from ..modeling import package_versions
+from ..progress import progress_bar
+
+
+def synthetic_inputs(session: Any, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Full-length token ids in the vocabulary's ordinary range; no padding."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for inp in session.get_inputs():
+        if inp.name == "input_ids":
+            feed[inp.name] = rng.integers(1000, 20000, size=(batch, seq), dtype=np.int64)
+        elif inp.name == "attention_mask":
+            feed[inp.name] = np.ones((batch, seq), dtype=np.int64)
+        else:
+            feed[inp.name] = np.zeros((batch, seq), dtype=np.int64)
+    return feed
+
+
+class _Runner:
+    """One timed call: plain ``run`` on CPU; I/O binding with device-resident inputs on CUDA."""
+
+    def __init__(self, session: Any, feed: dict[str, np.ndarray], device: str) -> None:
+        self.session = session
+        self.device = device
+        if device == "cuda":
+            import onnxruntime as ort
+
+            self.binding = session.io_binding()
+            for name, value in feed.items():
+                self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+            for out in session.get_outputs():
+                self.binding.bind_output(out.name, "cuda")
+        else:
+            self.feed = feed
+
+    def __call__(self) -> None:
+        if self.device == "cuda":
+            self.session.run_with_iobinding(self.binding)
+            self.binding.synchronize_outputs()
+        else:
+            self.session.run(None, self.feed)
+
+
+def summarize(ms: Sequence[float]) -> dict[str, float]:
+    a = np.asarray(ms, dtype=np.float64)
+    return {"mean_ms": float(a.mean()), "p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
+            "p99_ms": float(np.percentile(a, 99)), "min_ms": float(a.min()), "runs": int(a.size)}
+
+
+def measure_latency(
+    models: Mapping[str, str | Path],
+    *,
+    device: str = "cpu",
+    batch_sizes: Sequence[int] = (1, 8, 32),
+    seq_lens: Sequence[int] = (32, 128),
+    threads: int | None = 2,
+    warmup: int = 3,
+    rounds: int = 10,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Time every model on every batch x sequence cell, interleaved round by round.
+
+    Returns:
+        ``{"cells": [{batch, sequence, models: {name: summary}, ratios: {name: {p50, p10, p90}}}], "environment"}``.
+        Ratios are against the first model; p10/p90 are of the per-round ratio.
+    """
+    sessions = {name: make_session(Path(path) / ONNX_FILE, device, threads=threads) for name, path in models.items()}
+    names = list(sessions)
+    cells = []
+    grid = [(b, s) for b in batch_sizes for s in seq_lens]
+    for batch, seq in progress_bar(grid, progress=progress, desc="Latency", unit="shape"):
+        runners = {n: _Runner(s, synthetic_inputs(s, batch, seq), device) for n, s in sessions.items()}
+        for _ in range(warmup):
+            for run in runners.values():
+                run()
+        times: dict[str, list[float]] = defaultdict(list)
+        for _ in range(rounds):
+            for name, run in runners.items():
+                start = time.perf_counter()
+                run()
+                times[name].append((time.perf_counter() - start) * 1000)
+        base = names[0]
+        ratios = {}
+        for name in names[1:]:
+            per_round = np.asarray(times[name]) / np.asarray(times[base])
+            ratios[name] = {"p50": float(np.median(times[name]) / np.median(times[base])),
+                            "p10": float(np.percentile(per_round, 10)), "p90": float(np.percentile(per_round, 90))}
+        cells.append({"batch": batch, "sequence": seq, "models": {n: summarize(times[n]) for n in names},
+                      "throughput_per_s": {n: batch * 1000.0 / float(np.median(times[n])) for n in names},
+                      "ratios": ratios})
+    return {"device": device, "threads": threads, "warmup": warmup, "rounds": rounds, "cells": cells,
+            "environment": environment(device)}
+
+
+def environment(device: str) -> dict[str, Any]:
+    """What the figures were measured on."""
+    import onnxruntime as ort
+
+    env: dict[str, Any] = {
+        "cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+        "python": sys.version.split()[0], "versions": package_versions(),
+        "providers": ort.get_available_providers(),
+    }
+    if device == "cuda":
+        env["gpu"] = _gpu_info()
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _gpu_info() -> dict[str, Any]:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        return {"name": pynvml.nvmlDeviceGetName(handle), "driver": pynvml.nvmlSystemGetDriverVersion()}
+    except Exception as exc:  # NVML absent or no GPU
+        return {"available": False, "reason": f"NVML unavailable: {str(exc).splitlines()[0] if str(exc) else exc!r}"}

@@ -1,0 +1,121 @@
+"""Model size on disk, parameter count, and the peak memory of a session measured in a separate process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from ..errors import DeviceUnavailableError, ExportError
+from ..exporters.runtime import ONNX_FILE, require_provider
+
+# Runs in a fresh interpreter so that nothing else in this process inflates the peak.
+_PROBE = r"""
+import json, resource, sys
+import numpy as np
+import onnxruntime as ort
+path, device, batch, seq, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+def status_mb(field):
+    # VmHWM/VmRSS belong to this process image; getrusage's ru_maxrss would inherit the parent's peak at fork
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024.0
+    raise OSError(field)
+def rss_peak_mb():
+    try:
+        return status_mb("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def rss_now_mb():
+    try:
+        return status_mb("VmRSS")
+    except OSError:
+        return rss_peak_mb()
+before = rss_now_mb()
+options = ort.SessionOptions()
+options.intra_op_num_threads = threads
+options.log_severity_level = 3
+provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
+session = ort.InferenceSession(path, options, providers=[provider])
+loaded = rss_peak_mb()
+feed = {}
+for inp in session.get_inputs():
+    if inp.name == "input_ids":
+        feed[inp.name] = np.full((batch, seq), 2000, dtype=np.int64)
+    elif inp.name == "attention_mask":
+        feed[inp.name] = np.ones((batch, seq), dtype=np.int64)
+    else:
+        feed[inp.name] = np.zeros((batch, seq), dtype=np.int64)
+session.run(None, feed)
+out = {"host_peak_mb": rss_peak_mb(), "host_before_session_mb": before, "host_after_load_mb": loaded}
+if device == "cuda":
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0))
+        out["device_used_mb"] = info.used / 2**20
+    except Exception as exc:
+        out["device_used_mb"] = None
+        out["device_reason"] = "NVML unavailable: " + str(exc)
+print(json.dumps(out))
+"""
+
+
+def disk_bytes(folder: Path) -> int:
+    """``model.onnx`` plus any external-data files beside it."""
+    files = [folder / ONNX_FILE, *folder.glob("*.onnx_data"), *folder.glob("*.onnx.data")]
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def parameter_count(folder: Path) -> int:
+    model = onnx.load(str(folder / ONNX_FILE), load_external_data=False)
+    total = 0
+    for init in model.graph.initializer:
+        n = 1
+        for d in init.dims:
+            n *= d
+        total += n
+    return total
+
+
+def session_memory(folder: Path, device: str = "cpu", batch: int = 8, seq: int = 128,
+                   threads: int = 2) -> dict[str, Any]:
+    """Peak resident memory of a process that loads the model and runs one batch (and GPU memory on CUDA)."""
+    if device == "cuda":
+        try:
+            require_provider("cuda")
+        except DeviceUnavailableError as exc:
+            return {"available": False, "reason": str(exc)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(folder / ONNX_FILE), device, str(batch), str(seq), str(threads)],
+        capture_output=True, text=True, timeout=600,
+    )
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit code {proc.returncode}"
+        raise ExportError(f"memory probe of {folder} failed: {tail}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # the peak over the process's life minus what it held before the session existed
+    result["session_mb"] = result["host_peak_mb"] - result["host_before_session_mb"]
+    result["available"] = True
+    return result
+
+
+def measure_memory(folder: str | Path, device: str = "cpu", batch: int = 8, seq: int = 128,
+                   threads: int = 2) -> dict[str, Any]:
+    folder = Path(folder)
+    out: dict[str, Any] = {
+        "disk_bytes": disk_bytes(folder),
+        "parameters": parameter_count(folder),
+        "host": session_memory(folder, "cpu" if device == "cpu" else device, batch, seq, threads),
+    }
+    if device == "cpu":
+        out["device"] = {"available": False, "reason": "CPU execution provider: no device memory"}
+    else:
+        host = out["host"]
+        out["device"] = {"available": host.get("device_used_mb") is not None, "used_mb": host.get("device_used_mb"),
+                         "reason": host.get("device_reason") or host.get("reason")}
+    return out

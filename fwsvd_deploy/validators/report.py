@@ -1,0 +1,150 @@
+"""The validation report: ``report.json`` (versioned schema), ``report.md`` for people, ``junit.xml`` for CI."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+from .gate import Check
+
+REPORT_SCHEMA = "fwsvd-deploy/validation-report"
+REPORT_VERSION = 1
+
+# JSON Schema (draft 2020-12) of report.json; tests validate every written report against it.
+SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["schema", "schema_version", "created", "baseline", "candidate", "settings", "accuracy", "gate"],
+    "properties": {
+        "schema": {"const": REPORT_SCHEMA},
+        "schema_version": {"const": REPORT_VERSION},
+        "created": {"type": "string"},
+        "baseline": {"$ref": "#/$defs/model"},
+        "candidate": {"$ref": "#/$defs/model"},
+        "settings": {"type": "object"},
+        "data": {"type": "object"},
+        "accuracy": {
+            "type": "object",
+            "required": ["baseline", "candidate", "comparison", "examples"],
+            "properties": {
+                "baseline": {"type": "object", "additionalProperties": {"type": "number"}},
+                "candidate": {"type": "object", "additionalProperties": {"type": "number"}},
+                "comparison": {"type": "object", "additionalProperties": {"type": "number"}},
+                "examples": {"type": "integer", "minimum": 1},
+            },
+        },
+        "latency": {"type": ["object", "null"]},
+        "memory": {"type": ["object", "null"]},
+        "environment": {"type": "object"},
+        "gate": {
+            "type": "object",
+            "required": ["passed", "checks", "thresholds"],
+            "properties": {
+                "passed": {"type": "boolean"},
+                "thresholds": {"type": "object"},
+                "checks": {"type": "array", "items": {
+                    "type": "object",
+                    "required": ["name", "value", "threshold", "comparison", "passed", "detail"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "value": {"type": ["number", "null"]},
+                        "threshold": {"type": "number"},
+                        "comparison": {"enum": ["<=", ">="]},
+                        "passed": {"type": "boolean"},
+                        "detail": {"type": "string"},
+                    },
+                }},
+            },
+        },
+    },
+    "$defs": {"model": {"type": "object", "required": ["path", "fingerprint"],
+                        "properties": {"path": {"type": "string"}, "fingerprint": {"type": "string"}}}},
+}
+
+
+def write_reports(folder: Path, report: dict[str, Any], checks: list[Check]) -> None:
+    (folder / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    (folder / "report.md").write_text(markdown(report, checks))
+    (folder / "junit.xml").write_text(junit(checks, report))
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "n/a" if a is None or not b else f"{a / b:.3f}"
+
+
+def markdown(report: dict[str, Any], checks: list[Check]) -> str:
+    gate = "PASSED" if report["gate"]["passed"] else "FAILED"
+    acc = report["accuracy"]
+    lines = [
+        f"# Validation: {gate}",
+        "",
+        f"Baseline `{report['baseline']['path']}` vs candidate `{report['candidate']['path']}` on "
+        f"{acc['examples']} examples of {report.get('data', {}).get('source', 'the evaluation split')}, "
+        f"{report['settings']['device']} execution provider.",
+        "",
+        "## Gate",
+        "",
+        "| check | value | threshold | result |",
+        "|---|---:|---:|---|",
+    ]
+    for c in checks:
+        lines.append(f"| {c.name} | {_fmt(c.value)} | {c.comparison} {c.threshold:g} | "
+                     f"{'pass' if c.passed else '**FAIL**'} |")
+    if not checks:
+        lines.append("| (no thresholds set) | | | |")
+    lines += ["", "## Accuracy (ONNX Runtime)", "", "| metric | baseline | candidate |", "|---|---:|---:|"]
+    for key, value in acc["baseline"].items():
+        lines.append(f"| {key} | {_fmt(value)} | {_fmt(acc['candidate'].get(key))} |")
+    for key, value in acc["comparison"].items():
+        lines.append(f"| {key} | | {_fmt(value, 6)} |")
+    latency = report.get("latency")
+    if latency:
+        lines += ["", f"## Latency ({latency['threads']} threads, {latency['rounds']} interleaved rounds, median ms)",
+                  "", "| batch x sequence | baseline p50 | candidate p50 | candidate p90 | ratio | ratio p10-p90 |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for cell in latency["cells"]:
+            b, c = cell["models"]["baseline"], cell["models"]["candidate"]
+            r = cell["ratios"]["candidate"]
+            lines.append(f"| {cell['batch']} x {cell['sequence']} | {b['p50_ms']:.1f} | {c['p50_ms']:.1f} | "
+                         f"{c['p90_ms']:.1f} | {r['p50']:.3f} | {r['p10']:.3f}-{r['p90']:.3f} |")
+    memory = report.get("memory")
+    if memory:
+        lines += ["", "## Memory", "", "| | baseline | candidate | ratio |", "|---|---:|---:|---:|"]
+        b, c = memory["baseline"], memory["candidate"]
+        lines.append(f"| size on disk (MB) | {b['disk_bytes'] / 2**20:.1f} | {c['disk_bytes'] / 2**20:.1f} | "
+                     f"{_ratio(c['disk_bytes'], b['disk_bytes'])} |")
+        lines.append(f"| parameters | {b['parameters']:,} | {c['parameters']:,} | "
+                     f"{_ratio(c['parameters'], b['parameters'])} |")
+        if b["host"].get("available") and c["host"].get("available"):
+            hb, hc = b["host"]["session_mb"], c["host"]["session_mb"]
+            lines.append(f"| session peak host memory (MB) | {hb:.0f} | {hc:.0f} | {_ratio(hc, hb)} |")
+        device = c.get("device", {})
+        if not device.get("available"):
+            lines.append(f"| device memory | unavailable | unavailable | {device.get('reason', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def junit(checks: list[Check], report: dict[str, Any]) -> str:
+    failures = sum(not c.passed for c in checks)
+    suite = ET.Element("testsuite", name="fwsvd-deploy.gate", tests=str(len(checks)), failures=str(failures),
+                       errors="0", skipped="0")
+    for c in checks:
+        case = ET.SubElement(suite, "testcase", classname="fwsvd-deploy.gate", name=c.name)
+        ET.SubElement(case, "system-out").text = f"{c.name} = {c.value} ({c.comparison} {c.threshold}): {c.detail}"
+        if not c.passed:
+            message = f"{c.name} = {c.value}, needs {c.comparison} {c.threshold}"
+            failure = ET.SubElement(case, "failure", message=message)
+            failure.text = c.detail
+    root = ET.Element("testsuites", name="fwsvd-deploy", tests=str(len(checks)), failures=str(failures))
+    root.append(suite)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"

@@ -1,0 +1,137 @@
+"""Baseline vs candidate on the same data, provider and machine: accuracy, latency, memory, then the gate."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import atomic_output_dir, check_output_dir
+from ..config import DataConfig, GateConfig, ValidateConfig
+from ..data import load_splits
+from ..errors import ConfigError, GateFailedError
+from ..exporters.runtime import ONNX_FILE, make_session, require_provider
+from ..manifest import folder_fingerprint, read_manifest, write_manifest
+from .accuracy import agreement, evaluate_onnx
+from .gate import Check, evaluate_gate
+from .latency import environment, measure_latency
+from .memory import measure_memory
+from .report import REPORT_SCHEMA, REPORT_VERSION, write_reports
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    out_dir: Path
+    report: dict[str, Any]
+    checks: list[Check]
+
+    @property
+    def passed(self) -> bool:
+        return self.report["gate"]["passed"]
+
+
+def _signature(folder: Path, device: str) -> tuple[list[str], list[str]]:
+    session = make_session(folder / ONNX_FILE, device)
+    return [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+
+
+def check_compatible(baseline: Path, candidate: Path, device: str) -> None:
+    """Both models must take the same inputs and give the same outputs (the same task)."""
+    for folder in (baseline, candidate):
+        if not (folder / ONNX_FILE).is_file():
+            raise ConfigError(f"{folder} has no {ONNX_FILE}; give folders written by 'fwsvd-deploy export/optimize'")
+    b_in, b_out = _signature(baseline, device)
+    c_in, c_out = _signature(candidate, device)
+    if sorted(b_in) != sorted(c_in):
+        raise ConfigError(f"baseline inputs {b_in} differ from candidate inputs {c_in}; compare models of one family")
+    if sorted(b_out) != sorted(c_out):
+        raise ConfigError(f"baseline outputs {b_out} differ from candidate outputs {c_out}; the tasks differ")
+
+
+def validate(
+    baseline: str | Path,
+    candidate: str | Path,
+    data_cfg: DataConfig,
+    cfg: ValidateConfig,
+    gate: GateConfig,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    raise_on_failure: bool = True,
+) -> ValidationResult:
+    """Measure both models, evaluate the gate, write report.json / report.md / junit.xml / manifest.json.
+
+    The report is written whether the gate passes or not; then a failed gate raises :class:`GateFailedError`
+    (exit code 1) naming every failed check, unless ``raise_on_failure`` is false.
+
+    Raises:
+        DeviceUnavailableError: ``cfg.device == 'cuda'`` without CUDA.
+        ConfigError: incompatible models.
+        GateFailedError: a check failed.
+    """
+    baseline, candidate = Path(baseline), Path(candidate)
+    if gate.max_latency_ratio is not None and not cfg.latency:
+        raise ConfigError("gate max_latency_ratio needs latency measurement; enable it or drop the threshold")
+    if gate.max_memory_ratio is not None and not cfg.memory:
+        raise ConfigError("gate max_memory_ratio needs memory measurement; enable it or drop the threshold")
+    require_provider(cfg.device)
+    check_output_dir(out_dir, overwrite)
+    check_compatible(baseline, candidate, cfg.device)
+    start = time.perf_counter()
+    evaluation = load_splits(data_cfg).eval
+    kwargs = {"device": cfg.device, "batch_size": cfg.eval_batch_size, "max_length": data_cfg.max_length,
+              "threads": cfg.threads, "progress": progress}
+    base_eval = evaluate_onnx(baseline, evaluation, **kwargs)
+    cand_eval = evaluate_onnx(candidate, evaluation, **kwargs)
+    results: dict[str, Any] = {
+        "accuracy": {"baseline": base_eval.metrics, "candidate": cand_eval.metrics,
+                     "comparison": agreement(base_eval, cand_eval), "examples": base_eval.num_examples},
+        "latency": None,
+        "memory": None,
+    }
+    if cfg.latency:
+        results["latency"] = measure_latency({"baseline": baseline, "candidate": candidate}, device=cfg.device,
+                                             batch_sizes=cfg.batch_sizes, seq_lens=cfg.seq_lens,
+                                             threads=cfg.threads, warmup=cfg.warmup, rounds=cfg.rounds,
+                                             progress=progress)
+    if cfg.memory:
+        results["memory"] = {name: measure_memory(folder, cfg.device, cfg.memory_batch, cfg.memory_seq, cfg.threads)
+                             for name, folder in (("baseline", baseline), ("candidate", candidate))}
+    checks = evaluate_gate(gate, results)
+    passed = all(c.passed for c in checks)
+    report = {
+        "schema": REPORT_SCHEMA,
+        "schema_version": REPORT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "baseline": _describe(baseline),
+        "candidate": _describe(candidate),
+        "settings": cfg.to_dict(),
+        "data": {**data_cfg.to_dict(), "source": evaluation.source},
+        **results,
+        "environment": environment(cfg.device),
+        "gate": {"passed": passed, "thresholds": gate.to_dict(), "checks": [c.to_dict() for c in checks]},
+        "seconds": time.perf_counter() - start,
+    }
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        write_reports(tmp, report, checks)
+        write_manifest(tmp, {"kind": "validation", "inputs": {"baseline": report["baseline"],
+                                                             "candidate": report["candidate"]},
+                             "settings": cfg.to_dict(), "gate": gate.to_dict(), "passed": passed})
+    result = ValidationResult(Path(out_dir), report, checks)
+    if not passed and raise_on_failure:
+        raise GateFailedError(gate_failure_message(checks, Path(out_dir)))
+    return result
+
+
+def gate_failure_message(checks: list[Check], out_dir: Path) -> str:
+    failed = [f"{c.name} = {c.value if c.value is None else f'{c.value:.6g}'} (needs {c.comparison} {c.threshold:g})"
+              for c in checks if not c.passed]
+    return f"gate failed: {'; '.join(failed)}; report in {out_dir / 'report.md'}"
+
+
+def _describe(folder: Path) -> dict[str, Any]:
+    manifest = read_manifest(folder) or {}
+    return {"path": str(folder), "fingerprint": folder_fingerprint(folder), "kind": manifest.get("kind"),
+            "fusions": manifest.get("fusions"), "compressed": (manifest.get("input") or {}).get("compressed")}
