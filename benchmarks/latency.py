@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", default="1x32,1x128,8x32,8x128,32x32,32x128")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--grid-rounds", type=int, default=8)
+    p.add_argument("--grid-rounds", type=int, default=20)
     p.add_argument("--out", default=str(HERE / "results"))
     a = p.parse_args(argv)
 

@@ -91,8 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "a fresh one sized from the data; a compressed folder keeps its low-rank layers.")
     ft.add_argument("--model", default=EMBEDDED_MODEL,
                     help="model folder, hub id, or a folder written by 'compress' (default: %(default)s, embedded)")
-    ft.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    ft.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    _add_output_args(ft)
     _add_data_args(ft)
     g = ft.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=3)
@@ -107,8 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Collect Fisher statistics (fwsvd), factorise the targeted layers, evaluate "
                                     "before and after, and write a compressed model folder.")
     cp.add_argument("--model", required=True, help="fine-tuned model folder or hub id (not a compressed folder)")
-    cp.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    cp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    _add_output_args(cp)
     g = cp.add_argument_group("compression")
     g.add_argument("--method", default="fwsvd", choices=["fwsvd", "svd"])
     g.add_argument("--fisher-axis", default="both", choices=["both", "output", "input"],
@@ -138,32 +136,29 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--task", default="text-classification",
                     choices=["text-classification", "token-classification", "question-answering",
                              "feature-extraction"])
-    ex.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    _add_output_args(ex)
     ex.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's, at least 14)")
     ex.add_argument("--external-data", action="store_true", help="store weights in model.onnx_data")
     ex.add_argument("--atol", type=float, default=1e-4, help="parity tolerance (default: %(default)s)")
-    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
     op = sub.add_parser("optimize", help="optimise an exported ONNX folder with ONNX Runtime (low-rank aware)",
                         description="ONNX Runtime's transformer fusions, kept for factorised layers; writes the fused "
                                     "operator counts and a parity check against the unoptimised graph.")
     op.add_argument("--onnx", required=True, help="folder written by 'fwsvd-deploy export'")
-    op.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    _add_output_args(op)
     op.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     op.add_argument("--level", default="O2", choices=["O1", "O2", "O3"],
                     help="O1 basic rewrites; O2 + transformer fusions; O3 + GELU approximation (default: %(default)s)")
     op.add_argument("--fp16", action="store_true", help="float16 weights, float32 inputs/outputs (CUDA only)")
     op.add_argument("--int8", action="store_true", help="dynamic int8 quantisation (CPU only)")
     op.add_argument("--atol", type=float, default=1e-3, help="fp32 parity tolerance (default: %(default)s)")
-    op.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
     va = sub.add_parser("validate", help="compare a candidate ONNX model with its baseline and apply the gate",
                         description="Accuracy (ONNX Runtime), latency and memory of both models on the same data, "
                                     "provider and machine; exit 0 when every check passes, 1 when the gate fails.")
     va.add_argument("--baseline", required=True, help="optimised baseline ONNX folder")
     va.add_argument("--candidate", required=True, help="optimised candidate ONNX folder")
-    va.add_argument("--out", required=True, help="report folder (must not exist or be empty)")
-    va.add_argument("--overwrite", action="store_true")
+    _add_output_args(va)
     _add_measure_args(va)
     g = va.add_argument_group("gate (a threshold left out is not checked)")
     g.add_argument("--max-accuracy-drop", type=float, default=1.0, help="points (default: %(default)s)")
@@ -188,7 +183,24 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--out", default="runs/pipeline", help="output folder (default: %(default)s)")
     rn.add_argument("--dry-run", action="store_true", help="print the resolved configuration and stop")
     rn.add_argument("--force", action="store_true", help="recompute every stage")
+
+    se = sub.add_parser("search", help="the most compression that still passes the gate (bisection on the ratio)",
+                        description="Bisect the kept fraction between --low and --high; every trial is a pipeline run "
+                                    "sharing the cached baseline and one Fisher pass. The best candidate is copied to "
+                                    "OUT/best; exit 1 when no ratio passes.")
+    se.add_argument("--config", default=None, help="pipeline YAML (default: the embedded default)")
+    se.add_argument("--out", default="runs/search", help="output folder (default: %(default)s)")
+    se.add_argument("--max-accuracy-drop", type=float, default=None, help="override the gate's threshold (points)")
+    se.add_argument("--low", type=float, default=0.1, help="smallest kept fraction tried (default: %(default)s)")
+    se.add_argument("--high", type=float, default=0.9, help="largest kept fraction tried (default: %(default)s)")
+    se.add_argument("--steps", type=int, default=4, help="bisection steps after the two ends (default: %(default)s)")
+    se.add_argument("--force", action="store_true", help="recompute every stage")
     return parser
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
 
 def _add_measure_args(p: argparse.ArgumentParser) -> None:
@@ -383,9 +395,30 @@ def _cmd_run(a: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
-_COMMANDS: dict[str, Any] = {"finetune": _cmd_finetune, "compress": _cmd_compress, "export": _cmd_export,
-                             "optimize": _cmd_optimize, "validate": _cmd_validate, "bench": _cmd_bench,
-                             "run": _cmd_run}
+def _cmd_search(a: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .pipeline import search_ratio
+
+    cfg = PipelineConfig.from_yaml(a.config) if a.config else PipelineConfig()
+    if a.max_accuracy_drop is not None:
+        cfg = replace(cfg, gate=replace(cfg.gate, max_accuracy_drop=a.max_accuracy_drop))
+    result = search_ratio(cfg, a.out, low=a.low, high=a.high, steps=a.steps, force=a.force, progress=_progress(a))
+    for t in sorted(result.trials, key=lambda t: t["ratio"]):
+        print(f"  ratio {t['ratio']}: accuracy {t['accuracy_candidate']:.4f} (baseline {t['accuracy_baseline']:.4f}) "
+              f"{'pass' if t['passed'] else 'fail: ' + ', '.join(t['failed_checks'])}")
+    print(f"search finished in {result.seconds:.1f} s; summary: {result.out_dir / 'search-summary' / 'search.md'}")
+    if result.best_ratio is None:
+        print(f"{PROG}: no kept fraction in [{a.low}, {a.high}] passes the gate", file=sys.stderr)
+        return 1
+    print(f"best kept fraction {result.best_ratio}; candidate copied to {result.best_dir}")
+    return 0
+
+
+_COMMANDS: dict[str, Any] = {
+    "finetune": _cmd_finetune, "compress": _cmd_compress, "export": _cmd_export, "optimize": _cmd_optimize,
+    "validate": _cmd_validate, "bench": _cmd_bench, "run": _cmd_run, "search": _cmd_search,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -202,6 +202,7 @@ class PipelineResult:
     stages: list[StageRecord]
     validation: Any
     seconds: float
+    candidate_dir: Path
 
     @property
     def passed(self) -> bool:
@@ -223,7 +224,7 @@ def _source_identity(spec: str) -> str:
 
 
 def run_pipeline(cfg: Any, out_dir: str | Path, *, force: bool = False, progress: bool | None = None,
-                 log: Any = print) -> PipelineResult:
+                 log: Any = print, report_dir: str | Path | None = None) -> PipelineResult:
     """finetune? -> compress -> recovery? -> export (both) -> optimise (both) -> validate -> gate.
 
     Each stage writes ``out_dir/stages/<stage>-<hash>``, where the hash covers the stage's settings and the
@@ -288,8 +289,104 @@ def run_pipeline(cfg: Any, out_dir: str | Path, *, force: bool = False, progress
     eval_data = _replace(data, eval_split=cfg.validate.split or data.eval_split)
     log("[validate] running")
     began = time.perf_counter()
-    result = validate(folders["baseline"], folders["candidate"], eval_data, cfg.validate, cfg.gate, out / "report",
+    report = Path(report_dir) if report_dir is not None else out / "report"
+    result = validate(folders["baseline"], folders["candidate"], eval_data, cfg.validate, cfg.gate, report,
                       overwrite=True, progress=progress, raise_on_failure=False)
-    records.append(StageRecord("validate", out / "report", False, time.perf_counter() - began))
-    (out / "pipeline.yaml").write_text(cfg.to_yaml())
-    return PipelineResult(out, records, result, time.perf_counter() - start)
+    records.append(StageRecord("validate", report, False, time.perf_counter() - began))
+    (report.parent / "pipeline.yaml" if report_dir is None else report / "pipeline.yaml").write_text(cfg.to_yaml())
+    return PipelineResult(out, records, result, time.perf_counter() - start, folders["candidate"])
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    out_dir: Path
+    trials: list[dict[str, Any]]
+    best_ratio: float | None
+    best_dir: Path | None
+    seconds: float
+
+
+def search_ratio(cfg: Any, out_dir: str | Path, *, low: float = 0.1, high: float = 0.9, steps: int = 4,
+                 force: bool = False, progress: bool | None = None, log: Any = print) -> SearchResult:
+    """The smallest kept fraction in ``[low, high]`` whose candidate passes the gate, by bisection.
+
+    Every trial is a full pipeline run sharing the fine-tuned baseline, its exports and one Fisher pass (all
+    cached stages); recovery fine-tuning runs per trial when the config enables it. The best candidate's
+    optimised ONNX folder is copied to ``out_dir/best``; ``search.json`` and ``search.md`` list every trial.
+    """
+    import json as _json
+    import shutil
+    from dataclasses import replace as _replace
+
+    from .checkpoint import atomic_output_dir
+    from .errors import ConfigError
+
+    if not 0 < low < high <= 1:
+        raise ConfigError(f"search range [{low}, {high}] must satisfy 0 < low < high <= 1")
+    if steps < 1:
+        raise ConfigError(f"steps={steps} must be >= 1")
+    out = Path(out_dir)
+    start = time.perf_counter()
+    trials: list[dict[str, Any]] = []
+    results: dict[float, PipelineResult] = {}
+
+    def trial(ratio: float) -> bool:
+        ratio = round(ratio, 4)
+        if ratio in results:
+            return results[ratio].passed
+        log(f"[search] ratio {ratio}")
+        trial_cfg = _replace(cfg, compression=_replace(cfg.compression, ratio=ratio, rank=None))
+        result = run_pipeline(trial_cfg, out, force=force, progress=progress, log=log,
+                              report_dir=out / "search" / f"ratio-{ratio:.4f}")
+        results[ratio] = result
+        report = result.validation.report
+        latency = report.get("latency") or {}
+        worst = max((c["ratios"]["candidate"]["p50"] for c in latency.get("cells", [])), default=None)
+        trials.append({
+            "ratio": ratio, "passed": result.passed,
+            "accuracy_baseline": report["accuracy"]["baseline"].get("accuracy"),
+            "accuracy_candidate": report["accuracy"]["candidate"].get("accuracy"),
+            "worst_latency_ratio": worst,
+            "failed_checks": [c.name for c in result.validation.checks if not c.passed],
+            "report": str(result.validation.out_dir),
+        })
+        log(f"[search] ratio {ratio}: {'pass' if result.passed else 'fail'}")
+        return result.passed
+
+    best: float | None = None
+    if trial(high):
+        best = high
+        lo, hi = low, high
+        if trial(lo):
+            best = lo
+        else:
+            for _ in range(steps):
+                mid = (lo + hi) / 2
+                if trial(mid):
+                    hi = best = round(mid, 4)
+                else:
+                    lo = mid
+    best_dir = None
+    with atomic_output_dir(out / "search-summary", overwrite=True) as tmp:
+        summary = {"low": low, "high": high, "steps": steps, "best_ratio": best,
+                   "gate": cfg.gate.to_dict(), "trials": sorted(trials, key=lambda t: t["ratio"])}
+        (tmp / "search.json").write_text(_json.dumps(summary, indent=2))
+        lines = [f"# Compression search: best kept fraction {best if best is not None else 'none'}", "",
+                 "| kept fraction | accuracy (baseline) | accuracy (candidate) | worst latency ratio | gate |",
+                 "|---:|---:|---:|---:|---|"]
+        for t in summary["trials"]:
+            gate = "pass" if t["passed"] else "fail: " + ", ".join(t["failed_checks"])
+            lat = "n/a" if t["worst_latency_ratio"] is None else f"{t['worst_latency_ratio']:.3f}"
+            lines.append(f"| {t['ratio']} | {t['accuracy_baseline']:.4f} | {t['accuracy_candidate']:.4f} | {lat} | "
+                         f"{gate} |")
+        lines += ["", "![accuracy and latency against the kept fraction](search.png)"]
+        (tmp / "search.md").write_text("\n".join(lines) + "\n")
+        if trials:
+            from .validators.plots import search_plot
+
+            search_plot(trials, cfg.gate.max_accuracy_drop, tmp / "search.png")
+    if best is not None:
+        best_dir = out / "best"
+        with atomic_output_dir(best_dir, overwrite=True) as tmp:
+            shutil.copytree(results[best].candidate_dir, tmp, dirs_exist_ok=True)
+    return SearchResult(out, trials, best, best_dir, time.perf_counter() - start)

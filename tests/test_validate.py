@@ -70,6 +70,7 @@ def test_identical_candidate_passes_every_check(trained, tmp_path):
     suite = ET.parse(tmp_path / "r" / "junit.xml").getroot().find("testsuite")
     assert suite.get("tests") == "5" and suite.get("failures") == "0"
     assert "# Validation: PASSED" in (tmp_path / "r" / "report.md").read_text()
+    assert (tmp_path / "r" / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_damaged_candidate_fails_the_accuracy_check(trained, tmp_path):
@@ -187,3 +188,51 @@ def test_dry_run_prints_the_resolved_default(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert PipelineConfig.from_dict(printed) == PipelineConfig()
     assert printed["model"] == "all-MiniLM-L6-v2" and printed["compression"]["method"] == "fwsvd"
+
+
+def test_search_keeps_the_best_candidate(trained, tmp_path, capsys):
+    # this easy task keeps its accuracy even at 0.1, so the low end passes and is kept
+    config = _pipeline_yaml(trained, tmp_path, max_accuracy_drop=0.0)
+    code = main(["--quiet", "search", "--config", str(config), "--out", str(tmp_path / "s"), "--low", "0.1",
+                 "--high", "0.9", "--steps", "2"])
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "s" / "search-summary" / "search.json").read_text())
+    assert code == 0 and summary["best_ratio"] == 0.1 and [t["ratio"] for t in summary["trials"]] == [0.1, 0.9]
+    assert (tmp_path / "s" / "best" / "model.onnx").is_file() and "best kept fraction 0.1" in out
+    assert (tmp_path / "s" / "search-summary" / "search.png").read_bytes()[:4] == b"\x89PNG"
+    best = json.loads((tmp_path / "s" / "best" / "manifest.json").read_text())
+    assert best["input"]["compressed"] is True
+    # one Fisher pass served every trial
+    assert len(list((tmp_path / "s" / "stages" / "fisher").glob("*.safetensors"))) == 1
+
+
+def test_search_bisects_to_the_threshold(monkeypatch, tmp_path):
+    """The bisection itself, against a gate that passes exactly when the kept fraction is >= 0.37."""
+    from types import SimpleNamespace
+
+    from fwsvd_deploy import pipeline
+
+    def fake_run(cfg, out, *, report_dir, **kwargs):
+        ratio = cfg.compression.ratio
+        passed = ratio >= 0.37
+        report = {"accuracy": {"baseline": {"accuracy": 0.9}, "candidate": {"accuracy": 0.9 if passed else 0.5}}}
+        validation = SimpleNamespace(passed=passed, report=report, checks=[], out_dir=report_dir)
+        candidate = tmp_path / f"cand-{ratio}"
+        candidate.mkdir(exist_ok=True)
+        (candidate / "model.onnx").write_text(str(ratio))
+        return SimpleNamespace(passed=passed, validation=validation, candidate_dir=candidate)
+
+    monkeypatch.setattr(pipeline, "run_pipeline", fake_run)
+    result = pipeline.search_ratio(PipelineConfig(), tmp_path / "s", low=0.1, high=0.9, steps=5, log=lambda *_: None)
+    tried = sorted(t["ratio"] for t in result.trials)
+    assert tried[0] == 0.1 and tried[-1] == 0.9 and len(tried) == 7
+    assert 0.37 <= result.best_ratio <= 0.37 + 0.8 / 2**5
+    assert all(t["passed"] == (t["ratio"] >= 0.37) for t in result.trials)
+    assert (result.best_dir / "model.onnx").read_text() == str(result.best_ratio)
+
+
+def test_search_with_an_impossible_gate_exits_1(trained, tmp_path, capsys):
+    config = _pipeline_yaml(trained, tmp_path, max_accuracy_drop=-50.0)
+    code = main(["--quiet", "search", "--config", str(config), "--out", str(tmp_path / "s"), "--steps", "1"])
+    assert code == 1 and "no kept fraction" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "best").exists()

@@ -74,7 +74,7 @@ def measure_latency(
     rounds: int = 10,
     progress: bool | None = None,
 ) -> dict[str, Any]:
-    """Time every model on every batch x sequence cell, interleaved round by round.
+    """Time every model on every batch x sequence cell, interleaved round by round, the order alternating.
 
     Returns:
         ``{"cells": [{batch, sequence, models: {name: summary}, ratios: {name: {p50, p10, p90}}}], "environment"}``.
@@ -90,8 +90,10 @@ def measure_latency(
             for run in runners.values():
                 run()
         times: dict[str, list[float]] = defaultdict(list)
-        for _ in range(rounds):
-            for name, run in runners.items():
+        order = list(runners.items())
+        for i in range(rounds):
+            # alternate the order (ABBA...) so that neither model always runs on the other's warm caches
+            for name, run in (order if i % 2 == 0 else order[::-1]):
                 start = time.perf_counter()
                 run()
                 times[name].append((time.perf_counter() - start) * 1000)

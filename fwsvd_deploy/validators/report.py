@@ -68,6 +68,10 @@ def write_reports(folder: Path, report: dict[str, Any], checks: list[Check]) -> 
     (folder / "report.json").write_text(json.dumps(report, indent=2, default=float))
     (folder / "report.md").write_text(markdown(report, checks))
     (folder / "junit.xml").write_text(junit(checks, report))
+    if report.get("latency"):
+        from .plots import latency_plot
+
+        latency_plot(report["latency"], folder / "latency.png")
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -109,7 +113,8 @@ def markdown(report: dict[str, Any], checks: list[Check]) -> str:
         lines.append(f"| {key} | | {_fmt(value, 6)} |")
     latency = report.get("latency")
     if latency:
-        lines += ["", f"## Latency ({latency['threads']} threads, {latency['rounds']} interleaved rounds, median ms)",
+        lines += ["", f"## Latency ({latency['threads']} threads, {latency['rounds']} interleaved rounds, median ms; "
+                  "plot: latency.png)",
                   "", "| batch x sequence | baseline p50 | candidate p50 | candidate p90 | ratio | ratio p10-p90 |",
                   "|---|---:|---:|---:|---:|---|"]
         for cell in latency["cells"]:

@@ -1,0 +1,69 @@
+"""PNG plots for reports: latency per grid cell, and the search's accuracy/latency against the kept fraction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def latency_plot(latency: dict[str, Any], path: Path) -> Path:
+    """Grouped bars of median latency (p10-p90 of each model's runs as error bars) per batch x sequence."""
+    plt = _pyplot()
+    cells = latency["cells"]
+    names = list(cells[0]["models"])
+    labels = [f"{c['batch']}x{c['sequence']}" for c in cells]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cells)), 4))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        med = [c["models"][name]["p50_ms"] for c in cells]
+        hi = [c["models"][name]["p90_ms"] - c["models"][name]["p50_ms"] for c in cells]
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(cells))]
+        ax.bar(xs, med, width, yerr=[[0] * len(hi), hi], capsize=2, label=name)
+    ax.set_xticks(range(len(cells)), labels)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch x sequence")
+    ax.set_ylabel("median latency, ms (bar to p90)")
+    ax.set_title(f"{latency['device']} execution provider, {latency['threads']} threads")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def search_plot(trials: list[dict[str, Any]], max_accuracy_drop: float | None, path: Path) -> Path:
+    """Candidate accuracy and worst latency ratio against the kept fraction, with the gate's accuracy line."""
+    plt = _pyplot()
+    trials = sorted(trials, key=lambda t: t["ratio"])
+    ratios = [t["ratio"] for t in trials]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ratios, [t["accuracy_candidate"] for t in trials], "o-", label="candidate accuracy")
+    base = trials[0]["accuracy_baseline"]
+    ax.axhline(base, color="gray", linestyle=":", label="baseline accuracy")
+    if max_accuracy_drop is not None:
+        ax.axhline(base - max_accuracy_drop / 100.0, color="red", linestyle="--", label="gate")
+    for t in trials:
+        ax.annotate("pass" if t["passed"] else "fail", (t["ratio"], t["accuracy_candidate"]), fontsize=7,
+                    textcoords="offset points", xytext=(0, 6), ha="center")
+    ax.set_xlabel("kept fraction of block-linear parameters")
+    ax.set_ylabel("accuracy")
+    lat = [t["worst_latency_ratio"] for t in trials]
+    if all(v is not None for v in lat):
+        twin = ax.twinx()
+        twin.plot(ratios, lat, "s--", color="tab:green", label="worst latency ratio")
+        twin.set_ylabel("latency ratio to baseline")
+        twin.legend(loc="lower right")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
