@@ -265,8 +265,14 @@ def run_pipeline(cfg: Any, out_dir: str | Path, *, force: bool = False, progress
         baseline_key = ft_key
     else:
         baseline_model, baseline_key = Path(resolve_model(cfg.model)), source_key
-    fisher_cfg = cfg.fisher if cfg.fisher.cache_dir is not None else _replace(cfg.fisher,
-                                                                               cache_dir=str(stages_dir / "fisher"))
+    if cfg.fisher.cache_dir is not None:
+        fisher_cfg = cfg.fisher
+    else:  # the pipeline's own Fisher cache, shared by every ratio; --force empties it
+        if force:
+            import shutil
+
+            shutil.rmtree(stages_dir / "fisher", ignore_errors=True)
+        fisher_cfg = _replace(cfg.fisher, cache_dir=str(stages_dir / "fisher"))
     cp_key = _digest(baseline_key, data.to_dict(), cfg.fisher.to_dict(), cfg.compression.to_dict())
     candidate_model = stage("compress", cp_key, lambda f: run_compress(
         str(baseline_model), data, fisher_cfg, cfg.compression, f, evaluate_model=False, overwrite=force,
@@ -310,6 +316,10 @@ def search_ratio(cfg: Any, out_dir: str | Path, *, low: float = 0.1, high: float
                  force: bool = False, progress: bool | None = None, log: Any = print) -> SearchResult:
     """The smallest kept fraction in ``[low, high]`` whose candidate passes the gate, by bisection.
 
+    The bisection follows the accuracy-side checks (accuracy drop, agreement, logit difference), which fail as
+    compression grows; size and latency checks only get easier with compression, so they are checked on the
+    result rather than steering the search (a large kept fraction may fail them while smaller ones pass).
+
     Every trial is a full pipeline run sharing the fine-tuned baseline, its exports and one Fisher pass (all
     cached stages); recovery fine-tuning runs per trial when the config enables it. The best candidate's
     optimised ONNX folder is copied to ``out_dir/best``; ``search.json`` and ``search.md`` list every trial.
@@ -330,42 +340,43 @@ def search_ratio(cfg: Any, out_dir: str | Path, *, low: float = 0.1, high: float
     trials: list[dict[str, Any]] = []
     results: dict[float, PipelineResult] = {}
 
-    def trial(ratio: float) -> bool:
-        ratio = round(ratio, 4)
-        if ratio in results:
-            return results[ratio].passed
-        log(f"[search] ratio {ratio}")
-        trial_cfg = _replace(cfg, compression=_replace(cfg.compression, ratio=ratio, rank=None))
-        result = run_pipeline(trial_cfg, out, force=force, progress=progress, log=log,
-                              report_dir=out / "search" / f"ratio-{ratio:.4f}")
-        results[ratio] = result
-        report = result.validation.report
-        latency = report.get("latency") or {}
-        worst = max((c["ratios"]["candidate"]["p50"] for c in latency.get("cells", [])), default=None)
-        trials.append({
-            "ratio": ratio, "passed": result.passed,
-            "accuracy_baseline": report["accuracy"]["baseline"].get("accuracy"),
-            "accuracy_candidate": report["accuracy"]["candidate"].get("accuracy"),
-            "worst_latency_ratio": worst,
-            "failed_checks": [c.name for c in result.validation.checks if not c.passed],
-            "report": str(result.validation.out_dir),
-        })
-        log(f"[search] ratio {ratio}: {'pass' if result.passed else 'fail'}")
-        return result.passed
+    accuracy_checks = {"accuracy_drop", "agreement", "max_logit_diff"}
 
-    best: float | None = None
-    if trial(high):
-        best = high
+    def trial(ratio: float) -> bool:
+        """Run one kept fraction; True when its accuracy-side checks pass."""
+        ratio = round(ratio, 4)
+        if ratio not in results:
+            log(f"[search] ratio {ratio}")
+            trial_cfg = _replace(cfg, compression=_replace(cfg.compression, ratio=ratio, rank=None))
+            # --force recomputes the shared stages once, in the first trial; later trials reuse them
+            result = run_pipeline(trial_cfg, out, force=force and not results, progress=progress, log=log,
+                                  report_dir=out / "search" / f"ratio-{ratio:.4f}")
+            results[ratio] = result
+            report = result.validation.report
+            latency = report.get("latency") or {}
+            worst = max((c["ratios"]["candidate"]["p50"] for c in latency.get("cells", [])), default=None)
+            failed = [c.name for c in result.validation.checks if not c.passed]
+            trials.append({
+                "ratio": ratio, "passed": result.passed,
+                "accuracy_passed": not (set(failed) & accuracy_checks),
+                "accuracy_baseline": report["accuracy"]["baseline"].get("accuracy"),
+                "accuracy_candidate": report["accuracy"]["candidate"].get("accuracy"),
+                "worst_latency_ratio": worst, "failed_checks": failed,
+                "report": str(result.validation.out_dir),
+            })
+            log(f"[search] ratio {ratio}: {'pass' if result.passed else 'fail: ' + ', '.join(failed)}")
+        return next(t for t in trials if t["ratio"] == ratio)["accuracy_passed"]
+
+    if trial(high) and not trial(low):
         lo, hi = low, high
-        if trial(lo):
-            best = lo
-        else:
-            for _ in range(steps):
-                mid = (lo + hi) / 2
-                if trial(mid):
-                    hi = best = round(mid, 4)
-                else:
-                    lo = mid
+        for _ in range(steps):
+            mid = round((lo + hi) / 2, 4)
+            if trial(mid):
+                hi = mid
+            else:
+                lo = mid
+    passing = [t["ratio"] for t in trials if t["passed"]]
+    best: float | None = min(passing) if passing else None
     best_dir = None
     with atomic_output_dir(out / "search-summary", overwrite=True) as tmp:
         summary = {"low": low, "high": high, "steps": steps, "best_ratio": best,

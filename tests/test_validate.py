@@ -19,7 +19,7 @@ from fwsvd_deploy.exporters import export_onnx, optimize_onnx
 from fwsvd_deploy.validators.report import SCHEMA
 from fwsvd_deploy.validators.validate import validate
 
-FAST = ValidateConfig(batch_sizes=(1, 4), seq_lens=(8, 16), rounds=3, warmup=1, memory_batch=2, memory_seq=16)
+FAST = ValidateConfig(batch_sizes=(1, 4), seq_lens=(8, 16), rounds=5, warmup=1, memory_batch=2, memory_seq=16)
 
 
 @pytest.fixture(scope="module")
@@ -207,16 +207,18 @@ def test_search_keeps_the_best_candidate(trained, tmp_path, capsys):
 
 
 def test_search_bisects_to_the_threshold(monkeypatch, tmp_path):
-    """The bisection itself, against a gate that passes exactly when the kept fraction is >= 0.37."""
+    """Bisection against a gate whose accuracy check passes from 0.37 up and whose size check fails above 0.8."""
     from types import SimpleNamespace
 
     from fwsvd_deploy import pipeline
 
     def fake_run(cfg, out, *, report_dir, **kwargs):
         ratio = cfg.compression.ratio
-        passed = ratio >= 0.37
-        report = {"accuracy": {"baseline": {"accuracy": 0.9}, "candidate": {"accuracy": 0.9 if passed else 0.5}}}
-        validation = SimpleNamespace(passed=passed, report=report, checks=[], out_dir=report_dir)
+        checks = [SimpleNamespace(name="accuracy_drop", passed=ratio >= 0.37),
+                  SimpleNamespace(name="memory_ratio", passed=ratio <= 0.8)]
+        passed = all(c.passed for c in checks)
+        report = {"accuracy": {"baseline": {"accuracy": 0.9}, "candidate": {"accuracy": 0.9 if ratio >= 0.37 else 0.5}}}
+        validation = SimpleNamespace(passed=passed, report=report, checks=checks, out_dir=report_dir)
         candidate = tmp_path / f"cand-{ratio}"
         candidate.mkdir(exist_ok=True)
         (candidate / "model.onnx").write_text(str(ratio))
@@ -227,7 +229,8 @@ def test_search_bisects_to_the_threshold(monkeypatch, tmp_path):
     tried = sorted(t["ratio"] for t in result.trials)
     assert tried[0] == 0.1 and tried[-1] == 0.9 and len(tried) == 7
     assert 0.37 <= result.best_ratio <= 0.37 + 0.8 / 2**5
-    assert all(t["passed"] == (t["ratio"] >= 0.37) for t in result.trials)
+    assert all(t["accuracy_passed"] == (t["ratio"] >= 0.37) for t in result.trials)
+    assert not next(t for t in result.trials if t["ratio"] == 0.9)["passed"]  # the size check fails up there
     assert (result.best_dir / "model.onnx").read_text() == str(result.best_ratio)
 
 
