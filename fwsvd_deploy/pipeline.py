@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ class CompressOutcome:
     compress_seconds: float
     eval_before: EvalResult | None
     eval_after: EvalResult | None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _load_task(model_spec: str, data_cfg: DataConfig, *, allow_compressed: bool) -> tuple[Any, Any, Any]:
@@ -53,6 +52,8 @@ def _load_task(model_spec: str, data_cfg: DataConfig, *, allow_compressed: bool)
     splits = load_splits(data_cfg)
     if is_compressed(source) or has_classification_head(load_config(model_spec)):
         model = load_classifier(model_spec, allow_compressed=allow_compressed)
+    elif any(isinstance(v, float) for v in splits.train.labels or ()):
+        model = load_classifier(model_spec, num_labels=1, seed=data_cfg.seed)  # a regression head
     else:
         names = splits.label_names
         if names is None:
