@@ -205,7 +205,7 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
 
 def _add_measure_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("measurement")
-    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda", "tensorrt"])
     g.add_argument("--threads", type=int, default=2, help="intra-op threads per session (default: %(default)s)")
     g.add_argument("--batch-sizes", default="1,8,32", help="latency grid (default: %(default)s)")
     g.add_argument("--seq-lens", default="32,128", help="latency grid (default: %(default)s)")
@@ -327,7 +327,7 @@ def _print_validation(result: Any) -> None:
     from .validators.validate import gate_failure_message
 
     acc = result.report["accuracy"]
-    key = "accuracy" if "accuracy" in acc["baseline"] else "mse"
+    key = acc.get("primary_metric", "accuracy")
     line = (f"{key}: baseline {acc['baseline'][key]:.4f}, candidate {acc['candidate'][key]:.4f} on "
             f"{acc['examples']} examples")
     if "agreement" in acc["comparison"]:
@@ -383,10 +383,10 @@ def _cmd_run(a: argparse.Namespace) -> int:
     if a.dry_run:
         print(cfg.to_yaml(), end="")
         return 0
-    if cfg.validate.device == "cuda" or cfg.optimize.device == "cuda":
-        from .exporters.runtime import require_provider
+    from .exporters.runtime import require_provider
 
-        require_provider("cuda")
+    for device in {cfg.validate.device, cfg.optimize.device} - {"cpu"}:
+        require_provider(device)
     result = run_pipeline(cfg, a.out, force=a.force, progress=_progress(a))
     cached = sum(s.cached for s in result.stages)
     print(f"pipeline finished in {result.seconds:.1f} s ({cached} of {len(result.stages)} stages from cache)")

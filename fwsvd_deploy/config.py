@@ -250,6 +250,7 @@ class FinetuneConfig(_Config):
 EXPORT_TASKS = ("text-classification", "token-classification", "question-answering", "feature-extraction")
 MIN_OPSET = 14  # scaled-dot-product attention and the exporters' BERT configs need 14
 DEVICES = ("cpu", "cuda")
+RUN_DEVICES = ("cpu", "cuda", "tensorrt")  # where graphs run; graphs are built for cpu or cuda
 LEVELS = ("O1", "O2", "O3")
 
 
@@ -386,7 +387,7 @@ class ValidateConfig(_Config):
     """How baseline and candidate are measured.
 
     Attributes:
-        device: ``cpu`` or ``cuda`` (both models run on the same provider).
+        device: ``cpu``, ``cuda`` or ``tensorrt`` (both models run on the same provider).
         threads: intra-op threads for every session (fixed, so runs compare).
         batch_sizes / seq_lens: the latency grid.
         warmup / rounds: per grid cell; rounds run the models interleaved.
@@ -411,7 +412,7 @@ class ValidateConfig(_Config):
     split: str | None = None
 
     def __post_init__(self) -> None:
-        _check_choice("device", self.device, DEVICES)
+        _check_choice("device", self.device, RUN_DEVICES)
         if self.split is not None and (not isinstance(self.split, str) or not self.split):
             raise ConfigError(f"split={self.split!r} must be a split name or null (the data's eval_split)")
         _check_int("threads", self.threads, 1)

@@ -407,3 +407,44 @@ def _rename_to(data: TaskData, names: tuple[str, ...]) -> TaskData:
         raise DatasetError(f"{data.source}: labels {unknown} do not occur in the training split {list(names)}")
     labels = tuple(index[data.label_names[int(v)]] for v in data.labels)
     return replace(data, labels=labels, label_names=names)
+
+
+def load_rows(cfg: DataConfig, split: str, columns: Sequence[str], limit: int | None = None) -> list[dict[str, Any]]:
+    """Raw rows of one split with the named columns, for tasks whose examples are not (text, label) pairs.
+
+    Local files use the same seeded hold-out as :func:`load_split`; ``eval_dataset`` serves the evaluation split.
+
+    Raises:
+        DatasetError: a missing file or column, or no rows.
+    """
+    spec = cfg.eval_dataset if cfg.eval_dataset is not None and split == cfg.eval_split else cfg.dataset
+    if spec == BUILTIN_ROTTEN_TOMATOES:
+        raise DatasetError("rotten_tomatoes is a text-classification dataset; give a token-classification or "
+                           "question-answering file")
+    if _is_local(spec):
+        frame = _read_local(Path(spec))
+        source = str(spec)
+        if spec == cfg.dataset and cfg.eval_dataset is None:
+            if split not in (cfg.train_split, cfg.eval_split):
+                raise DatasetError(f"{spec} is a single file; ask for split {cfg.train_split!r} or {cfg.eval_split!r}")
+            order = list(range(len(frame)))
+            random.Random(cfg.seed).shuffle(order)
+            n_eval = max(1, int(round(len(frame) * cfg.eval_fraction)))
+            picked = order[:n_eval] if split == cfg.eval_split else order[n_eval:]
+            frame = frame.iloc[sorted(picked)]
+    else:
+        frame, _ = _read_hub(spec, split)
+        source = f"{spec}[{split}]"
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DatasetError(f"{source} has no column(s) {', '.join(missing)}; its columns are "
+                           f"{', '.join(map(str, frame.columns))} "
+                           "(set --text-column/--text-pair-column/--label-column)")
+    rows = frame[list(columns)].to_dict("records")
+    if not rows:
+        raise DatasetError(f"{source} has no rows")
+    if limit is not None and limit < len(rows):
+        keep = list(range(len(rows)))
+        random.Random(cfg.seed).shuffle(keep)
+        rows = [rows[i] for i in sorted(keep[:limit])]
+    return rows

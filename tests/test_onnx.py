@@ -143,6 +143,9 @@ def test_fp16_cuda_graph_is_written_and_refuses_to_run_without_cuda(built, tmp_p
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(DeviceUnavailableError, match="CUDA is not available"):
             make_session(result.onnx_path, "cuda")
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(DeviceUnavailableError, match="TensorRT is not available"):
+            make_session(result.onnx_path, "tensorrt")
 
 
 def test_levels(built, tmp_path):

@@ -11,7 +11,8 @@ import numpy as np
 from ..errors import DeviceUnavailableError, ExportError, ParityError
 
 ONNX_FILE = "model.onnx"
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+GPU_DEVICES = ("cuda", "tensorrt")
 
 
 def require_provider(device: str) -> str:
@@ -21,6 +22,12 @@ def require_provider(device: str) -> str:
     provider = PROVIDERS[device]
     available = ort.get_available_providers()
     if provider not in available:
+        if device == "tensorrt":
+            raise DeviceUnavailableError(
+                "TensorRT is not available: ONNX Runtime here offers only "
+                f"{', '.join(available)}; it needs onnxruntime-gpu built with TensorRT and the TensorRT libraries "
+                "on an NVIDIA machine, or use --device cuda / cpu"
+            )
         if device == "cuda":
             raise DeviceUnavailableError(
                 "CUDA is not available: ONNX Runtime here offers only "
@@ -43,7 +50,9 @@ def make_session(path: str | Path, device: str = "cpu", threads: int | None = No
         options.inter_op_num_threads = 1
     options.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), options, providers=[provider])
+        # TensorRT takes what it can and leaves the rest of the graph to CUDA
+        providers = [provider, PROVIDERS["cuda"]] if device == "tensorrt" else [provider]
+        return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"ONNX Runtime cannot load {path}: {first}") from exc

@@ -27,6 +27,18 @@ class OnnxEval:
     kind: str
 
 
+def graph_task(folder: Path, device: str = "cpu") -> str:
+    """``text-classification``, ``token-classification`` or ``question-answering``, from the graph's outputs."""
+    session = make_session(Path(folder) / ONNX_FILE, device)
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    if "start_logits" in outputs and "end_logits" in outputs:
+        return "question-answering"
+    if "logits" in outputs:
+        return "token-classification" if len(outputs["logits"]) == 3 else "text-classification"
+    raise ConfigError(f"{folder} outputs {sorted(outputs)}; validation needs a classification, token-classification "
+                      "or question-answering model")
+
+
 def onnx_config(folder: Path) -> dict[str, Any]:
     path = Path(folder) / "config.json"
     if not path.is_file():

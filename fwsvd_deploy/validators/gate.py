@@ -35,10 +35,11 @@ def evaluate_gate(gate: GateConfig, results: dict[str, Any]) -> list[Check]:
     checks = []
     acc = results.get("accuracy") or {}
     if gate.max_accuracy_drop is not None:
-        base, cand = acc.get("baseline", {}).get("accuracy"), acc.get("candidate", {}).get("accuracy")
+        metric = acc.get("primary_metric", "accuracy")
+        base, cand = acc.get("baseline", {}).get(metric), acc.get("candidate", {}).get(metric)
         drop = None if base is None or cand is None else (base - cand) * 100.0
         checks.append(_check("accuracy_drop", drop, "<=", gate.max_accuracy_drop,
-                             f"baseline {base} - candidate {cand}, in points"))
+                             f"{metric}: baseline {base} - candidate {cand}, in points"))
     if gate.min_agreement is not None:
         checks.append(_check("agreement", acc.get("comparison", {}).get("agreement"), ">=", gate.min_agreement,
                              "share of examples with the same predicted class"))

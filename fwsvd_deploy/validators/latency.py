@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..exporters.runtime import ONNX_FILE, make_session
+from ..exporters.runtime import GPU_DEVICES, ONNX_FILE, make_session
 from ..modeling import package_versions
 from ..progress import progress_bar
 
@@ -38,7 +38,7 @@ class _Runner:
     def __init__(self, session: Any, feed: dict[str, np.ndarray], device: str) -> None:
         self.session = session
         self.device = device
-        if device == "cuda":
+        if device in GPU_DEVICES:
             import onnxruntime as ort
 
             self.binding = session.io_binding()
@@ -50,7 +50,7 @@ class _Runner:
             self.feed = feed
 
     def __call__(self) -> None:
-        if self.device == "cuda":
+        if self.device in GPU_DEVICES:
             self.session.run_with_iobinding(self.binding)
             self.binding.synchronize_outputs()
         else:
@@ -119,7 +119,7 @@ def environment(device: str) -> dict[str, Any]:
         "python": sys.version.split()[0], "versions": package_versions(),
         "providers": ort.get_available_providers(),
     }
-    if device == "cuda":
+    if device in GPU_DEVICES:
         env["gpu"] = _gpu_info()
     return env
 

@@ -39,8 +39,9 @@ before = rss_now_mb()
 options = ort.SessionOptions()
 options.intra_op_num_threads = threads
 options.log_severity_level = 3
-provider = "CUDAExecutionProvider" if device == "cuda" else "CPUExecutionProvider"
-session = ort.InferenceSession(path, options, providers=[provider])
+providers = {"cuda": ["CUDAExecutionProvider"], "cpu": ["CPUExecutionProvider"],
+             "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}[device]
+session = ort.InferenceSession(path, options, providers=providers)
 loaded = rss_peak_mb()
 feed = {}
 for inp in session.get_inputs():
@@ -52,7 +53,7 @@ for inp in session.get_inputs():
         feed[inp.name] = np.zeros((batch, seq), dtype=np.int64)
 session.run(None, feed)
 out = {"host_peak_mb": rss_peak_mb(), "host_before_session_mb": before, "host_after_load_mb": loaded}
-if device == "cuda":
+if device != "cpu":
     try:
         import pynvml
         pynvml.nvmlInit()
@@ -85,9 +86,9 @@ def parameter_count(folder: Path) -> int:
 def session_memory(folder: Path, device: str = "cpu", batch: int = 8, seq: int = 128,
                    threads: int = 2) -> dict[str, Any]:
     """Peak resident memory of a process that loads the model and runs one batch (and GPU memory on CUDA)."""
-    if device == "cuda":
+    if device != "cpu":
         try:
-            require_provider("cuda")
+            require_provider(device)
         except DeviceUnavailableError as exc:
             return {"available": False, "reason": str(exc)}
     proc = subprocess.run(

@@ -13,7 +13,7 @@ from ..data import load_splits
 from ..errors import ConfigError, GateFailedError
 from ..exporters.runtime import ONNX_FILE, make_session, require_provider
 from ..manifest import folder_fingerprint, read_manifest, write_manifest
-from .accuracy import agreement, evaluate_onnx
+from .accuracy import agreement, evaluate_onnx, graph_task
 from .gate import Check, evaluate_gate
 from .latency import environment, measure_latency
 from .memory import measure_memory
@@ -80,17 +80,20 @@ def validate(
     check_output_dir(out_dir, overwrite)
     check_compatible(baseline, candidate, cfg.device)
     start = time.perf_counter()
-    evaluation = load_splits(data_cfg).eval
     kwargs = {"device": cfg.device, "batch_size": cfg.eval_batch_size, "max_length": data_cfg.max_length,
               "threads": cfg.threads, "progress": progress}
-    base_eval = evaluate_onnx(baseline, evaluation, **kwargs)
-    cand_eval = evaluate_onnx(candidate, evaluation, **kwargs)
-    results: dict[str, Any] = {
-        "accuracy": {"baseline": base_eval.metrics, "candidate": cand_eval.metrics,
-                     "comparison": agreement(base_eval, cand_eval), "examples": base_eval.num_examples},
-        "latency": None,
-        "memory": None,
-    }
+    task = graph_task(baseline, cfg.device)
+    if task == "text-classification":
+        evaluation = load_splits(data_cfg).eval
+        source = evaluation.source
+        base_eval = evaluate_onnx(baseline, evaluation, **kwargs)
+        cand_eval = evaluate_onnx(candidate, evaluation, **kwargs)
+        accuracy = {"task": task, "primary_metric": "accuracy" if base_eval.kind == "classification" else "pearson",
+                    "baseline": base_eval.metrics, "candidate": cand_eval.metrics,
+                    "comparison": agreement(base_eval, cand_eval), "examples": base_eval.num_examples}
+    else:
+        accuracy, source = _span_accuracy(task, baseline, candidate, data_cfg, kwargs)
+    results: dict[str, Any] = {"accuracy": accuracy, "latency": None, "memory": None}
     if cfg.latency:
         results["latency"] = measure_latency({"baseline": baseline, "candidate": candidate}, device=cfg.device,
                                              batch_sizes=cfg.batch_sizes, seq_lens=cfg.seq_lens,
@@ -108,7 +111,7 @@ def validate(
         "baseline": _describe(baseline),
         "candidate": _describe(candidate),
         "settings": cfg.to_dict(),
-        "data": {**data_cfg.to_dict(), "source": evaluation.source},
+        "data": {**data_cfg.to_dict(), "source": source},
         **results,
         "environment": environment(cfg.device),
         "gate": {"passed": passed, "thresholds": gate.to_dict(), "checks": [c.to_dict() for c in checks]},
@@ -123,6 +126,37 @@ def validate(
     if not passed and raise_on_failure:
         raise GateFailedError(gate_failure_message(checks, Path(out_dir)))
     return result
+
+
+def _span_accuracy(task: str, baseline: Path, candidate: Path, data_cfg: DataConfig,
+                   kwargs: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Accuracy section for token classification (words, tags) or question answering (question, context, answers)."""
+    import numpy as np
+
+    from ..data import load_rows
+    from .accuracy import onnx_config
+    from .spans import evaluate_qa, evaluate_tokens
+
+    if task == "question-answering":
+        if data_cfg.text_pair_column is None:
+            raise ConfigError("question answering needs --text-column QUESTION --text-pair-column CONTEXT "
+                              "--label-column ANSWERS")
+        columns = [data_cfg.text_column, data_cfg.text_pair_column, data_cfg.label_column]
+        rows = load_rows(data_cfg, data_cfg.eval_split, columns, data_cfg.max_eval_samples)
+        b, c = (evaluate_qa(f, rows, *columns, **kwargs) for f in (baseline, candidate))
+        same = [float(x == y) for x, y in zip(b["predictions"], c["predictions"], strict=True)]
+        diffs = np.concatenate([np.abs(x - y) for x, y in zip(b["logits"], c["logits"], strict=True)])
+    else:
+        columns = [data_cfg.text_column, data_cfg.label_column]
+        rows = load_rows(data_cfg, data_cfg.eval_split, columns, data_cfg.max_eval_samples)
+        b, c = (evaluate_tokens(f, rows, *columns, onnx_config(f), **kwargs) for f in (baseline, candidate))
+        same = [float(x == y) for x, y in zip(b["predictions"], c["predictions"], strict=True)]
+        diffs = np.abs(b["logits"].astype(np.float64) - c["logits"].astype(np.float64))
+    comparison = {"agreement": float(np.mean(same)), "max_logit_diff": float(diffs.max()),
+                  "mean_logit_diff": float(diffs.mean())}
+    accuracy = {"task": task, "primary_metric": b["primary"], "baseline": b["metrics"], "candidate": c["metrics"],
+                "comparison": comparison, "examples": len(rows)}
+    return accuracy, f"{data_cfg.dataset}[{data_cfg.eval_split}]"
 
 
 def gate_failure_message(checks: list[Check], out_dir: Path) -> str:
