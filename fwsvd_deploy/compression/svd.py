@@ -29,7 +29,7 @@ AXES = ("both", "output", "input")
 class Decomposition:
     """The SVD of the (possibly weighted) matrix ``Z`` of one layer, truncatable at any rank.
 
-    Computed once per layer in float64; ``factors(r)`` and ``error(r)`` are then cheap.
+    Computed once per layer in float64; ``factors(r)`` and ``reconstruct(r)`` are then cheap.
     """
 
     weight: torch.Tensor  # (out, in), float64
@@ -68,12 +68,6 @@ class Decomposition:
     def reconstruct(self, rank: int) -> torch.Tensor:
         up, down = self.factors(rank, dtype=torch.float64)
         return up @ down
-
-    def weighted_tail_energy(self) -> torch.Tensor:
-        """``tail[r]`` = squared Frobenius error of the weighted matrix ``Z`` at rank ``r`` (r = 0..k)."""
-        sq = self.s.square()
-        total = torch.cat([sq.flip(0).cumsum(0).flip(0), sq.new_zeros(1)])
-        return total
 
 
 def _importance(fisher: torch.Tensor, dim: int, eps: float) -> torch.Tensor:

@@ -78,6 +78,37 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return out
 
 
+def inline_identities(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy in which ``Identity(initializer)`` nodes are gone and their users read the initializer directly.
+
+    The exporter writes a weight used twice (ALBERT's shared layer) once, and every further use as an Identity of
+    it; without this the later uses would not be recognised as factorised pairs.
+    """
+    model = _copy(model)
+    graph = model.graph
+    inits = _initializers(graph)
+    outputs = {o.name for o in graph.output}
+    alias = {}
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input and node.output[0] not in outputs:
+            source = alias.get(node.input[0], node.input[0])
+            if source in inits:
+                alias[node.output[0]] = source
+    if not alias:
+        return model
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.output[0] in alias:
+            continue
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+        kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return model
+
+
 def find_pairs(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
     """``(down_matmul, up_matmul)`` node pairs: MatMul by a 2-D constant feeding only another such MatMul."""
     graph = model.graph
@@ -103,7 +134,7 @@ def find_pairs(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.NodePr
 
 def densify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LowRankIndex]:
     """A copy of ``model`` with each factorised pair replaced by one MatMul on the product of its factors."""
-    model = _copy(model)
+    model = inline_identities(model)
     graph = model.graph
     inits = _initializers(graph)
     index = LowRankIndex()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -172,7 +171,3 @@ def export_onnx(model_dir: str | Path, cfg: ExportConfig, out_dir: str | Path, *
         })
     out = Path(out_dir)
     return ExportResult(out, out / ONNX_FILE, cfg.task, opset, compressed, parity, seconds)
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())

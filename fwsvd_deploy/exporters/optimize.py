@@ -17,7 +17,7 @@ from ..config import OptimizeConfig
 from ..errors import ConfigError, ExportError
 from ..manifest import file_sha256, folder_fingerprint, read_manifest, write_manifest
 from ..modeling import load_tokenizer
-from .lowrank import MS_DOMAIN, densify, find_pairs, restore
+from .lowrank import MS_DOMAIN, densify, find_pairs, inline_identities, restore
 from .runtime import ONNX_FILE, make_session, parity_report, run_session
 
 # Fused operators by family; an attention layer may be Attention, MultiHeadAttention or (int8) QAttention.
@@ -136,7 +136,7 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
         raise ConfigError(f"model type {model_type!r} cannot be optimised; supported: {', '.join(ORT_MODEL_TYPES)}")
     heads, hidden = _heads_and_hidden(config)
     start = time.perf_counter()
-    pairs = len(find_pairs(model))
+    pairs = len(find_pairs(inline_identities(model)))
     reference_fusions = None
     if cfg.level == "O1":
         optimized = model  # basic rewrites happen when the session loads the graph (see below)

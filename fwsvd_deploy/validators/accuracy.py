@@ -27,10 +27,8 @@ class OnnxEval:
     kind: str
 
 
-def graph_task(folder: Path, device: str = "cpu") -> str:
-    """``text-classification``, ``token-classification`` or ``question-answering``, from the graph's outputs."""
-    session = make_session(Path(folder) / ONNX_FILE, device)
-    outputs = {o.name: o.shape for o in session.get_outputs()}
+def task_from_outputs(outputs: dict[str, list[Any]], folder: Path) -> str:
+    """``text-classification``, ``token-classification`` or ``question-answering``, from a graph's output shapes."""
     if "start_logits" in outputs and "end_logits" in outputs:
         return "question-answering"
     if "logits" in outputs:

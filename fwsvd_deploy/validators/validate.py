@@ -13,7 +13,7 @@ from ..data import load_splits
 from ..errors import ConfigError, GateFailedError
 from ..exporters.runtime import ONNX_FILE, make_session, require_provider
 from ..manifest import folder_fingerprint, read_manifest, write_manifest
-from .accuracy import agreement, evaluate_onnx, graph_task
+from .accuracy import agreement, evaluate_onnx, task_from_outputs
 from .gate import Check, evaluate_gate
 from .latency import environment, measure_latency
 from .memory import measure_memory
@@ -31,13 +31,13 @@ class ValidationResult:
         return self.report["gate"]["passed"]
 
 
-def _signature(folder: Path, device: str) -> tuple[list[str], list[str]]:
+def _signature(folder: Path, device: str) -> tuple[list[str], dict[str, list[Any]]]:
     session = make_session(folder / ONNX_FILE, device)
-    return [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+    return [i.name for i in session.get_inputs()], {o.name: o.shape for o in session.get_outputs()}
 
 
-def check_compatible(baseline: Path, candidate: Path, device: str) -> None:
-    """Both models must take the same inputs and give the same outputs (the same task)."""
+def check_compatible(baseline: Path, candidate: Path, device: str) -> str:
+    """Both models must take the same inputs and give the same outputs; returns their task."""
     for folder in (baseline, candidate):
         if not (folder / ONNX_FILE).is_file():
             raise ConfigError(f"{folder} has no {ONNX_FILE}; give folders written by 'fwsvd-deploy export/optimize'")
@@ -46,7 +46,9 @@ def check_compatible(baseline: Path, candidate: Path, device: str) -> None:
     if sorted(b_in) != sorted(c_in):
         raise ConfigError(f"baseline inputs {b_in} differ from candidate inputs {c_in}; compare models of one family")
     if sorted(b_out) != sorted(c_out):
-        raise ConfigError(f"baseline outputs {b_out} differ from candidate outputs {c_out}; the tasks differ")
+        raise ConfigError(f"baseline outputs {sorted(b_out)} differ from candidate outputs {sorted(c_out)}; "
+                          "the tasks differ")
+    return task_from_outputs(b_out, baseline)
 
 
 def validate(
@@ -78,11 +80,10 @@ def validate(
         raise ConfigError("gate max_memory_ratio needs memory measurement; enable it or drop the threshold")
     require_provider(cfg.device)
     check_output_dir(out_dir, overwrite)
-    check_compatible(baseline, candidate, cfg.device)
+    task = check_compatible(baseline, candidate, cfg.device)
     start = time.perf_counter()
     kwargs = {"device": cfg.device, "batch_size": cfg.eval_batch_size, "max_length": data_cfg.max_length,
               "threads": cfg.threads, "progress": progress}
-    task = graph_task(baseline, cfg.device)
     if task == "text-classification":
         evaluation = load_splits(data_cfg).eval
         source = evaluation.source
