@@ -111,7 +111,7 @@ def measure_memory(folder: str | Path, device: str = "cpu", batch: int = 8, seq:
     out: dict[str, Any] = {
         "disk_bytes": disk_bytes(folder),
         "parameters": parameter_count(folder),
-        "host": session_memory(folder, "cpu" if device == "cpu" else device, batch, seq, threads),
+        "host": session_memory(folder, device, batch, seq, threads),
     }
     if device == "cpu":
         out["device"] = {"available": False, "reason": "CPU execution provider: no device memory"}
