@@ -7,7 +7,7 @@ fixed thread count, it times every graph interleaved: warm-up, then rounds in wh
 It reports median / p90 / p99, the ratio to the baseline's median, the weight-matmul FLOP ratio, and ONNX
 Runtime's per-operator profile of each graph at the main shape.
 
-    python benchmarks/latency.py --threads 2 --batch 32 --seq 128 --grid 1x32,8x128,32x128
+    python benchmarks/latency.py --threads 2 --batch 32 --seq 128 --grid-batches 1,8,32 --grid-seqs 32,128
 
 Writes benchmarks/results/latency.json and latency.md.
 """
@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--grid", default="1x32,1x128,8x32,8x128,32x32,32x128")
+    p.add_argument("--grid-batches", default="1,8,32", help="batch sizes of the grid")
+    p.add_argument("--grid-seqs", default="32,128", help="sequence lengths of the grid")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--grid-rounds", type=int, default=20)
@@ -122,13 +123,12 @@ def main(argv: list[str] | None = None) -> int:
             "weight_matmul_flop_ratio": weight_matmul_flops(graphs[name] / "model.onnx", a.batch, a.seq) / base_flops,
             "fusions": fusions[name],
         })
-    shapes = [tuple(int(x) for x in item.lower().split("x")) for item in a.grid.split(",")]
-    grid = []
-    for b, s_ in shapes:
-        run = measure_latency(graphs, batch_sizes=(b,), seq_lens=(s_,), threads=a.threads, warmup=2,
-                              rounds=a.grid_rounds)["cells"][0]
-        grid.append({"batch": b, "sequence": s_, "baseline_p50_ms": run["models"]["baseline"]["p50_ms"],
-                     **{f"{n}_ratio": r["p50"] for n, r in run["ratios"].items()}})
+    sizes = [int(x) for x in a.grid_batches.split(",")]
+    lengths = [int(x) for x in a.grid_seqs.split(",")]
+    grid_run = measure_latency(graphs, batch_sizes=sizes, seq_lens=lengths, threads=a.threads, warmup=2,
+                               rounds=a.grid_rounds)
+    grid = [{"batch": c["batch"], "sequence": c["sequence"], "baseline_p50_ms": c["models"]["baseline"]["p50_ms"],
+             **{f"{n}_ratio": r["p50"] for n, r in c["ratios"].items()}} for c in grid_run["cells"]]
     profiles = {name: profile(path / "model.onnx", a.threads, a.batch, a.seq) for name, path in graphs.items()}
 
     result = {

@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Latency grid of one or more ONNX folders; ratios are against the first.")
     be.add_argument("--model", action="append", required=True, help="ONNX folder (repeat; the first is the reference)")
     be.add_argument("--out", default=None, help="write bench.json and bench.md into this folder")
+    be.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     _add_measure_args(be)
 
     rn = sub.add_parser("run", help="the whole pipeline: finetune? -> compress -> export -> optimise -> validate",
@@ -354,6 +355,10 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         while name in names:
             name += "'"
         names[name] = path
+    if a.out:
+        from .checkpoint import check_output_dir
+
+        check_output_dir(a.out, a.overwrite)  # before minutes of measuring, not after
     result = measure_latency(names, device=cfg.device, batch_sizes=cfg.batch_sizes, seq_lens=cfg.seq_lens,
                              threads=cfg.threads, warmup=cfg.warmup, rounds=cfg.rounds, progress=_progress(a))
     first = next(iter(names))
@@ -369,7 +374,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     if a.out:
         from .checkpoint import atomic_output_dir
 
-        with atomic_output_dir(a.out, overwrite=True) as tmp:
+        with atomic_output_dir(a.out, overwrite=a.overwrite) as tmp:
             (tmp / "bench.json").write_text(json.dumps(result, indent=2))
             (tmp / "bench.md").write_text(table)
         print(f"wrote {a.out}")

@@ -79,9 +79,7 @@ class TaskData:
         """A seeded random subset of ``n`` examples (all of them, in order, when ``n`` is None or larger)."""
         if n is None or n >= len(self):
             return self
-        order = list(range(len(self)))
-        random.Random(seed).shuffle(order)
-        return self.select(sorted(order[:n]))
+        return self.select(_seeded_subset(len(self), n, seed))
 
     def shard(self, rank: int, world_size: int) -> TaskData:
         """Every ``world_size``-th example starting at ``rank`` (for data-parallel passes)."""
@@ -364,20 +362,31 @@ def load_split(cfg: DataConfig, split: str, *, require_labels: bool = True) -> T
     return _to_task_data(frame, cfg, f"{spec}[{split}]", names, require_labels)
 
 
-def _holdout(data: TaskData, cfg: DataConfig, split: str) -> TaskData:
+def _seeded_subset(n: int, k: int, seed: int) -> list[int]:
+    """``k`` of ``range(n)``, drawn with ``seed``, in their original order."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[:k])
+
+
+def _holdout_indices(n: int, cfg: DataConfig, split: str, source: str) -> list[int]:
+    """Rows of ``split`` in a single-file dataset: a seeded ``eval_fraction`` for evaluation, the rest for training."""
     if split not in (cfg.train_split, cfg.eval_split):
-        raise DatasetError(
-            f"{data.source} is a single file; ask for split {cfg.train_split!r} or {cfg.eval_split!r}"
-        )
+        raise DatasetError(f"{source} is a single file; ask for split {cfg.train_split!r} or {cfg.eval_split!r}")
     if cfg.eval_dataset is not None and split == cfg.train_split:
+        return list(range(n))
+    n_eval = max(1, int(round(n * cfg.eval_fraction)))
+    if n_eval >= n:
+        raise DatasetError(f"{source} has {n} rows, too few to hold out an evaluation split")
+    held_out = set(_seeded_subset(n, n_eval, cfg.seed))
+    return [i for i in range(n) if (i in held_out) == (split == cfg.eval_split)]
+
+
+def _holdout(data: TaskData, cfg: DataConfig, split: str) -> TaskData:
+    picked = _holdout_indices(len(data), cfg, split, data.source)
+    if len(picked) == len(data):
         return data
-    order = list(range(len(data)))
-    random.Random(cfg.seed).shuffle(order)
-    n_eval = max(1, int(round(len(data) * cfg.eval_fraction)))
-    if n_eval >= len(data):
-        raise DatasetError(f"{data.source} has {len(data)} rows, too few to hold out an evaluation split")
-    picked = order[:n_eval] if split == cfg.eval_split else order[n_eval:]
-    return replace(data.select(sorted(picked)), source=f"{data.source}[{split}]")
+    return replace(data.select(picked), source=f"{data.source}[{split}]")
 
 
 def load_splits(cfg: DataConfig, *, require_labels: bool = True) -> TaskSplits:
@@ -424,14 +433,8 @@ def load_rows(cfg: DataConfig, split: str, columns: Sequence[str], limit: int | 
     if _is_local(spec):
         frame = _read_local(Path(spec))
         source = str(spec)
-        if spec == cfg.dataset and cfg.eval_dataset is None:
-            if split not in (cfg.train_split, cfg.eval_split):
-                raise DatasetError(f"{spec} is a single file; ask for split {cfg.train_split!r} or {cfg.eval_split!r}")
-            order = list(range(len(frame)))
-            random.Random(cfg.seed).shuffle(order)
-            n_eval = max(1, int(round(len(frame) * cfg.eval_fraction)))
-            picked = order[:n_eval] if split == cfg.eval_split else order[n_eval:]
-            frame = frame.iloc[sorted(picked)]
+        if spec == cfg.dataset:
+            frame = frame.iloc[_holdout_indices(len(frame), cfg, split, source)]
     else:
         frame, _ = _read_hub(spec, split)
         source = f"{spec}[{split}]"
@@ -444,7 +447,5 @@ def load_rows(cfg: DataConfig, split: str, columns: Sequence[str], limit: int | 
     if not rows:
         raise DatasetError(f"{source} has no rows")
     if limit is not None and limit < len(rows):
-        keep = list(range(len(rows)))
-        random.Random(cfg.seed).shuffle(keep)
-        rows = [rows[i] for i in sorted(keep[:limit])]
+        rows = [rows[i] for i in _seeded_subset(len(rows), limit, cfg.seed)]
     return rows

@@ -16,8 +16,7 @@ from fwsvd_deploy.compression.apply import resolve_targets
 from fwsvd_deploy.config import ExportConfig, OptimizeConfig
 from fwsvd_deploy.errors import ConfigError, DeviceUnavailableError, OutputExistsError
 from fwsvd_deploy.exporters import export_onnx, optimize_onnx
-from fwsvd_deploy.exporters.onnx import parity_inputs
-from fwsvd_deploy.exporters.runtime import make_session, run_session
+from fwsvd_deploy.exporters.runtime import make_session, parity_inputs, run_session
 
 VARIANTS = ("baseline", "svd", "fwsvd")
 BERT_FAMILY = ("bert", "roberta", "electra")

@@ -239,3 +239,17 @@ def test_search_with_an_impossible_gate_exits_1(trained, tmp_path, capsys):
     code = main(["--quiet", "search", "--config", str(config), "--out", str(tmp_path / "s"), "--steps", "1"])
     assert code == 1 and "no kept fraction" in capsys.readouterr().err
     assert not (tmp_path / "s" / "best").exists()
+
+
+def test_bench_writes_its_table_and_keeps_existing_folders(trained, tmp_path, capsys):
+    args = ["--quiet", "bench", "--model", str(trained["base"]), "--model", str(trained["damaged"]),
+            "--batch-sizes", "1,2", "--seq-lens", "8", "--rounds", "3", "--warmup", "1"]
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    result = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert [(c["batch"], c["sequence"]) for c in result["cells"]] == [(1, 8), (2, 8)]
+    assert set(result["cells"][0]["ratios"]) == {"damaged-opt"} and "damaged-opt / base-opt" in capsys.readouterr().out
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("keep")
+    assert main([*args, "--out", str(taken)]) == 2
+    assert (taken / "mine.txt").read_text() == "keep" and "not empty" in capsys.readouterr().err

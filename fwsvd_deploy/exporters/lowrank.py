@@ -51,10 +51,9 @@ class LowRankPair:
 
 @dataclass
 class LowRankIndex:
-    """Dense products by content hash, and what the restore pass did with them."""
+    """Dense products by content hash, and how often the restore pass put each back."""
 
     pairs: dict[str, LowRankPair] = field(default_factory=dict)
-    restored: Counter = field(default_factory=Counter)
     uses: Counter = field(default_factory=Counter)
 
     def __len__(self) -> int:
@@ -259,7 +258,6 @@ def _attention_to_mha(node: onnx.NodeProto, index: LowRankIndex, inits: dict[str
         projected[i] = build.unique(f"{base}_{'qkv'[i]}")
         nodes.append(helper.make_node("MatMul", [part, up_name], [projected[i]],
                                       name=build.unique(f"{base}_lowrank_{'qkv'[i]}_up")))
-        index.restored["attention_projection"] += 1
     for i, pair in enumerate(pairs):
         if pair is None:  # a dense projection inside an otherwise factorised attention
             w = build.initializer(slices[i], f"{base}_{'qkv'[i]}_weight")
@@ -308,7 +306,6 @@ def restore(model: onnx.ModelProto, index: LowRankIndex) -> onnx.ModelProto:
                                                   name=build.unique(f"{node.name}_down")))
                 out_nodes.append(helper.make_node("MatMul", [mid, up], list(node.output),
                                                   name=build.unique(f"{node.name}_up")))
-                index.restored["matmul"] += 1
                 continue
         out_nodes.append(node)
     del graph.node[:]

@@ -27,13 +27,6 @@ TASK_HEADS = {
     "feature-extraction": ("Model", "AutoModel"),
 }
 SUPPORTED_MODEL_TYPES = ("bert", "distilbert", "roberta", "albert", "electra")
-PARITY_TEXTS = (
-    "A three-hour cinema master class.",
-    "It is neither funny nor clever, and it goes on far too long for what little it has to say.",
-    "Dull.",
-    "The cast is uniformly excellent, the script sharp, the photography gorgeous, and the ending earns its tears.",
-    "An odd, likeable mess.",
-)
 
 
 @dataclass(frozen=True)
@@ -86,21 +79,6 @@ def _check_model_type(model: torch.nn.Module) -> str:
             f"model type {model_type!r} is not supported for export; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     return model_type
-
-
-def parity_inputs(tokenizer: Any, input_names: list[str], batch: int, seq_len: int) -> dict[str, np.ndarray]:
-    """Real text padded to ``seq_len``; rows of different lengths so padding is exercised."""
-    texts = [PARITY_TEXTS[i % len(PARITY_TEXTS)] for i in range(batch)]
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
-    out = {}
-    for name in input_names:
-        if name in enc:
-            out[name] = enc[name].astype(np.int64)
-        elif name == "token_type_ids":
-            out[name] = np.zeros_like(enc["input_ids"], dtype=np.int64)
-        else:
-            raise ExportError(f"the ONNX model wants an input {name!r} that the tokenizer does not produce")
-    return out
 
 
 def torch_outputs(model: torch.nn.Module, inputs: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:

@@ -11,6 +11,13 @@ import numpy as np
 from ..errors import DeviceUnavailableError, ExportError, ParityError
 
 ONNX_FILE = "model.onnx"
+PARITY_TEXTS = (
+    "A three-hour cinema master class.",
+    "It is neither funny nor clever, and it goes on far too long for what little it has to say.",
+    "Dull.",
+    "The cast is uniformly excellent, the script sharp, the photography gorgeous, and the ending earns its tears.",
+    "An odd, likeable mess.",
+)
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 GPU_DEVICES = ("cuda", "tensorrt")
 
@@ -72,6 +79,21 @@ def run_session(session: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.nda
     return dict(zip(names, session.run(names, feed), strict=True))
 
 
+def parity_inputs(tokenizer: Any, input_names: list[str], batch: int, seq_len: int) -> dict[str, np.ndarray]:
+    """Real text padded to ``seq_len``; rows of different lengths so padding is exercised."""
+    texts = [PARITY_TEXTS[i % len(PARITY_TEXTS)] for i in range(batch)]
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
+    out = {}
+    for name in input_names:
+        if name in enc:
+            out[name] = enc[name].astype(np.int64)
+        elif name == "token_type_ids":
+            out[name] = np.zeros_like(enc["input_ids"], dtype=np.int64)
+        else:
+            raise ExportError(f"the ONNX model wants an input {name!r} that the tokenizer does not produce")
+    return out
+
+
 def compare_outputs(got: dict[str, np.ndarray], want: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, float]:
     """Max absolute difference per output; token-level outputs are compared on real (unpadded) tokens only."""
     diffs = {}
@@ -103,8 +125,6 @@ def parity_report(
     Raises:
         ParityError: naming the output, the shape and the difference.
     """
-    from .onnx import parity_inputs
-
     rows = []
     worst = 0.0
     failures = []
