@@ -1,7 +1,8 @@
 """Accuracy of SVD and FWSVD on every Fisher axis, without fine-tuning, on the real MiniLM and real data.
 
 Fine-tunes all-MiniLM-L6-v2 on the built-in Rotten Tomatoes training split (cached under --work), collects one
-Fisher pass, then compresses a copy per method x kept fraction and evaluates each on the test split.
+Fisher pass, then compresses a copy per method x kept fraction and evaluates each on the test split. The
+`-joint` columns factorise each attention block's q/k/v stacked, with one shared down-projection.
 
     python benchmarks/accuracy.py --ratios 0.5,0.3
 
@@ -34,7 +35,12 @@ from fwsvd_deploy import (
 from fwsvd_deploy.modeling import EMBEDDED_MODEL, package_versions
 
 HERE = Path(__file__).resolve().parent
-METHODS = (("svd", None), ("fwsvd", "input"), ("fwsvd", "output"), ("fwsvd", "both"))
+METHODS = (("svd", None, "separate"), ("fwsvd", "input", "separate"), ("fwsvd", "output", "separate"),
+           ("fwsvd", "both", "separate"), ("svd", None, "joint"), ("fwsvd", "both", "joint"))
+
+
+def label(method: str, axis: str | None, qkv: str) -> str:
+    return (method if axis is None else f"{method}-{axis}") + ("-joint" if qkv == "joint" else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,12 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     fisher_seconds = time.perf_counter() - start
     rows = []
     for ratio in (float(r) for r in a.ratios.split(",")):
-        for method, axis in METHODS:
+        for method, axis, qkv in METHODS:
             model = copy.deepcopy(base)
-            cfg = CompressionConfig(method=method, fisher_axis=axis or "both", ratio=ratio)
+            cfg = CompressionConfig(method=method, fisher_axis=axis or "both", ratio=ratio, qkv=qkv)
             report = compress(model, cfg, fisher if method == "fwsvd" else None)
             acc = evaluate(model, splits.eval, tokenizer, max_length=a.max_length).accuracy
-            rows.append({"ratio": ratio, "method": method if axis is None else f"fwsvd-{axis}", "accuracy": acc,
+            rows.append({"ratio": ratio, "method": label(method, axis, qkv), "accuracy": acc,
                          "kept_fraction": report.kept_fraction})
             print(rows[-1], flush=True)
     result = {"benchmark": "accuracy", "model": EMBEDDED_MODEL, "data": data.to_dict(),
@@ -81,12 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"Accuracy on {len(splits.eval)} Rotten Tomatoes test reviews, no fine-tuning after compression "
              f"(baseline {baseline:.4f}; MiniLM fine-tuned on {a.train_samples} reviews, 1 epoch; Fisher from "
              f"{a.fisher_samples} examples)", "",
-             "| kept | " + " | ".join(m if x is None else f"fwsvd-{x}" for m, x in METHODS) + " |",
+             "| kept | " + " | ".join(label(*m) for m in METHODS) + " |",
              "|---:|" + "---:|" * len(METHODS)]
     for ratio in ratios:
         accs = {r["method"]: r["accuracy"] for r in rows if r["ratio"] == ratio}
-        lines.append(f"| {ratio} | " + " | ".join(f"{accs[m if x is None else f'fwsvd-{x}']:.4f}"
-                                                  for m, x in METHODS) + " |")
+        lines.append(f"| {ratio} | " + " | ".join(f"{accs[label(*m)]:.4f}" for m in METHODS) + " |")
     (out / "accuracy.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -65,8 +65,18 @@ def atomic_output_dir(path: str | Path, overwrite: bool = False) -> Iterator[Pat
         shutil.rmtree(old, ignore_errors=True)
 
 
+def shared_down_aliases(model: nn.Module) -> set[str]:
+    """State-dict keys of down-projections that are another layer's (joint q/k/v): stored once, under the owner."""
+    return {f"{name}.down.weight" for name, spec in compressed_layers(model).items() if "shared_down" in spec}
+
+
 def _write_model(model: nn.Module, folder: Path, tokenizer: Any) -> None:
-    model.save_pretrained(folder, safe_serialization=True)
+    aliases = shared_down_aliases(model)
+    if aliases:  # safetensors stores a tensor once; the loader re-creates the sharing from the plan
+        state = {k: v for k, v in model.state_dict().items() if k not in aliases}
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state)
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
@@ -191,7 +201,7 @@ def load_compressed(folder: str | Path) -> nn.Module:
         raise ModelLoadError(f"{path}: {exc}") from exc
     state = _load_weights(path)
     result = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    tied = set(getattr(model, "_tied_weights_keys", None) or []) | shared_down_aliases(model)
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
         raise ModelLoadError(

@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'all-linear', comma-separated name suffixes, or re:REGEX (default: %(default)s)")
     g.add_argument("--exclude", default=None, help="comma-separated name suffixes or re:REGEX to leave dense")
     g.add_argument("--rank-override", action="append", metavar="NAME=RANK", help="per-layer rank (repeatable)")
+    g.add_argument("--qkv", default="separate", choices=["separate", "joint"],
+                   help="factorise q/k/v one by one, or stacked with one shared down-projection, which ONNX "
+                        "Runtime runs as its fused Attention operator (default: %(default)s)")
     g = cp.add_argument_group("Fisher")
     g.add_argument("--fisher-samples", type=int, default=512, help="labelled examples (default: %(default)s)")
     g.add_argument("--fisher-estimator", default="per_example", choices=["per_example", "batch_mean"])
@@ -257,7 +260,7 @@ def _cmd_compress(a: argparse.Namespace) -> int:
     comp = CompressionConfig(
         method=a.method, fisher_axis=a.fisher_axis, ratio=a.ratio, rank=a.rank, allocation=a.allocation,
         target_modules=_targets(a.targets), exclude_modules=None if a.exclude is None else _targets(a.exclude),
-        rank_overrides=_overrides(a.rank_override),
+        rank_overrides=_overrides(a.rank_override), qkv=a.qkv,
     )
     fisher = FisherConfig(num_samples=a.fisher_samples, estimator=a.fisher_estimator,
                           batch_size=a.fisher_batch_size, cache_dir=cache)

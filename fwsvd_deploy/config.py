@@ -20,6 +20,7 @@ T = TypeVar("T", bound="_Config")
 METHODS = ("fwsvd", "svd")
 FISHER_AXES = ("both", "output", "input")
 FISHER_ESTIMATORS = ("per_example", "batch_mean")
+QKV_MODES = ("separate", "joint")
 ALLOCATIONS = ("uniform", "fisher")
 
 
@@ -153,6 +154,11 @@ class CompressionConfig(_Config):
         exclude_modules: names (suffix list) or a regex removed from the targets.
         rank_overrides: module-name suffix -> rank, applied after allocation.
         eps: importance floor, relative to the largest row/column importance of a layer.
+        qkv: ``separate`` factorises an attention block's query, key and value projections one by one (the
+            paper); ``joint`` factorises the three stacked (``[Wq; Wk; Wv] ~= [Uq; Uk; Uv] D``), sharing one
+            down-projection, at the same parameter budget. ONNX Runtime then runs the block as its fused
+            ``Attention`` operator on the reduced input, which is faster on CPU than the
+            ``MultiHeadAttention`` that separate factors need.
     """
 
     method: str = "fwsvd"
@@ -164,9 +170,11 @@ class CompressionConfig(_Config):
     exclude_modules: str | tuple[str, ...] | None = None
     rank_overrides: Mapping[str, int] = field(default_factory=dict)
     eps: float = 1e-6
+    qkv: str = "separate"
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
+        _check_choice("qkv", self.qkv, QKV_MODES)
         _check_choice("fisher_axis", self.fisher_axis, FISHER_AXES)
         _check_choice("allocation", self.allocation, ALLOCATIONS)
         if self.rank is not None and self.ratio is not None:

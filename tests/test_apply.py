@@ -187,3 +187,54 @@ def test_config_from_dict_rejects_unknown_keys():
         CompressionConfig.from_dict({"rnak": 3})
     assert CompressionConfig.from_dict({"rank": 3}).rank == 3
     assert CompressionConfig().ratio == 0.5
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert"])
+def test_joint_qkv_factorises_the_stacked_projections_with_one_down(arch, tokenizer, data):
+    model = tiny_model(arch)
+    dense = {t.name: (t.weight.detach().clone(), t.module.bias.detach().clone()) for t in resolve_targets(model)}
+    fisher = collect_fisher(model, data, tokenizer, max_length=32)
+    report = compress(model, CompressionConfig(ratio=0.5, qkv="joint"), fisher)
+    groups = [layer for layer in report.layers if "{" in layer.name]
+    assert len(groups) == 2  # one per block of the tiny models
+    assert len(report.layers) == 4 * len(groups)  # q/k/v as one unit, then attention output and the FFN
+    for layer in groups:
+        parent = layer.name.rpartition(".")[0]
+        members = [model.get_submodule(f"{parent}.{c}") for c in layer.name[layer.name.index("{") + 1:-1].split(",")]
+        assert all(isinstance(m, LowRankLinear) and m.rank == layer.rank for m in members)
+        assert members[0].down is members[1].down is members[2].down
+        # the factors are the Fisher-weighted SVD of [Wq; Wk; Wv] with [Fq; Fk; Fv]
+        names = [f"{parent}.{c}" for c in layer.name[layer.name.index("{") + 1:-1].split(",")]
+        stacked = torch.cat([dense[n][0] for n in names])
+        want = decompose(stacked, torch.cat([fisher.fisher[n] for n in names]), "both").reconstruct(layer.rank)
+        got = torch.cat([m.up.weight @ m.down.weight for m in members]).double()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        assert all(torch.equal(m.up.bias, dense[n][1]) for m, n in zip(members, names, strict=True))
+        assert layer.params_after == layer.rank * (layer.shape[0] + layer.shape[1]) + layer.shape[0]
+    # parameters are counted once (the shared down is one tensor) and the budget is the one asked for
+    assert report.model_params_after == sum(p.numel() for p in model.parameters())
+    assert abs(report.kept_fraction - 0.5) < 0.05
+
+
+def test_joint_qkv_with_uniform_fisher_is_joint_svd():
+    a, b = tiny_model("bert"), tiny_model("bert")
+    uniform = {t.name: torch.ones_like(t.module.weight) for t in resolve_targets(a)}
+    compress(a, CompressionConfig(method="svd", ratio=0.4, qkv="joint"))
+    compress(b, CompressionConfig(method="fwsvd", ratio=0.4, qkv="joint"), uniform)
+    q = "bert.encoder.layer.0.attention.self.query"
+    wa = a.get_submodule(q).up.weight @ a.get_submodule(q).down.weight
+    wb = b.get_submodule(q).up.weight @ b.get_submodule(q).down.weight
+    torch.testing.assert_close(wa, wb, atol=1e-5, rtol=1e-4)
+
+
+def test_joint_qkv_needs_all_three_projections():
+    with pytest.raises(ConfigError, match="qkv='joint' found no attention block"):
+        compress(tiny_model("gpt2"), CompressionConfig(method="svd", qkv="joint"))
+    with pytest.raises(ConfigError, match="qkv='joint' found no attention block"):
+        compress(tiny_model("bert"), CompressionConfig(method="svd", qkv="joint", exclude_modules=("key",)))
+    # an override names any member of the group (or the group) and sets the shared rank
+    model = tiny_model("bert")
+    report = compress(model, CompressionConfig(method="svd", rank=4, qkv="joint",
+                                               rank_overrides={"layer.0.attention.self.value": 3}))
+    assert report.ranks["bert.encoder.layer.0.attention.self.{query,key,value}"] == 3
+    assert model.get_submodule("bert.encoder.layer.0.attention.self.query").rank == 3

@@ -68,3 +68,23 @@ def test_load_refuses_what_is_not_a_compressed_folder(tmp_path):
                                                            "format_version": 99}))
     with pytest.raises(ModelLoadError, match="upgrade"):
         load_compressed(tmp_path)
+
+
+def test_joint_qkv_round_trip_keeps_the_shared_down(tmp_path, tokenizer, data):
+    model = tiny_model("bert")
+    report = compress(model, CompressionConfig(method="svd", ratio=0.5, qkv="joint"))
+    expected = logits(model, tokenizer, data)
+    save_compressed(model, tmp_path / "m", tokenizer, report=report)
+    plan = json.loads((tmp_path / "m" / "compression.json").read_text())
+    query = "bert.encoder.layer.0.attention.self.query"
+    assert plan["layers"][f"{query[:-5]}key"]["shared_down"] == query and "shared_down" not in plan["layers"][query]
+    loaded = load_compressed(tmp_path / "m")
+    attention = loaded.bert.encoder.layer[0].attention.self
+    assert attention.query.down is attention.key.down is attention.value.down
+    assert sum(p.numel() for p in loaded.parameters()) == report.model_params_after
+    torch.testing.assert_close(logits(loaded, tokenizer, data), expected, atol=TOL["reload"], rtol=0)
+    # a plan whose shared layer is missing is refused with the name
+    del plan["layers"][query]
+    (tmp_path / "m" / "compression.json").write_text(json.dumps(plan))
+    with pytest.raises(ModelLoadError, match="shares the down-projection"):
+        load_compressed(tmp_path / "m")

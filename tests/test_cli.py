@@ -28,11 +28,12 @@ def test_finetune_compress_recover(capsys, tmp_path, tiny_bert_dir, toy_csv):
     assert code == 0, err
     assert "fine-tuned model" in out and "accuracy" in out
     code, out, err = _run(capsys, "compress", "--model", str(tmp_path / "ft"), "--out", str(tmp_path / "c"),
-                          "--ratio", "0.5", "--fisher-axis", "output", "--fisher-cache", str(tmp_path / "cache"),
-                          *_data_args(toy_csv))
+                          "--ratio", "0.5", "--fisher-axis", "output", "--qkv", "joint",
+                          "--fisher-cache", str(tmp_path / "cache"), *_data_args(toy_csv))
     assert code == 0, err
     assert "**fwsvd**, Fisher axis output" in out and "eval accuracy: baseline" in out
     plan = read_plan(tmp_path / "c")
+    assert plan["compression"]["qkv"] == "joint" and sum("shared_down" in v for v in plan["layers"].values()) == 4
     assert plan["compression"]["fisher_axis"] == "output" and plan["fisher"]["num_examples"] == 72
     assert plan["evaluation"]["compressed"]["accuracy"] >= 0 and (tmp_path / "c" / "compression_report.md").exists()
     assert len(plan["input_model_hash"]) == 64

@@ -34,8 +34,9 @@ def _model_folder(tmp_path, tokenizer, arch, task, variant):
     if variant == "baseline":
         save_model(model, folder, tokenizer)
     else:
-        fisher = _synthetic_fisher(model) if variant == "fwsvd" else None
-        report = compress(model, CompressionConfig(method=variant, ratio=0.5), fisher)
+        method, _, qkv = variant.partition("-")
+        fisher = _synthetic_fisher(model) if method == "fwsvd" else None
+        report = compress(model, CompressionConfig(method=method, ratio=0.5, qkv=qkv or "separate"), fisher)
         save_compressed(model, folder, tokenizer, report=report)
     return folder
 
@@ -96,11 +97,30 @@ def test_compressed_graph_keeps_every_fusion_of_the_baseline(built, arch, varian
     assert comp.low_rank_layers == 6 * layers
 
 
-def test_fused_compressed_graph_matches_pytorch(built, tokenizer):
+@pytest.mark.parametrize("arch", [*BERT_FAMILY, "distilbert"])
+def test_joint_qkv_runs_as_the_fused_attention_operator(built, arch):
+    """q/k/v sharing one down-projection: one MatMul by it, then the very Attention operator of the baseline."""
+    base = built(arch, "text-classification", "baseline")[2]
+    folder, exported, comp = built(arch, "text-classification", "fwsvd-joint")
+    layers = ENCODER_CONFIGS[arch]().num_hidden_layers
+    assert exported.parity["passed"] and comp.parity["passed"]
+    assert comp.fusions == base.fusions and comp.fusions_complete
+    assert comp.operators.get("Attention") == layers and "MultiHeadAttention" not in comp.operators
+    assert comp.low_rank_layers == 6 * layers  # three up-projections on one down, the output and two FFN pairs
+    graph = onnx.load(str(comp.onnx_path)).graph
+    inits = {i.name: tuple(i.dims) for i in graph.initializer}
+    plan = json.loads((folder / "compression.json").read_text())["layers"]
+    rank = next(v["rank"] for v in plan.values() if "shared_down" in v)
+    for node in (n for n in graph.node if n.op_type == "Attention"):
+        assert inits[node.input[1]][0] == rank  # the packed weight is the up-projections: rank x 3 * hidden
+
+
+@pytest.mark.parametrize("variant", ["fwsvd", "fwsvd-joint"])
+def test_fused_compressed_graph_matches_pytorch(built, tokenizer, variant):
     """End to end: PyTorch compressed model vs its optimised, fused ONNX graph, on padded batches."""
     from fwsvd_deploy import load_compressed
 
-    folder, _, optimized = built("bert", "text-classification", "fwsvd")
+    folder, _, optimized = built("bert", "text-classification", variant)
     model = load_compressed(folder)
     session = make_session(optimized.onnx_path)
     inputs = parity_inputs(tokenizer, [i.name for i in session.get_inputs()], 4, 29)
@@ -191,3 +211,10 @@ def test_bad_inputs(built, tmp_path, tokenizer):
     with pytest.raises(ConfigError, match="not a valid ONNX model"):
         optimize_onnx(truncated, OptimizeConfig(), tmp_path / "z")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+def test_timed_sessions_do_not_spin(built):
+    """Interleaved timing shares the cores between sessions: an idle session's threads must sleep, not spin."""
+    path = built("bert", "text-classification", "baseline")[2].onnx_path
+    key = "session.intra_op.allow_spinning"
+    assert make_session(path, threads=1, spinning=False).get_session_options().get_session_config_entry(key) == "0"

@@ -23,6 +23,8 @@ from .report import CompressionReport, LayerReport
 from .svd import Decomposition, decompose, max_saving_rank, relative_error
 
 SUPPORTED_TYPES = (nn.Linear, Conv1D)
+# child names of the query / key / value projections of one attention block (BERT family, DistilBERT, BART-style)
+QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_proj", "k_proj", "v_proj"))
 _SUPPORTED_NAMES = "torch.nn.Linear, transformers Conv1D"
 _BLOCK_INDEX = re.compile(r"\.\d+\.")
 
@@ -126,6 +128,74 @@ def resolve_targets(
     return targets
 
 
+@dataclass(frozen=True)
+class Unit:
+    """What one rank is chosen for: one target, or an attention block's q/k/v stacked on their outputs."""
+
+    name: str
+    members: tuple[Target, ...]
+
+    @property
+    def kind(self) -> str:
+        return self.members[0].kind
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return sum(t.shape[0] for t in self.members), self.members[0].shape[1]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if len(self.members) == 1:
+            return self.members[0].weight
+        return torch.cat([t.weight for t in self.members])
+
+    @property
+    def bias_params(self) -> int:
+        return sum(0 if getattr(t.module, "bias", None) is None else t.module.bias.numel() for t in self.members)
+
+    def covers(self, pattern: str) -> bool:
+        return any(n == pattern or n.endswith("." + pattern) for n in (self.name, *(t.name for t in self.members)))
+
+
+def qkv_groups(targets: list[Target]) -> list[tuple[Target, ...]]:
+    """The (query, key, value) targets of each attention block in which all three are targeted Linears."""
+    by_name = {t.name: t for t in targets}
+    groups = []
+    for t in targets:
+        parent, _, child = t.name.rpartition(".")
+        for names in QKV_NAMES:
+            if child != names[0]:
+                continue
+            members = [by_name.get(f"{parent}.{n}" if parent else n) for n in names]
+            if all(m is not None and m.kind == "linear" for m in members) \
+                    and len({m.shape[1] for m in members if m is not None}) == 1:
+                groups.append(tuple(m for m in members if m is not None))
+    return groups
+
+
+def plan_units(targets: list[Target], qkv: str = "separate") -> list[Unit]:
+    """One unit per target, except that ``qkv='joint'`` makes each attention block's q, k and v one unit."""
+    if qkv == "separate":
+        return [Unit(t.name, (t,)) for t in targets]
+    groups = qkv_groups(targets)
+    if not groups:
+        raise ConfigError(
+            "qkv='joint' found no attention block whose query, key and value projections are all targeted "
+            f"Linears (looked for {', '.join('/'.join(n) for n in QKV_NAMES)}); use qkv='separate'"
+        )
+    group_of = {t.name: g for g in groups for t in g}
+    units: list[Unit] = []
+    for t in targets:
+        group = group_of.get(t.name)
+        if group is None:
+            units.append(Unit(t.name, (t,)))
+        elif group[0] is t:
+            parent = t.name.rpartition(".")[0]
+            children = ",".join(m.name.rpartition(".")[2] for m in group)
+            units.append(Unit(f"{parent}.{{{children}}}" if parent else f"{{{children}}}", group))
+    return units
+
+
 def _fisher_tensor(fisher: Mapping[str, torch.Tensor], target: Target) -> torch.Tensor:
     if target.name not in fisher:
         raise FisherError(
@@ -179,50 +249,54 @@ def compress(model: nn.Module, cfg: CompressionConfig, fisher: Any = None) -> Co
     if cfg.needs_fisher and stats is None:
         raise FisherError("method='fwsvd' needs Fisher statistics; run collect_fisher first (or use method='svd')")
     targets = resolve_targets(model, cfg.target_modules, cfg.exclude_modules)
+    units = plan_units(targets, cfg.qkv)
     params_before = sum(p.numel() for p in model.parameters())
 
-    fishers = {t.name: _fisher_tensor(stats, t) for t in targets} if stats is not None else {}
+    fishers: dict[str, torch.Tensor] = {}
+    if stats is not None:
+        for u in units:
+            parts = [_fisher_tensor(stats, t) for t in u.members]
+            fishers[u.name] = parts[0] if len(parts) == 1 else torch.cat(parts)
     decomps: dict[str, Decomposition] = {}
-    for t in targets:
-        weighted = fishers[t.name] if cfg.method == "fwsvd" else None
-        decomps[t.name] = decompose(t.weight, weighted, cfg.fisher_axis, cfg.eps)
+    for u in units:
+        weighted = fishers[u.name] if cfg.method == "fwsvd" else None
+        decomps[u.name] = decompose(u.weight, weighted, cfg.fisher_axis, cfg.eps)
 
-    shapes = {t.name: t.shape for t in targets}
+    shapes = {u.name: u.shape for u in units}
     if cfg.rank is not None:
         ranks = fixed_ranks(shapes, cfg.rank)
     elif cfg.allocation == "fisher":
-        gains = {t.name: _allocation_gain(decomps[t.name], fishers[t.name], cfg.fisher_axis) for t in targets}
+        gains = {u.name: _allocation_gain(decomps[u.name], fishers[u.name], cfg.fisher_axis) for u in units}
         ranks = greedy_ranks(shapes, gains, cfg.ratio)  # type: ignore[arg-type]
     else:
         ranks = uniform_ranks(shapes, cfg.ratio)  # type: ignore[arg-type]
-    _apply_overrides(ranks, shapes, cfg.rank_overrides)
+    _apply_overrides(ranks, units, cfg.rank_overrides)
 
     replacements: dict[str, LowRankLinear] = {}
     layers: list[LayerReport] = []
-    for t in targets:
-        rank = ranks[t.name]
-        m, n = t.shape
-        bias = getattr(t.module, "bias", None)
-        bias_params = 0 if bias is None else bias.numel()
+    for u in units:
+        rank = ranks[u.name]
+        m, n = u.shape
+        params_before_unit = m * n + u.bias_params
         if rank is None:
             layers.append(LayerReport(
-                name=t.name, kind=t.kind, shape=(m, n), rank=None, params_before=m * n + bias_params,
-                params_after=m * n + bias_params, plain_error=0.0,
-                fisher_error=0.0 if t.name in fishers else None,
+                name=u.name, kind=u.kind, shape=(m, n), rank=None, params_before=params_before_unit,
+                params_after=params_before_unit, plain_error=0.0,
+                fisher_error=0.0 if u.name in fishers else None,
                 skipped=f"left dense: a rank >= {m * n / (m + n):.1f} saves no parameters",
             ))
             continue
-        decomp = decomps[t.name]
-        up, down = decomp.factors(rank, dtype=t.module.weight.dtype)
-        new = LowRankLinear.from_factors(up.to(t.module.weight.device), down.to(t.module.weight.device),
-                                         None if bias is None else bias.detach(), source_kind=t.kind)
-        replacements[t.name] = new
+        decomp = decomps[u.name]
+        up, down = decomp.factors(rank, dtype=u.members[0].module.weight.dtype)
+        new = _factorised(u, up, down)
+        replacements.update(new)
         approx = decomp.reconstruct(rank)
+        kept = {id(p): p.numel() for layer in new.values() for p in layer.parameters()}
         layers.append(LayerReport(
-            name=t.name, kind=t.kind, shape=(m, n), rank=rank, params_before=m * n + bias_params,
-            params_after=sum(p.numel() for p in new.parameters()),
+            name=u.name, kind=u.kind, shape=(m, n), rank=rank, params_before=params_before_unit,
+            params_after=sum(kept.values()),
             plain_error=relative_error(decomp.weight, approx),
-            fisher_error=relative_error(decomp.weight, approx, fishers[t.name]) if t.name in fishers else None,
+            fisher_error=relative_error(decomp.weight, approx, fishers[u.name]) if u.name in fishers else None,
             skipped=None,
         ))
 
@@ -239,14 +313,32 @@ def compress(model: nn.Module, cfg: CompressionConfig, fisher: Any = None) -> Co
     )
 
 
-def _apply_overrides(ranks: dict[str, int | None], shapes: Mapping[str, tuple[int, int]],
-                     overrides: Mapping[str, int]) -> None:
+def _factorised(unit: Unit, up: torch.Tensor, down: torch.Tensor) -> dict[str, LowRankLinear]:
+    """The replacement of each member of ``unit``; q/k/v members share the first one's down-projection."""
+    out: dict[str, LowRankLinear] = {}
+    shared = None
+    start = 0
+    for t in unit.members:
+        rows = t.shape[0]
+        bias = getattr(t.module, "bias", None)
+        device = t.module.weight.device
+        layer = LowRankLinear.from_factors(up[start:start + rows].to(device), down.to(device),
+                                           None if bias is None else bias.detach(), source_kind=t.kind,
+                                           shared_down=shared)
+        if shared is None:
+            shared = layer.down
+        out[t.name] = layer
+        start += rows
+    return out
+
+
+def _apply_overrides(ranks: dict[str, int | None], units: list[Unit], overrides: Mapping[str, int]) -> None:
     for pattern, rank in overrides.items():
-        hits = [name for name in ranks if name == pattern or name.endswith("." + pattern)]
+        hits = [u for u in units if u.covers(pattern)]
         if not hits:
             raise ConfigError(f"rank_overrides key {pattern!r} matches no targeted module")
-        for name in hits:
-            ranks[name] = rank if rank <= max_saving_rank(shapes[name]) else None
+        for u in hits:
+            ranks[u.name] = rank if rank <= max_saving_rank(u.shape) else None
 
 
 def swap_modules(model: nn.Module, replacements: Mapping[str, nn.Module]) -> None:
@@ -270,6 +362,10 @@ def apply_plan(model: nn.Module, layers: Mapping[str, Mapping[str, Any]]) -> Non
     """
     replacements: dict[str, LowRankLinear] = {}
     for name, spec in layers.items():
+        shared = spec.get("shared_down")
+        if shared is not None and shared not in replacements:
+            raise ValueError(f"planned layer {name} shares the down-projection of {shared}, which is not planned "
+                             "before it")
         try:
             module = model.get_submodule(name)
         except AttributeError as exc:
@@ -285,17 +381,26 @@ def apply_plan(model: nn.Module, layers: Mapping[str, Mapping[str, Any]]) -> Non
         replacements[name] = LowRankLinear(
             spec["in_features"], spec["out_features"], int(spec["rank"]), bias=bool(spec["bias"]),
             source_kind=spec["kind"], dtype=module.weight.dtype, device=module.weight.device,
+            down=None if shared is None else replacements[shared].down,
         )
     swap_modules(model, replacements)
 
 
 def compressed_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """The factorised layers of a model, as a plan that :func:`apply_plan` rebuilds."""
-    return {
-        name: {
-            "kind": m.source_kind, "rank": m.rank, "in_features": m.in_features,
-            "out_features": m.out_features, "bias": m.up.bias is not None,
-        }
-        for name, m in model.named_modules()
-        if isinstance(m, LowRankLinear)
-    }
+    """The factorised layers of a model, as a plan that :func:`apply_plan` rebuilds.
+
+    A layer that uses another's down-projection (joint q/k/v) names it under ``shared_down``.
+    """
+    owner: dict[int, str] = {}
+    plan: dict[str, dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, LowRankLinear):
+            continue
+        spec: dict[str, Any] = {"kind": m.source_kind, "rank": m.rank, "in_features": m.in_features,
+                                "out_features": m.out_features, "bias": m.up.bias is not None}
+        if id(m.down) in owner:
+            spec["shared_down"] = owner[id(m.down)]
+        else:
+            owner[id(m.down)] = name
+        plan[name] = spec
+    return plan

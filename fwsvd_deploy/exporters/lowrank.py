@@ -109,7 +109,11 @@ def inline_identities(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def find_pairs(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
-    """``(down_matmul, up_matmul)`` node pairs: MatMul by a 2-D constant feeding only another such MatMul."""
+    """``(down_matmul, up_matmul)`` node pairs: MatMul by a 2-D constant feeding only such MatMuls.
+
+    One down-projection may feed several up-projections (joint q/k/v, exported as one MatMul); each is a
+    pair. The factors must save parameters over the dense weights they stand for, together.
+    """
     graph = model.graph
     inits = _initializers(graph)
     consumers = _consumers(graph)
@@ -124,10 +128,12 @@ def find_pairs(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.NodePr
         if not const_matmul(node) or node.output[0] in outputs:
             continue
         users = consumers.get(node.output[0], [])
-        if len(users) == 1 and const_matmul(users[0]) and users[0].input[0] == node.output[0]:
-            d, u = inits[node.input[1]].dims, inits[users[0].input[1]].dims
-            if d[1] == u[0] and d[1] * (d[0] + u[1]) < d[0] * u[1]:
-                pairs.append((node, users[0]))
+        if not users or not all(const_matmul(u) and u.input[0] == node.output[0] for u in users):
+            continue
+        (n_in, rank), ups = inits[node.input[1]].dims, [inits[u.input[1]].dims for u in users]
+        n_out = sum(u[1] for u in ups)
+        if all(u[0] == rank for u in ups) and rank * (n_in + n_out) < n_in * n_out:
+            pairs.extend((node, u) for u in users)
     return pairs
 
 
@@ -237,6 +243,8 @@ def _attention_to_mha(node: onnx.NodeProto, index: LowRankIndex, inits: dict[str
         return None
     index.uses.update(k for k in keys if k in index.pairs)
     base = node.name or "attention"
+    if all(p is not None for p in pairs) and len({_digest(p.down) for p in pairs}) == 1:  # type: ignore[union-attr]
+        return _joint_attention(node, pairs, build)  # type: ignore[arg-type]
     nodes: list[onnx.NodeProto] = []
     projected: list[str] = [""] * 3
     low = [i for i, p in enumerate(pairs) if p is not None]
@@ -276,6 +284,19 @@ def _attention_to_mha(node: onnx.NodeProto, index: LowRankIndex, inits: dict[str
     return nodes
 
 
+def _joint_attention(node: onnx.NodeProto, pairs: list[LowRankPair], build: _Builder) -> list[onnx.NodeProto]:
+    """``Attention(x @ D, [Uq | Uk | Uv])``: the fused operator itself, on the shared down-projection's output."""
+    base = node.name or "attention"
+    down = build.initializer(pairs[0].down, f"{base}_lowrank_qkv_down")
+    up = build.initializer(np.concatenate([p.up for p in pairs], axis=1), f"{base}_lowrank_qkv_up")
+    reduced = build.unique(f"{base}_lowrank_qkv_down_out")
+    attention = helper.make_node("Attention", [reduced, up, *node.input[2:]], list(node.output), domain=MS_DOMAIN,
+                                 name=build.unique(f"{base}_lowrank"))
+    attention.attribute.extend(node.attribute)
+    return [helper.make_node("MatMul", [node.input[0], down], [reduced], name=build.unique(f"{base}_lowrank_down")),
+            attention]
+
+
 def restore(model: onnx.ModelProto, index: LowRankIndex) -> onnx.ModelProto:
     """Put the factorised layers back into an optimised graph built from :func:`densify`'s output.
 
@@ -287,6 +308,7 @@ def restore(model: onnx.ModelProto, index: LowRankIndex) -> onnx.ModelProto:
     inits = _initializers(graph)
     build = _Builder(graph)
     out_nodes: list[onnx.NodeProto] = []
+    reduced: dict[tuple[str, str], str] = {}  # (input, down-projection) -> its output, computed once
     for node in graph.node:
         if node.op_type == "Attention" and node.domain == MS_DOMAIN:
             replacement = _attention_to_mha(node, index, inits, build)
@@ -301,9 +323,11 @@ def restore(model: onnx.ModelProto, index: LowRankIndex) -> onnx.ModelProto:
                 index.uses[key] += 1
                 down = build.initializer(pair.down, pair.down_name)
                 up = build.initializer(pair.up, pair.up_name)
-                mid = build.unique(f"{node.name or 'matmul'}_lowrank")
-                out_nodes.append(helper.make_node("MatMul", [node.input[0], down], [mid],
-                                                  name=build.unique(f"{node.name}_down")))
+                mid = reduced.get((node.input[0], down))
+                if mid is None:
+                    mid = reduced[(node.input[0], down)] = build.unique(f"{node.name or 'matmul'}_lowrank")
+                    out_nodes.append(helper.make_node("MatMul", [node.input[0], down], [mid],
+                                                      name=build.unique(f"{node.name}_down")))
                 out_nodes.append(helper.make_node("MatMul", [mid, up], list(node.output),
                                                   name=build.unique(f"{node.name}_up")))
                 continue

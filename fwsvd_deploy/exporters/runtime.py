@@ -45,8 +45,13 @@ def require_provider(device: str) -> str:
     return provider
 
 
-def make_session(path: str | Path, device: str = "cpu", threads: int | None = None) -> Any:
-    """An InferenceSession on ``device`` with all graph optimisations and fixed thread counts."""
+def make_session(path: str | Path, device: str = "cpu", threads: int | None = None, spinning: bool = True) -> Any:
+    """An InferenceSession on ``device`` with all graph optimisations and fixed thread counts.
+
+    ``spinning=False`` makes idle intra-op threads sleep instead of busy-waiting for the next operator; sessions
+    timed one after another in one process need it, or the previous session's spinning threads take cores
+    from the one being timed.
+    """
     import onnxruntime as ort
 
     provider = require_provider(device)
@@ -55,6 +60,8 @@ def make_session(path: str | Path, device: str = "cpu", threads: int | None = No
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     try:
         # TensorRT takes what it can and leaves the rest of the graph to CUDA

@@ -76,11 +76,15 @@ def measure_latency(
 ) -> dict[str, Any]:
     """Time every model on every batch x sequence cell, interleaved round by round, the order alternating.
 
+    Sessions run with intra-op spinning off (see :func:`~fwsvd_deploy.exporters.runtime.make_session`).
+
     Returns:
         ``{"cells": [{batch, sequence, models: {name: summary}, ratios: {name: {p50, p10, p90}}}], "environment"}``.
         Ratios are against the first model; p10/p90 are of the per-round ratio.
     """
-    sessions = {name: make_session(Path(path) / ONNX_FILE, device, threads=threads) for name, path in models.items()}
+    # several sessions share the cores: without spinning, none runs on the cores of the one timed before it
+    sessions = {name: make_session(Path(path) / ONNX_FILE, device, threads=threads, spinning=False)
+                for name, path in models.items()}
     names = list(sessions)
     cells = []
     grid = [(b, s) for b in batch_sizes for s in seq_lens]
