@@ -227,7 +227,7 @@ def _split_qkv(weight: np.ndarray, node: onnx.NodeProto) -> list[np.ndarray] | N
     return [weight[:, bounds[i]:bounds[i + 1]] for i in range(3)]
 
 
-def _attention_to_mha(node: onnx.NodeProto, index: LowRankIndex, inits: dict[str, onnx.TensorProto],
+def _restore_attention(node: onnx.NodeProto, index: LowRankIndex, inits: dict[str, onnx.TensorProto],
                       build: _Builder) -> list[onnx.NodeProto] | None:
     """Nodes replacing a fused Attention whose q/k/v weights are known products; None to keep it."""
     inputs = list(node.input) + [""] * (6 - len(node.input))
@@ -243,8 +243,9 @@ def _attention_to_mha(node: onnx.NodeProto, index: LowRankIndex, inits: dict[str
         return None
     index.uses.update(k for k in keys if k in index.pairs)
     base = node.name or "attention"
-    if all(p is not None for p in pairs) and len({_digest(p.down) for p in pairs}) == 1:  # type: ignore[union-attr]
-        return _joint_attention(node, pairs, build)  # type: ignore[arg-type]
+    found = [p for p in pairs if p is not None]
+    if len(found) == 3 and len({_digest(p.down) for p in found}) == 1:
+        return _joint_attention(node, found, build)
     nodes: list[onnx.NodeProto] = []
     projected: list[str] = [""] * 3
     low = [i for i, p in enumerate(pairs) if p is not None]
@@ -311,7 +312,7 @@ def restore(model: onnx.ModelProto, index: LowRankIndex) -> onnx.ModelProto:
     reduced: dict[tuple[str, str], str] = {}  # (input, down-projection) -> its output, computed once
     for node in graph.node:
         if node.op_type == "Attention" and node.domain == MS_DOMAIN:
-            replacement = _attention_to_mha(node, index, inits, build)
+            replacement = _restore_attention(node, index, inits, build)
             if replacement is not None:
                 out_nodes.extend(replacement)
                 continue
