@@ -23,7 +23,7 @@ from .report import CompressionReport, LayerReport
 from .svd import Decomposition, decompose, max_saving_rank, relative_error
 
 SUPPORTED_TYPES = (nn.Linear, Conv1D)
-# child names of the query / key / value projections of one attention block (BERT family, DistilBERT, BART-style)
+# child names of the query / key / value projections of one attention block (BERT family, DistilBERT, *_proj naming)
 QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_proj", "k_proj", "v_proj"))
 _SUPPORTED_NAMES = "torch.nn.Linear, transformers Conv1D"
 _BLOCK_INDEX = re.compile(r"\.\d+\.")
