@@ -28,7 +28,7 @@ from .errors import FwsvdError, ModelLoadError, OutputExistsError
 from .modeling import PLAN_FILE, package_versions, read_plan
 
 PLAN_FORMAT = "fwsvd-deploy/compressed-model"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: layers may name a ``shared_down`` (joint q/k/v); plans without one are still written as 1
 
 
 def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
@@ -141,7 +141,8 @@ def write_compressed(
         raise FwsvdError("the model has no factorised layers; use save_model for a dense model")
     plan: dict[str, Any] = {
         "format": PLAN_FORMAT,
-        "format_version": PLAN_VERSION,
+        # a reader that predates shared down-projections refuses the plan instead of failing on missing weights
+        "format_version": 2 if any("shared_down" in spec for spec in layers.values()) else 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "architecture": type(model).__name__,
         "layers": layers,

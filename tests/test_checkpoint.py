@@ -22,6 +22,7 @@ def test_save_load_gives_identical_logits(arch, tokenizer, data, tmp_path):
     save_compressed(model, tmp_path / "m", tokenizer, report=report, metadata={"input_model_hash": "abc"})
     plan = json.loads((tmp_path / "m" / "compression.json").read_text())
     assert plan["method"] == "fwsvd" and plan["input_model_hash"] == "abc" and "torch" in plan["versions"]
+    assert plan["format_version"] == 1  # no shared down-projection: readable by every version
     assert {k: v["rank"] for k, v in plan["layers"].items()} == report.ranks
     loaded = load_compressed(tmp_path / "m")
     torch.testing.assert_close(logits(loaded, tokenizer, data), expected, atol=TOL["reload"], rtol=0)
@@ -78,6 +79,7 @@ def test_joint_qkv_round_trip_keeps_the_shared_down(tmp_path, tokenizer, data):
     plan = json.loads((tmp_path / "m" / "compression.json").read_text())
     query = "bert.encoder.layer.0.attention.self.query"
     assert plan["layers"][f"{query[:-5]}key"]["shared_down"] == query and "shared_down" not in plan["layers"][query]
+    assert plan["format_version"] == 2
     loaded = load_compressed(tmp_path / "m")
     attention = loaded.bert.encoder.layer[0].attention.self
     assert attention.query.down is attention.key.down is attention.value.down
