@@ -145,8 +145,6 @@ class Unit:
 
     @property
     def weight(self) -> torch.Tensor:
-        if len(self.members) == 1:
-            return self.members[0].weight
         return torch.cat([t.weight for t in self.members])
 
     @property
@@ -164,12 +162,12 @@ def qkv_groups(targets: list[Target]) -> list[tuple[Target, ...]]:
     for t in targets:
         parent, _, child = t.name.rpartition(".")
         for names in QKV_NAMES:
-            if child != names[0]:
+            full = [f"{parent}.{n}" if parent else n for n in names]
+            if child != names[0] or not all(n in by_name for n in full):
                 continue
-            members = [by_name.get(f"{parent}.{n}" if parent else n) for n in names]
-            if all(m is not None and m.kind == "linear" for m in members) \
-                    and len({m.shape[1] for m in members if m is not None}) == 1:
-                groups.append(tuple(m for m in members if m is not None))
+            members = tuple(by_name[n] for n in full)
+            if all(m.kind == "linear" for m in members) and len({m.shape[1] for m in members}) == 1:
+                groups.append(members)
     return groups
 
 
@@ -255,8 +253,7 @@ def compress(model: nn.Module, cfg: CompressionConfig, fisher: Any = None) -> Co
     fishers: dict[str, torch.Tensor] = {}
     if stats is not None:
         for u in units:
-            parts = [_fisher_tensor(stats, t) for t in u.members]
-            fishers[u.name] = parts[0] if len(parts) == 1 else torch.cat(parts)
+            fishers[u.name] = torch.cat([_fisher_tensor(stats, t) for t in u.members])
     decomps: dict[str, Decomposition] = {}
     for u in units:
         weighted = fishers[u.name] if cfg.method == "fwsvd" else None
