@@ -2,7 +2,8 @@
 
 Fine-tunes all-MiniLM-L6-v2 on the built-in Rotten Tomatoes training split (cached under --work), collects one
 Fisher pass, then compresses a copy per method x kept fraction and evaluates each on the test split. The
-`-joint` columns factorise each attention block's q/k/v stacked, with one shared down-projection.
+`-joint` columns factorise each attention block's q/k/v stacked, with one shared down-projection; `-x16` rounds
+every rank to a multiple of 16 within the same budget (`rank_multiple=16`).
 
     python benchmarks/accuracy.py --ratios 0.5,0.3
 
@@ -35,12 +36,15 @@ from fwsvd_deploy import (
 from fwsvd_deploy.modeling import EMBEDDED_MODEL, package_versions
 
 HERE = Path(__file__).resolve().parent
-METHODS = (("svd", None, "separate"), ("fwsvd", "input", "separate"), ("fwsvd", "output", "separate"),
-           ("fwsvd", "both", "separate"), ("svd", None, "joint"), ("fwsvd", "both", "joint"))
+# method, Fisher axis, q/k/v mode, rank multiple
+METHODS = (("svd", None, "separate", 1), ("fwsvd", "input", "separate", 1), ("fwsvd", "output", "separate", 1),
+           ("fwsvd", "both", "separate", 1), ("svd", None, "joint", 1), ("fwsvd", "both", "joint", 1),
+           ("fwsvd", "both", "joint", 16))
 
 
-def label(method: str, axis: str | None, qkv: str) -> str:
-    return (method if axis is None else f"{method}-{axis}") + ("-joint" if qkv == "joint" else "")
+def label(method: str, axis: str | None, qkv: str, multiple: int) -> str:
+    name = method if axis is None else f"{method}-{axis}"
+    return name + ("-joint" if qkv == "joint" else "") + (f"-x{multiple}" if multiple > 1 else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,12 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     fisher_seconds = time.perf_counter() - start
     rows = []
     for ratio in (float(r) for r in a.ratios.split(",")):
-        for method, axis, qkv in METHODS:
+        for method, axis, qkv, multiple in METHODS:
             model = copy.deepcopy(base)
-            cfg = CompressionConfig(method=method, fisher_axis=axis or "both", ratio=ratio, qkv=qkv)
+            cfg = CompressionConfig(method=method, fisher_axis=axis or "both", ratio=ratio, qkv=qkv,
+                                    rank_multiple=multiple)
             report = compress(model, cfg, fisher if method == "fwsvd" else None)
             acc = evaluate(model, splits.eval, tokenizer, max_length=a.max_length).accuracy
-            rows.append({"ratio": ratio, "method": label(method, axis, qkv), "accuracy": acc,
+            rows.append({"ratio": ratio, "method": label(method, axis, qkv, multiple), "accuracy": acc,
                          "kept_fraction": report.kept_fraction})
             print(rows[-1], flush=True)
     result = {"benchmark": "accuracy", "model": EMBEDDED_MODEL, "data": data.to_dict(),

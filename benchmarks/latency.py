@@ -2,8 +2,9 @@
 
 Builds (or reuses) the graphs under --work: the baseline and SVD-factorised models keeping 0.25 / 0.5 / 0.75 of
 the encoder's block-linear weights (latency depends on the ranks, not on how the factors were chosen), with
-q/k/v factorised one by one (`keep-K`, run as MultiHeadAttention) and jointly (`keep-K-joint`, run as the fused
-Attention operator), each exported and optimised through the same path (`export_onnx` -> `optimize_onnx`).
+q/k/v factorised one by one (`keep-K`, run as MultiHeadAttention), jointly (`keep-K-joint`, run as the fused
+Attention operator), and jointly with every rank a multiple of 16 at the same budget (`keep-K-joint-x16`,
+`rank_multiple=16`), each exported and optimised through the same path (`export_onnx` -> `optimize_onnx`).
 Then, in one process, with a fixed thread count, it times every graph interleaved: warm-up, then rounds in
 which each graph runs once, the order alternating (see `measure_latency`).
 It reports median / p90 / p99, the ratio to the baseline's median, the weight-matmul FLOP ratio, and ONNX
@@ -34,22 +35,23 @@ from fwsvd_deploy.validators.latency import measure_latency, synthetic_inputs
 
 HERE = Path(__file__).resolve().parent
 KEEPS = (0.25, 0.5, 0.75)
-QKV = ("separate", "joint")
+# name suffix, q/k/v mode, rank multiple
+VARIANTS = (("", "separate", 1), ("-joint", "joint", 1), ("-joint-x16", "joint", 16))
 
 
 def build(work: Path, model_spec: str, keeps: tuple[float, ...]) -> dict[str, Path]:
-    """Export and optimise the baseline and one compressed model per kept fraction and q/k/v mode; reuse what exists."""
+    """Export and optimise the baseline and one compressed model per kept fraction and variant; reuse what exists."""
     graphs = {}
     base = load_classifier(model_spec, label_names=("rotten", "fresh"))
     tokenizer = load_tokenizer(model_spec)
-    variants = [("baseline", None, None)]
-    variants += [(f"keep-{k}" + ("-joint" if q == "joint" else ""), k, q) for k in keeps for q in QKV]
-    for name, keep, qkv in variants:
+    variants = [("baseline", None, "separate", 1)]
+    variants += [(f"keep-{k}{suffix}", k, qkv, multiple) for k in keeps for suffix, qkv, multiple in VARIANTS]
+    for name, keep, qkv, multiple in variants:
         optimized = work / f"{name}-optimized"
         if not (optimized / "model.onnx").is_file():
             model = copy.deepcopy(base)
             if keep is not None:
-                compress(model, CompressionConfig(method="svd", ratio=keep, qkv=qkv))
+                compress(model, CompressionConfig(method="svd", ratio=keep, qkv=qkv, rank_multiple=multiple))
             torch_dir = work / f"{name}-torch"
             save_model(model, torch_dir, tokenizer, overwrite=True)
             export_onnx(torch_dir, ExportConfig(), work / f"{name}-onnx", overwrite=True)

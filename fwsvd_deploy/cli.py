@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'all-linear', comma-separated name suffixes, or re:REGEX (default: %(default)s)")
     g.add_argument("--exclude", default=None, help="comma-separated name suffixes or re:REGEX to leave dense")
     g.add_argument("--rank-override", action="append", metavar="NAME=RANK", help="per-layer rank (repeatable)")
+    g.add_argument("--rank-multiple", type=int, default=1, metavar="N",
+                   help="round allocated ranks to multiples of N within the same budget, to match SIMD widths "
+                        "(16 floats with AVX-512) or tensor-core tiles (8/16) (default: %(default)s, no rounding)")
     g.add_argument("--qkv", default="separate", choices=["separate", "joint"],
                    help="factorise q/k/v one by one, or stacked with one shared down-projection, which ONNX "
                         "Runtime runs as its fused Attention operator (default: %(default)s)")
@@ -260,7 +263,7 @@ def _cmd_compress(a: argparse.Namespace) -> int:
     comp = CompressionConfig(
         method=a.method, fisher_axis=a.fisher_axis, ratio=a.ratio, rank=a.rank, allocation=a.allocation,
         target_modules=_targets(a.targets), exclude_modules=None if a.exclude is None else _targets(a.exclude),
-        rank_overrides=_overrides(a.rank_override), qkv=a.qkv,
+        rank_overrides=_overrides(a.rank_override), qkv=a.qkv, rank_multiple=a.rank_multiple,
     )
     fisher = FisherConfig(num_samples=a.fisher_samples, estimator=a.fisher_estimator,
                           batch_size=a.fisher_batch_size, cache_dir=cache)

@@ -152,7 +152,11 @@ class CompressionConfig(_Config):
         target_modules: ``"all-linear"`` (every Linear/Conv1D inside the repeated transformer blocks),
             a list of name suffixes, or a regular expression matched against the full module name.
         exclude_modules: names (suffix list) or a regex removed from the targets.
-        rank_overrides: module-name suffix -> rank, applied after allocation.
+        rank_overrides: module-name suffix -> rank, applied after allocation (taken as given).
+        rank_multiple: make every allocated rank a multiple of this (1: no rounding), within the same budget
+            (see :func:`~fwsvd_deploy.compression.ranks.uniform_ranks`). GEMM kernels tile by the SIMD width
+            (16 floats with AVX-512) or the tensor-core tile (8 or 16), so a rank off those sizes wastes a
+            partial tile.
         eps: importance floor, relative to the largest row/column importance of a layer.
         qkv: ``separate`` factorises an attention block's query, key and value projections one by one (the
             paper); ``joint`` factorises the three stacked (``[Wq; Wk; Wv] ~= [Uq; Uk; Uv] D``), sharing one
@@ -171,6 +175,7 @@ class CompressionConfig(_Config):
     rank_overrides: Mapping[str, int] = field(default_factory=dict)
     eps: float = 1e-6
     qkv: str = "separate"
+    rank_multiple: int = 1
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
@@ -182,6 +187,10 @@ class CompressionConfig(_Config):
         if self.rank is None and self.ratio is None:
             object.__setattr__(self, "ratio", 0.5)
         _check_int("rank", self.rank, 1, optional=True)
+        _check_int("rank_multiple", self.rank_multiple, 1)
+        if self.rank is not None and self.rank % self.rank_multiple:
+            raise ConfigError(f"rank={self.rank} is not a multiple of rank_multiple={self.rank_multiple}; "
+                              f"give a rank that is, or leave rank_multiple at 1")
         _check_float("ratio", self.ratio, 0.0, 1.0, low_open=True, optional=True)
         if self.allocation == "fisher" and self.method != "fwsvd":
             raise ConfigError("allocation='fisher' ranks layers by Fisher-weighted error; it needs method='fwsvd'")

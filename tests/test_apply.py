@@ -175,6 +175,8 @@ def test_fisher_allocation_meets_the_budget(tokenizer, data):
         ({"method": "svd", "allocation": "fisher"}, "needs method='fwsvd'"),
         ({"target_modules": []}, "target_modules"),
         ({"rank_overrides": {"q": 0}}, "rank_overrides"),
+        ({"rank_multiple": 0}, "rank_multiple"),
+        ({"rank": 12, "rank_multiple": 8}, "not a multiple of rank_multiple=8"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, match):

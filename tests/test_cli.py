@@ -29,11 +29,13 @@ def test_finetune_compress_recover(capsys, tmp_path, tiny_bert_dir, toy_csv):
     assert "fine-tuned model" in out and "accuracy" in out
     code, out, err = _run(capsys, "compress", "--model", str(tmp_path / "ft"), "--out", str(tmp_path / "c"),
                           "--ratio", "0.5", "--fisher-axis", "output", "--qkv", "joint",
-                          "--fisher-cache", str(tmp_path / "cache"), *_data_args(toy_csv))
+                          "--rank-multiple", "4", "--fisher-cache", str(tmp_path / "cache"), *_data_args(toy_csv))
     assert code == 0, err
     assert "**fwsvd**, Fisher axis output" in out and "eval accuracy: baseline" in out
+    assert "ratio 0.5, ranks multiples of 4" in out
     plan = read_plan(tmp_path / "c")
     assert plan["compression"]["qkv"] == "joint" and sum("shared_down" in v for v in plan["layers"].values()) == 4
+    assert plan["compression"]["rank_multiple"] == 4 and all(v["rank"] % 4 == 0 for v in plan["layers"].values())
     assert plan["compression"]["fisher_axis"] == "output" and plan["fisher"]["num_examples"] == 72
     assert plan["evaluation"]["compressed"]["accuracy"] >= 0 and (tmp_path / "c" / "compression_report.md").exists()
     assert len(plan["input_model_hash"]) == 64
@@ -65,6 +67,9 @@ def _bad_cases(tiny_bert_dir, toy_csv, tmp_path):
         "unknown hub id": (["compress", "--model", "no-such-org/no-such-model", *data], "cannot load"),
         "no target": (["compress", *model, "--targets", "does_not_exist", *data], "no module matched"),
         "rank zero": (["compress", *model, "--rank", "0", *data], "rank=0"),
+        "rank multiple zero": (["compress", *model, "--rank-multiple", "0", *data], "rank_multiple=0"),
+        "rank not a multiple": (["compress", *model, "--rank", "6", "--rank-multiple", "4", *data],
+                                "not a multiple of rank_multiple=4"),
         "ratio above one": (["compress", *model, "--ratio", "1.5", *data], "ratio=1.5"),
         "ratio zero": (["compress", *model, "--ratio", "0", *data], "ratio=0"),
         "dataset missing": (["compress", *model, "--dataset", str(tmp_path / "none.csv")], "does not exist"),

@@ -55,3 +55,49 @@ def test_greedy_meets_budget_and_follows_gains(ratio):
     )
     assert ranks["a"] >= ranks["b"]
     assert all(r is not None and 1 <= r <= max_saving_rank(shapes[k]) for k, r in ranks.items())
+
+
+MINILM = {f"{i}.{k}": s for i in range(6) for k, s in
+          {"qkv": (1152, 384), "o": (384, 384), "ffn_in": (1536, 384), "ffn_out": (384, 1536)}.items()}
+
+
+@pytest.mark.parametrize("multiple", [8, 16, 32])
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_uniform_multiple_keeps_the_budget_with_aligned_ranks(ratio, multiple):
+    ranks = uniform_ranks(MINILM, ratio, multiple)
+    budget = ratio * sum(m * n for m, n in MINILM.values())
+    spent = _spent(MINILM, ranks)
+    assert all(r is not None and r % multiple == 0 for r in ranks.values())
+    assert spent <= budget
+    assert budget - spent < max(multiple * (m + n) for m, n in MINILM.values())  # nothing left that fits
+    for k, (m, n) in MINILM.items():  # no layer moves more than one step from its own share
+        assert abs(ranks[k] - ratio * m * n / (m + n)) < multiple
+
+
+def test_uniform_multiple_on_minilm_at_half():
+    # shares: q/k/v stacked 144, attention output 96 (already aligned), FFN 153.6 -> 144 or 160
+    ranks = uniform_ranks(MINILM, 0.5, 16)
+    assert {ranks[f"{i}.qkv"] for i in range(6)} == {144} and {ranks[f"{i}.o"] for i in range(6)} == {96}
+    ffn = [ranks[f"{i}.{k}"] for i in range(6) for k in ("ffn_in", "ffn_out")]
+    assert sorted(set(ffn)) == [144, 160] and ffn.count(160) == 7  # 12 x 9.6 x 1920 freed, 30720 a step
+    assert uniform_ranks(MINILM, 0.5, 1) == uniform_ranks(MINILM, 0.5)
+
+
+def test_uniform_multiple_leaves_layers_dense_when_no_aligned_rank_saves():
+    # 32x32 saves parameters up to rank 15: no multiple of 16 does
+    assert uniform_ranks({"q": (32, 32), "ffn": (64, 64)}, 0.5, 16) == {"q": None, "ffn": 16}
+
+
+@pytest.mark.parametrize("multiple", [4, 8])
+def test_greedy_multiple_takes_aligned_steps_within_budget(multiple):
+    shapes = {"a": (64, 64), "b": (64, 64), "c": (128, 64)}
+    g = torch.Generator().manual_seed(0)
+    gains = {k: torch.sort(torch.rand(64, generator=g) * s, descending=True).values
+             for k, s in (("a", 10.0), ("b", 0.1), ("c", 1.0))}
+    ranks = greedy_ranks(shapes, gains, 0.5, multiple)
+    budget = 0.5 * sum(m * n for m, n in shapes.values())
+    assert all(r is not None and r % multiple == 0 and r <= max_saving_rank(shapes[k]) for k, r in ranks.items())
+    assert _spent(shapes, ranks) <= budget
+    assert budget - _spent(shapes, ranks) < multiple * max(m + n for m, n in shapes.values())
+    assert ranks["a"] >= ranks["b"]
+    assert greedy_ranks(shapes, gains, 0.5, 1) == greedy_ranks(shapes, gains, 0.5)

@@ -264,9 +264,9 @@ def compress(model: nn.Module, cfg: CompressionConfig, fisher: Any = None) -> Co
         ranks = fixed_ranks(shapes, cfg.rank)
     elif cfg.allocation == "fisher":
         gains = {u.name: _allocation_gain(decomps[u.name], fishers[u.name], cfg.fisher_axis) for u in units}
-        ranks = greedy_ranks(shapes, gains, cfg.ratio)  # type: ignore[arg-type]
+        ranks = greedy_ranks(shapes, gains, cfg.ratio, cfg.rank_multiple)  # type: ignore[arg-type]
     else:
-        ranks = uniform_ranks(shapes, cfg.ratio)  # type: ignore[arg-type]
+        ranks = uniform_ranks(shapes, cfg.ratio, cfg.rank_multiple)  # type: ignore[arg-type]
     _apply_overrides(ranks, units, cfg.rank_overrides)
 
     replacements: dict[str, LowRankLinear] = {}
@@ -307,6 +307,7 @@ def compress(model: nn.Module, cfg: CompressionConfig, fisher: Any = None) -> Co
         layers=tuple(layers),
         model_params_before=params_before,
         model_params_after=sum(p.numel() for p in model.parameters()),
+        rank_multiple=cfg.rank_multiple,
     )
 
 

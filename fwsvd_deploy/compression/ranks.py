@@ -18,61 +18,89 @@ def fixed_ranks(shapes: Mapping[str, Shape], rank: int) -> dict[str, int | None]
     return {name: rank if rank <= max_saving_rank(shape) else None for name, shape in shapes.items()}
 
 
-def uniform_ranks(shapes: Mapping[str, Shape], ratio: float) -> dict[str, int | None]:
+def uniform_ranks(shapes: Mapping[str, Shape], ratio: float, multiple: int = 1) -> dict[str, int | None]:
     """Keep ``ratio`` of each layer's weight parameters: ``r = floor(ratio * m * n / (m + n))``, at least 1.
 
-    A layer whose rank would not save parameters is left dense (``None``).
+    With ``multiple > 1`` every rank is a multiple of it (SIMD widths and tensor-core tiles run such GEMMs
+    at a better rate): each rank is rounded down, at least one ``multiple``, and the parameters that rounding
+    freed go back one ``multiple`` at a time to the layers that were rounded down, those that lost most first,
+    while the total stays within ``ratio`` of the factorised layers' parameters. No layer ends a whole
+    ``multiple`` away from its own share.
+
+    A layer with no (aligned) rank that saves parameters is left dense (``None``).
     """
     out: dict[str, int | None] = {}
+    share: dict[str, float] = {}
     for name, (m, n) in shapes.items():
-        rank = max(1, math.floor(ratio * m * n / (m + n)))
-        out[name] = rank if rank <= max_saving_rank((m, n)) else None
+        share[name] = ratio * m * n / (m + n)
+        rank = max(multiple, math.floor(share[name] / multiple) * multiple)
+        out[name] = rank if rank <= _cap(m, n, multiple) else None
+    if multiple == 1:
+        return out
+    factorised = {name: rank for name, rank in out.items() if rank is not None}
+    left = sum(ratio * m * n - factorised[k] * (m + n) for k, (m, n) in shapes.items() if k in factorised)
+    rounded_down = [k for k, rank in factorised.items() if rank < share[k]]
+    for name in sorted(rounded_down, key=lambda k: factorised[k] - share[k]):
+        m, n = shapes[name]
+        step = multiple * (m + n)
+        if factorised[name] + multiple <= _cap(m, n, multiple) and step <= left:
+            out[name] = factorised[name] + multiple
+            left -= step
     return out
+
+
+def _cap(m: int, n: int, multiple: int) -> int:
+    """The largest rank that is a multiple of ``multiple`` and still saves parameters (0 if none)."""
+    return max_saving_rank((m, n)) // multiple * multiple
 
 
 def greedy_ranks(
     shapes: Mapping[str, Shape],
     gains: Mapping[str, torch.Tensor],
     ratio: float,
+    multiple: int = 1,
 ) -> dict[str, int | None]:
     """Spend ``ratio * sum(m * n)`` parameters where error falls most per parameter.
 
-    Every layer starts at rank 1. ``gains[name][k]`` is the error removed by going from rank ``k`` to
-    ``k + 1`` (non-increasing in ``k``); each step costs ``m + n`` parameters. Steps are taken in order of
-    gain per parameter while they fit the budget, up to the largest rank that still saves parameters.
-    Layers where no rank saves parameters stay dense (``None``) and are charged in full.
+    Every layer starts at rank ``multiple`` (1 by default). ``gains[name][k]`` is the error removed by going
+    from rank ``k`` to ``k + 1`` (non-increasing in ``k``); a step adds ``multiple`` to the rank, removes the
+    sum of those gains and costs ``multiple * (m + n)`` parameters. Steps are taken in order of gain per
+    parameter while they fit the budget, up to the largest rank that still saves parameters.
+    Layers where no such rank exists stay dense (``None``) and are charged in full.
     """
     ranks: dict[str, int | None] = {}
     budget = ratio * sum(m * n for m, n in shapes.values())
     spent = 0
-    for name, shape in shapes.items():
-        if max_saving_rank(shape) < 1:
+    for name, (m, n) in shapes.items():
+        if _cap(m, n, multiple) < multiple:
             ranks[name] = None
-            spent += shape[0] * shape[1]
+            spent += m * n
         else:
-            ranks[name] = 1
-            spent += low_rank_params(shape, 1)
+            ranks[name] = multiple
+            spent += low_rank_params((m, n), multiple)
     heap: list[tuple[float, int, str]] = []
     order = {name: i for i, name in enumerate(shapes)}
     for name, rank in ranks.items():
         if rank is not None:
-            _push(heap, name, rank, shapes[name], gains[name], order[name])
+            _push(heap, name, rank, shapes[name], gains[name], order[name], multiple)
     while heap:
         _, _, name = heapq.heappop(heap)
         shape = shapes[name]
-        cost = shape[0] + shape[1]
+        cost = multiple * (shape[0] + shape[1])
         if spent + cost > budget:
             continue  # this layer's next step does not fit; later steps of it cost the same
         rank = ranks[name]
         assert rank is not None
-        ranks[name] = rank + 1
+        ranks[name] = rank + multiple
         spent += cost
-        _push(heap, name, rank + 1, shape, gains[name], order[name])
+        _push(heap, name, rank + multiple, shape, gains[name], order[name], multiple)
     return ranks
 
 
-def _push(heap: list[tuple[float, int, str]], name: str, rank: int, shape: Shape, gain: torch.Tensor, tie: int) -> None:
-    if rank >= max_saving_rank(shape) or rank >= gain.numel():
+def _push(
+    heap: list[tuple[float, int, str]], name: str, rank: int, shape: Shape, gain: torch.Tensor, tie: int, multiple: int
+) -> None:
+    if rank + multiple > _cap(*shape, multiple) or rank + multiple > gain.numel():
         return
-    per_param = float(gain[rank]) / (shape[0] + shape[1])
+    per_param = float(gain[rank : rank + multiple].sum()) / (multiple * (shape[0] + shape[1]))
     heapq.heappush(heap, (-per_param, tie, name))

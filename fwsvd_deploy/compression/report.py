@@ -45,6 +45,7 @@ class CompressionReport:
     layers: tuple[LayerReport, ...]
     model_params_before: int
     model_params_after: int
+    rank_multiple: int = 1
 
     @property
     def target_params_before(self) -> int:
@@ -103,6 +104,8 @@ class CompressionReport:
     def to_markdown(self, max_rows: int | None = None) -> str:
         """A table a person reads: one row per layer, then totals."""
         setting = f"ratio {self.ratio}" if self.rank is None else f"rank {self.rank}"
+        if self.rank_multiple > 1:
+            setting += f", ranks multiples of {self.rank_multiple}"
         axis = f", Fisher axis {self.fisher_axis}" if self.fisher_axis else ""
         lines = [
             f"**{self.method}**{axis}, {self.allocation} allocation, {setting}: "
