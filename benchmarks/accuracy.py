@@ -3,7 +3,8 @@
 Fine-tunes all-MiniLM-L6-v2 on the built-in Rotten Tomatoes training split (cached under --work), collects one
 Fisher pass, then compresses a copy per method x kept fraction and evaluates each on the test split. The
 `-joint` columns factorise each attention block's q/k/v stacked, with one shared down-projection; `-x16` rounds
-every rank to a multiple of 16 within the same budget (`rank_multiple=16`).
+every rank to a multiple of 16 within the same budget (`rank_multiple=16`); `-fisher-alloc` spends the budget
+greedily over the Fisher-weighted singular values instead of uniformly.
 
     python benchmarks/accuracy.py --ratios 0.5,0.3
 
@@ -36,15 +37,25 @@ from fwsvd_deploy import (
 from fwsvd_deploy.modeling import EMBEDDED_MODEL, package_versions
 
 HERE = Path(__file__).resolve().parent
-# method, Fisher axis, q/k/v mode, rank multiple
-METHODS = (("svd", None, "separate", 1), ("fwsvd", "input", "separate", 1), ("fwsvd", "output", "separate", 1),
-           ("fwsvd", "both", "separate", 1), ("svd", None, "joint", 1), ("fwsvd", "both", "joint", 1),
-           ("fwsvd", "both", "joint", 16))
+# one column per setting: CompressionConfig fields besides the ratio
+METHODS = (
+    {"method": "svd"},
+    {"method": "fwsvd", "fisher_axis": "input"},
+    {"method": "fwsvd", "fisher_axis": "output"},
+    {"method": "fwsvd", "fisher_axis": "both"},
+    {"method": "svd", "qkv": "joint"},
+    {"method": "fwsvd", "fisher_axis": "both", "qkv": "joint"},
+    {"method": "fwsvd", "fisher_axis": "both", "qkv": "joint", "rank_multiple": 16},
+    {"method": "fwsvd", "fisher_axis": "both", "allocation": "fisher"},
+)
 
 
-def label(method: str, axis: str | None, qkv: str, multiple: int) -> str:
-    name = method if axis is None else f"{method}-{axis}"
-    return name + ("-joint" if qkv == "joint" else "") + (f"-x{multiple}" if multiple > 1 else "")
+def label(setting: dict) -> str:
+    """Column name: method[-axis][-joint][-xN][-fisher-alloc]."""
+    name = setting["method"] + (f"-{setting['fisher_axis']}" if "fisher_axis" in setting else "")
+    name += "-joint" if setting.get("qkv") == "joint" else ""
+    name += f"-x{setting['rank_multiple']}" if setting.get("rank_multiple", 1) > 1 else ""
+    return name + ("-fisher-alloc" if setting.get("allocation") == "fisher" else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,13 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     fisher_seconds = time.perf_counter() - start
     rows = []
     for ratio in (float(r) for r in a.ratios.split(",")):
-        for method, axis, qkv, multiple in METHODS:
+        for setting in METHODS:
             model = copy.deepcopy(base)
-            cfg = CompressionConfig(method=method, fisher_axis=axis or "both", ratio=ratio, qkv=qkv,
-                                    rank_multiple=multiple)
-            report = compress(model, cfg, fisher if method == "fwsvd" else None)
+            cfg = CompressionConfig(ratio=ratio, **setting)
+            report = compress(model, cfg, fisher if cfg.method == "fwsvd" else None)
             acc = evaluate(model, splits.eval, tokenizer, max_length=a.max_length).accuracy
-            rows.append({"ratio": ratio, "method": label(method, axis, qkv, multiple), "accuracy": acc,
+            rows.append({"ratio": ratio, "method": label(setting), "accuracy": acc,
                          "kept_fraction": report.kept_fraction})
             print(rows[-1], flush=True)
     result = {"benchmark": "accuracy", "model": EMBEDDED_MODEL, "data": data.to_dict(),
@@ -92,11 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"Accuracy on {len(splits.eval)} Rotten Tomatoes test reviews, no fine-tuning after compression "
              f"(baseline {baseline:.4f}; MiniLM fine-tuned on {a.train_samples} reviews, 1 epoch; Fisher from "
              f"{a.fisher_samples} examples)", "",
-             "| kept | " + " | ".join(label(*m) for m in METHODS) + " |",
+             "| kept | " + " | ".join(label(m) for m in METHODS) + " |",
              "|---:|" + "---:|" * len(METHODS)]
     for ratio in ratios:
         accs = {r["method"]: r["accuracy"] for r in rows if r["ratio"] == ratio}
-        lines.append(f"| {ratio} | " + " | ".join(f"{accs[label(*m)]:.4f}" for m in METHODS) + " |")
+        lines.append(f"| {ratio} | " + " | ".join(f"{accs[label(m)]:.4f}" for m in METHODS) + " |")
     (out / "accuracy.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
