@@ -21,8 +21,8 @@ def fixed_ranks(shapes: Mapping[str, Shape], rank: int) -> dict[str, int | None]
 def uniform_ranks(shapes: Mapping[str, Shape], ratio: float, multiple: int = 1) -> dict[str, int | None]:
     """Keep ``ratio`` of each layer's weight parameters: ``r = floor(ratio * m * n / (m + n))``, at least 1.
 
-    With ``multiple > 1`` every rank is a multiple of it (SIMD widths and tensor-core tiles run such GEMMs
-    at a better rate): each rank is rounded down, at least one ``multiple``, and the parameters that rounding
+    With ``multiple > 1`` every rank is a multiple of it (GEMM kernels tile by the SIMD width or the
+    tensor-core tile): each rank is rounded down, at least one ``multiple``, and the parameters that rounding
     freed go back one ``multiple`` at a time to the layers that were rounded down, those that lost most first,
     while the total stays within ``ratio`` of the factorised layers' parameters. No layer ends a whole
     ``multiple`` away from its own share.
