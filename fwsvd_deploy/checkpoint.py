@@ -142,7 +142,7 @@ def write_compressed(
     plan: dict[str, Any] = {
         "format": PLAN_FORMAT,
         # a reader that predates shared down-projections refuses the plan instead of failing on missing weights
-        "format_version": 2 if any("shared_down" in spec for spec in layers.values()) else 1,
+        "format_version": PLAN_VERSION if any("shared_down" in spec for spec in layers.values()) else 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "architecture": type(model).__name__,
         "layers": layers,

@@ -416,7 +416,7 @@ def _cmd_search(a: argparse.Namespace) -> int:
         cfg = replace(cfg, gate=replace(cfg.gate, max_accuracy_drop=a.max_accuracy_drop))
     result = search_ratio(cfg, a.out, low=a.low, high=a.high, steps=a.steps, force=a.force, progress=_progress(a))
     for t in sorted(result.trials, key=lambda t: t["ratio"]):
-        print(f"  ratio {t['ratio']}: accuracy {t['accuracy_candidate']:.4f} (baseline {t['accuracy_baseline']:.4f}) "
+        print(f"  ratio {t['ratio']}: {t['metric']} {t['metric_candidate']:.4f} (baseline {t['metric_baseline']:.4f}) "
               f"{'pass' if t['passed'] else 'fail: ' + ', '.join(t['failed_checks'])}")
     print(f"search finished in {result.seconds:.1f} s; summary: {result.out_dir / 'search-summary' / 'search.md'}")
     if result.best_ratio is None:

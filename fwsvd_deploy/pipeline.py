@@ -300,7 +300,7 @@ def run_pipeline(cfg: Any, out_dir: str | Path, *, force: bool = False, progress
     result = validate(folders["baseline"], folders["candidate"], eval_data, cfg.validate, cfg.gate, report,
                       overwrite=True, progress=progress, raise_on_failure=False)
     records.append(StageRecord("validate", report, False, time.perf_counter() - began))
-    (report.parent / "pipeline.yaml" if report_dir is None else report / "pipeline.yaml").write_text(cfg.to_yaml())
+    (out if report_dir is None else report).joinpath("pipeline.yaml").write_text(cfg.to_yaml())
     return PipelineResult(out, records, result, time.perf_counter() - start, folders["candidate"])
 
 
@@ -357,11 +357,13 @@ def search_ratio(cfg: Any, out_dir: str | Path, *, low: float = 0.1, high: float
             latency = report.get("latency") or {}
             worst = max((c["ratios"]["candidate"]["p50"] for c in latency.get("cells", [])), default=None)
             failed = [c.name for c in result.validation.checks if not c.passed]
+            metric = report["accuracy"].get("primary_metric", "accuracy")  # pearson for regression, f1 for QA
             trials.append({
                 "ratio": ratio, "passed": result.passed,
                 "accuracy_passed": not (set(failed) & accuracy_checks),
-                "accuracy_baseline": report["accuracy"]["baseline"].get("accuracy"),
-                "accuracy_candidate": report["accuracy"]["candidate"].get("accuracy"),
+                "metric": metric,
+                "metric_baseline": report["accuracy"]["baseline"][metric],
+                "metric_candidate": report["accuracy"]["candidate"][metric],
                 "worst_latency_ratio": worst, "failed_checks": failed,
                 "report": str(result.validation.out_dir),
             })
@@ -383,13 +385,14 @@ def search_ratio(cfg: Any, out_dir: str | Path, *, low: float = 0.1, high: float
         summary = {"low": low, "high": high, "steps": steps, "best_ratio": best,
                    "gate": cfg.gate.to_dict(), "trials": sorted(trials, key=lambda t: t["ratio"])}
         (tmp / "search.json").write_text(_json.dumps(summary, indent=2))
+        metric = trials[0]["metric"]
         lines = [f"# Compression search: best kept fraction {best if best is not None else 'none'}", "",
-                 "| kept fraction | accuracy (baseline) | accuracy (candidate) | worst latency ratio | gate |",
+                 f"| kept fraction | {metric} (baseline) | {metric} (candidate) | worst latency ratio | gate |",
                  "|---:|---:|---:|---:|---|"]
         for t in summary["trials"]:
             gate = "pass" if t["passed"] else "fail: " + ", ".join(t["failed_checks"])
             lat = "n/a" if t["worst_latency_ratio"] is None else f"{t['worst_latency_ratio']:.3f}"
-            lines.append(f"| {t['ratio']} | {t['accuracy_baseline']:.4f} | {t['accuracy_candidate']:.4f} | {lat} | "
+            lines.append(f"| {t['ratio']} | {t['metric_baseline']:.4f} | {t['metric_candidate']:.4f} | {lat} | "
                          f"{gate} |")
         lines += ["", "![accuracy and latency against the kept fraction](search.png)"]
         (tmp / "search.md").write_text("\n".join(lines) + "\n")

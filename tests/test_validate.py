@@ -206,7 +206,8 @@ def test_search_keeps_the_best_candidate(trained, tmp_path, capsys):
     assert len(list((tmp_path / "s" / "stages" / "fisher").glob("*.safetensors"))) == 1
 
 
-def test_search_bisects_to_the_threshold(monkeypatch, tmp_path):
+@pytest.mark.parametrize("metric", ["accuracy", "pearson"])
+def test_search_bisects_to_the_threshold(monkeypatch, tmp_path, metric):
     """Bisection against a gate whose accuracy check passes from 0.37 up and whose size check fails above 0.8."""
     from types import SimpleNamespace
 
@@ -217,7 +218,8 @@ def test_search_bisects_to_the_threshold(monkeypatch, tmp_path):
         checks = [SimpleNamespace(name="accuracy_drop", passed=ratio >= 0.37),
                   SimpleNamespace(name="memory_ratio", passed=ratio <= 0.8)]
         passed = all(c.passed for c in checks)
-        report = {"accuracy": {"baseline": {"accuracy": 0.9}, "candidate": {"accuracy": 0.9 if ratio >= 0.37 else 0.5}}}
+        report = {"accuracy": {"primary_metric": metric, "baseline": {metric: 0.9},
+                               "candidate": {metric: 0.9 if ratio >= 0.37 else 0.5}}}
         validation = SimpleNamespace(passed=passed, report=report, checks=checks, out_dir=report_dir)
         candidate = tmp_path / f"cand-{ratio}"
         candidate.mkdir(exist_ok=True)
@@ -232,6 +234,9 @@ def test_search_bisects_to_the_threshold(monkeypatch, tmp_path):
     assert all(t["accuracy_passed"] == (t["ratio"] >= 0.37) for t in result.trials)
     assert not next(t for t in result.trials if t["ratio"] == 0.9)["passed"]  # the size check fails up there
     assert (result.best_dir / "model.onnx").read_text() == str(result.best_ratio)
+    # the task's own main metric is reported (regression has no accuracy)
+    assert all(t["metric"] == metric and t["metric_candidate"] in (0.9, 0.5) for t in result.trials)
+    assert f"| {metric} (baseline) |" in (tmp_path / "s" / "search-summary" / "search.md").read_text()
 
 
 def test_search_with_an_impossible_gate_exits_1(trained, tmp_path, capsys):

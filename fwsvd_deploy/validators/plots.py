@@ -41,21 +41,22 @@ def latency_plot(latency: dict[str, Any], path: Path) -> Path:
 
 
 def search_plot(trials: list[dict[str, Any]], max_accuracy_drop: float | None, path: Path) -> Path:
-    """Candidate accuracy and worst latency ratio against the kept fraction, with the gate's accuracy line."""
+    """The task's main metric and the worst latency ratio against the kept fraction, with the gate's drop line."""
     plt = _pyplot()
     trials = sorted(trials, key=lambda t: t["ratio"])
     ratios = [t["ratio"] for t in trials]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(ratios, [t["accuracy_candidate"] for t in trials], "o-", label="candidate accuracy")
-    base = trials[0]["accuracy_baseline"]
-    ax.axhline(base, color="gray", linestyle=":", label="baseline accuracy")
+    metric = trials[0]["metric"]
+    ax.plot(ratios, [t["metric_candidate"] for t in trials], "o-", label=f"candidate {metric}")
+    base = trials[0]["metric_baseline"]
+    ax.axhline(base, color="gray", linestyle=":", label=f"baseline {metric}")
     if max_accuracy_drop is not None:
         ax.axhline(base - max_accuracy_drop / 100.0, color="red", linestyle="--", label="gate")
     for t in trials:
-        ax.annotate("pass" if t["passed"] else "fail", (t["ratio"], t["accuracy_candidate"]), fontsize=7,
+        ax.annotate("pass" if t["passed"] else "fail", (t["ratio"], t["metric_candidate"]), fontsize=7,
                     textcoords="offset points", xytext=(0, 6), ha="center")
     ax.set_xlabel("kept fraction of block-linear parameters")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel(metric)
     lat = [t["worst_latency_ratio"] for t in trials]
     if all(v is not None for v in lat):
         twin = ax.twinx()

@@ -23,6 +23,8 @@ from ..modeling import load_tokenizer
 from ..progress import progress_bar
 from .metrics import classification_metrics
 
+_PUNCTUATION = frozenset(string.punctuation)
+
 # ---------------------------------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------------------------------
@@ -31,7 +33,7 @@ from .metrics import classification_metrics
 def normalize_answer(text: str) -> str:
     """Lower-case, drop punctuation and English articles, collapse whitespace (SQuAD's normalisation)."""
     text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 

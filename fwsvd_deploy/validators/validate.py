@@ -145,14 +145,13 @@ def _span_accuracy(task: str, baseline: Path, candidate: Path, data_cfg: DataCon
         columns = [data_cfg.text_column, data_cfg.text_pair_column, data_cfg.label_column]
         rows = load_rows(data_cfg, data_cfg.eval_split, columns, data_cfg.max_eval_samples)
         b, c = (evaluate_qa(f, rows, *columns, **kwargs) for f in (baseline, candidate))
-        same = [float(x == y) for x, y in zip(b["predictions"], c["predictions"], strict=True)]
         diffs = np.concatenate([np.abs(x - y) for x, y in zip(b["logits"], c["logits"], strict=True)])
     else:
         columns = [data_cfg.text_column, data_cfg.label_column]
         rows = load_rows(data_cfg, data_cfg.eval_split, columns, data_cfg.max_eval_samples)
         b, c = (evaluate_tokens(f, rows, *columns, onnx_config(f), **kwargs) for f in (baseline, candidate))
-        same = [float(x == y) for x, y in zip(b["predictions"], c["predictions"], strict=True)]
         diffs = np.abs(b["logits"].astype(np.float64) - c["logits"].astype(np.float64))
+    same = [float(x == y) for x, y in zip(b["predictions"], c["predictions"], strict=True)]
     comparison = {"agreement": float(np.mean(same)), "max_logit_diff": float(diffs.max()),
                   "mean_logit_diff": float(diffs.mean())}
     accuracy = {"task": task, "primary_metric": b["primary"], "baseline": b["metrics"], "candidate": c["metrics"],
