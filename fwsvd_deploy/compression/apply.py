@@ -17,14 +17,13 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import CompressionConfig
 from ..errors import AlreadyCompressedError, ConfigError, FisherError, NoTargetModulesError, UnsupportedModuleError
+from ..families import QKV_NAMES
 from .layers import LowRankLinear
 from .ranks import fixed_ranks, greedy_ranks, uniform_ranks
 from .report import CompressionReport, LayerReport
 from .svd import Decomposition, decompose, max_saving_rank, relative_error
 
 SUPPORTED_TYPES = (nn.Linear, Conv1D)
-# child names of the query / key / value projections of one attention block (BERT family, DistilBERT, *_proj naming)
-QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"), ("q_proj", "k_proj", "v_proj"))
 _SUPPORTED_NAMES = "torch.nn.Linear, transformers Conv1D"
 _BLOCK_INDEX = re.compile(r"\.\d+\.")
 
