@@ -12,18 +12,23 @@ from collections.abc import Sequence
 from typing import Any
 
 from .config import (
+    ALLOCATIONS,
+    FISHER_AXES,
+    FISHER_ESTIMATORS,
+    METHODS,
+    QKV_MODES,
+    CalibrationConfig,
     CompressionConfig,
     DataConfig,
     ExportConfig,
     FinetuneConfig,
-    FisherConfig,
     GateConfig,
     OptimizeConfig,
     PipelineConfig,
     ValidateConfig,
 )
 from .errors import ConfigError, FwsvdError
-from .modeling import EMBEDDED_MODEL
+from .modeling import EMBEDDED_DECODER, EMBEDDED_MODEL
 
 PROG = "fwsvd-deploy"
 DEFAULT_FISHER_CACHE = os.path.join("~", ".cache", "fwsvd-deploy", "fisher")
@@ -102,20 +107,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--no-eval", action="store_true", help="skip per-epoch evaluation (keep the last weights)")
 
-    cp = sub.add_parser("compress", help="factorise a fine-tuned model with FWSVD or SVD",
-                        description="Collect Fisher statistics (fwsvd), factorise the targeted layers, evaluate "
-                                    "before and after, and write a compressed model folder.")
-    cp.add_argument("--model", required=True, help="fine-tuned model folder or hub id (not a compressed folder)")
+    cp = sub.add_parser("compress", help="factorise a fine-tuned classifier or a causal LM",
+                        description="Collect the calibration statistics the method needs (Fisher, input second "
+                                    "moments), factorise the targeted layers, evaluate before and after (accuracy, "
+                                    "or perplexity for a causal LM), and write a compressed model folder.")
+    cp.add_argument("--model", required=True,
+                    help="fine-tuned classifier or causal LM: folder, hub id, GGUF file, or the embedded "
+                         f"'{EMBEDDED_DECODER}' (not a compressed folder)")
     _add_output_args(cp)
     g = cp.add_argument_group("compression")
-    g.add_argument("--method", default="fwsvd", choices=["fwsvd", "svd"])
-    g.add_argument("--fisher-axis", default="both", choices=["both", "output", "input"],
-                   help="how Fisher importance is shared (default: %(default)s)")
+    g.add_argument("--method", default="fwsvd", choices=METHODS,
+                   help="fwsvd: Fisher-weighted SVD; svd: plain; asvd: activation-scaled; svd-llm: truncation-aware "
+                        "whitening; fisher-whitened: whitening with Fisher output-row weights (default: %(default)s)")
+    g.add_argument("--fisher-axis", default="both", choices=FISHER_AXES,
+                   help="how Fisher importance is shared by fwsvd (default: %(default)s)")
     size = g.add_mutually_exclusive_group()
     size.add_argument("--ratio", type=float, default=None,
                       help="fraction of targeted weight parameters kept, global budget (default 0.5)")
     size.add_argument("--rank", type=int, default=None, help="fixed rank for every targeted layer")
-    g.add_argument("--allocation", default="uniform", choices=["uniform", "fisher"])
+    g.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
+                   help="uniform kept fraction per layer; fisher: greedy on Fisher-weighted error (fwsvd); loss: "
+                        "greedy on the loss each singular direction removes, any method (default: %(default)s)")
+    g.add_argument("--min-rank-fraction", type=float, default=CompressionConfig.min_rank_fraction,
+                   help="loss allocation's floor, a fraction of each layer's uniform rank (default: %(default)s)")
+    g.add_argument("--asvd-alpha", type=float, default=CompressionConfig.asvd_alpha,
+                   help="asvd's activation exponent, in (0, 1] (default: %(default)s)")
+    g.add_argument("--whitening-damp", type=float, default=CompressionConfig.whitening_damp,
+                   help="damping of the whitened methods, a fraction of the mean input second moment "
+                        "(default: %(default)s)")
+    g.add_argument("--fisher-power", type=float, default=CompressionConfig.fisher_power,
+                   help="fisher-whitened's tempering of the Fisher row weights: rows (a/mean a)**power "
+                        "(default: %(default)s)")
     g.add_argument("--targets", default="all-linear",
                    help="'all-linear', comma-separated name suffixes, or re:REGEX (default: %(default)s)")
     g.add_argument("--exclude", default=None, help="comma-separated name suffixes or re:REGEX to leave dense")
@@ -123,15 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rank-multiple", type=int, default=1, metavar="N",
                    help="round allocated ranks to multiples of N within the same budget, to match SIMD widths "
                         "(16 floats with AVX-512) or tensor-core tiles (8/16) (default: %(default)s, no rounding)")
-    g.add_argument("--qkv", default="separate", choices=["separate", "joint"],
+    g.add_argument("--qkv", default="separate", choices=QKV_MODES,
                    help="factorise q/k/v one by one, or stacked with one shared down-projection, which ONNX "
                         "Runtime runs as its fused Attention operator (default: %(default)s)")
-    g = cp.add_argument_group("Fisher")
-    g.add_argument("--fisher-samples", type=int, default=512, help="labelled examples (default: %(default)s)")
-    g.add_argument("--fisher-estimator", default="per_example", choices=["per_example", "batch_mean"])
-    g.add_argument("--fisher-batch-size", type=int, default=16)
-    g.add_argument("--fisher-cache", default=DEFAULT_FISHER_CACHE,
-                   help="cache folder for Fisher statistics, or 'none' (default: %(default)s)")
+    g = cp.add_argument_group("calibration")
+    g.add_argument("--fisher-samples", "--calibration-samples", dest="calibration_samples", type=int, default=None,
+                   help="calibration examples: labelled examples for a classifier (default 512), windows of "
+                        "--max-length tokens for a causal LM (default 64)")
+    g.add_argument("--fisher-estimator", default="per_example", choices=FISHER_ESTIMATORS)
+    g.add_argument("--fisher-batch-size", "--calibration-batch-size", dest="calibration_batch_size", type=int,
+                   default=16)
+    g.add_argument("--fisher-cache", "--calibration-cache", dest="calibration_cache", default=DEFAULT_FISHER_CACHE,
+                   help="cache folder for calibration statistics, or 'none' (default: %(default)s)")
     g.add_argument("--no-eval", action="store_true", help="skip evaluation before and after")
     _add_data_args(cp)
 
@@ -259,28 +284,31 @@ def _cmd_finetune(a: argparse.Namespace) -> int:
 def _cmd_compress(a: argparse.Namespace) -> int:
     from .pipeline import run_compress
 
-    cache = None if a.fisher_cache.lower() == "none" else os.path.expanduser(a.fisher_cache)
+    cache = None if a.calibration_cache.lower() == "none" else os.path.expanduser(a.calibration_cache)
     comp = CompressionConfig(
         method=a.method, fisher_axis=a.fisher_axis, ratio=a.ratio, rank=a.rank, allocation=a.allocation,
         target_modules=_targets(a.targets), exclude_modules=None if a.exclude is None else _targets(a.exclude),
         rank_overrides=_overrides(a.rank_override), qkv=a.qkv, rank_multiple=a.rank_multiple,
+        asvd_alpha=a.asvd_alpha, whitening_damp=a.whitening_damp, fisher_power=a.fisher_power,
+        min_rank_fraction=a.min_rank_fraction,
     )
-    fisher = FisherConfig(num_samples=a.fisher_samples, estimator=a.fisher_estimator,
-                          batch_size=a.fisher_batch_size, cache_dir=cache)
-    outcome = run_compress(a.model, _data_config(a), fisher, comp, a.out, evaluate_model=not a.no_eval,
+    calibration = CalibrationConfig(num_samples=a.calibration_samples, estimator=a.fisher_estimator,
+                                    batch_size=a.calibration_batch_size, cache_dir=cache)
+    outcome = run_compress(a.model, _data_config(a), calibration, comp, a.out, evaluate_model=not a.no_eval,
                            overwrite=a.overwrite, progress=_progress(a))
     r = outcome.report
     print(r.to_markdown(max_rows=0).splitlines()[0])
     timing = f"compress {outcome.compress_seconds:.1f} s"
-    if outcome.fisher is not None:
-        f = outcome.fisher
-        timing = (f"Fisher {f.num_examples} examples: " + ("cached" if f.from_cache else f"{f.seconds:.1f} s")
-                  + "; " + timing)
+    if outcome.statistics is not None:
+        st = outcome.statistics
+        took = "cached" if st.from_cache else f"{st.seconds:.1f} s"
+        timing = f"calibration on {st.num_examples} examples: {took}; {timing}"
     print(timing)
     if outcome.eval_before is not None and outcome.eval_after is not None:
-        key = "accuracy" if "accuracy" in outcome.eval_after.metrics else "mse"
+        metrics = outcome.eval_after.metrics
+        key = next(k for k in ("accuracy", "perplexity", "mse") if k in metrics)
         print(f"eval {key}: baseline {outcome.eval_before.metrics[key]:.4f} -> compressed "
-              f"{outcome.eval_after.metrics[key]:.4f} ({outcome.eval_after.num_examples} examples, no fine-tuning)")
+              f"{metrics[key]:.4f} ({outcome.eval_after.num_examples} examples, no fine-tuning)")
     print(f"wrote {outcome.out_dir}")
     return 0
 

@@ -17,11 +17,14 @@ from .errors import ConfigError
 
 T = TypeVar("T", bound="_Config")
 
-METHODS = ("fwsvd", "svd")
+METHODS = ("fwsvd", "svd", "asvd", "svd-llm", "fisher-whitened")
 FISHER_AXES = ("both", "output", "input")
 FISHER_ESTIMATORS = ("per_example", "batch_mean")
 QKV_MODES = ("separate", "joint")
-ALLOCATIONS = ("uniform", "fisher")
+ALLOCATIONS = ("uniform", "fisher", "loss")
+# what each method reads from the calibration pass
+METHOD_STATISTICS = {"svd": (), "fwsvd": ("fisher",), "asvd": ("inputs",), "svd-llm": ("inputs",),
+                     "fisher-whitened": ("fisher", "inputs")}
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -115,18 +118,19 @@ class DataConfig(_Config):
 
 
 @dataclass(frozen=True)
-class FisherConfig(_Config):
-    """How the empirical Fisher is estimated.
+class CalibrationConfig(_Config):
+    """The calibration pass that collects what the compression method needs (Fisher, input statistics).
 
     Attributes:
-        num_samples: labelled examples used; ``None`` uses the whole calibration split.
+        num_samples: calibration examples: labelled examples for a classifier, token windows of ``max_length``
+            for a causal LM; ``None`` takes 512 examples or 64 windows.
         estimator: ``per_example`` sums the squared gradient of each example (the empirical Fisher);
             ``batch_mean`` sums squared batch-mean gradients, a cheaper and different estimator.
-        batch_size: examples per forward/backward pass.
-        cache_dir: folder for cached Fisher files (safetensors), keyed by model, data and settings.
+        batch_size: examples (or windows) per forward/backward pass.
+        cache_dir: folder for cached statistics (safetensors), keyed by model, data and settings.
     """
 
-    num_samples: int | None = 512
+    num_samples: int | None = None
     estimator: str = "per_example"
     batch_size: int = 16
     cache_dir: str | None = None
@@ -137,18 +141,29 @@ class FisherConfig(_Config):
         _check_int("batch_size", self.batch_size, 1)
 
 
+FisherConfig = CalibrationConfig  # the section's earlier name
+
+
 @dataclass(frozen=True)
 class CompressionConfig(_Config):
     """What to factorise and how far.
 
     Attributes:
-        method: ``fwsvd`` (Fisher-weighted) or ``svd`` (plain truncated SVD).
+        method: how each weight ``W`` is factorised (every method gives ``W ~= up @ down``):
+            ``svd`` plain truncated SVD; ``fwsvd`` Fisher-weighted SVD (Hsu et al.) on ``fisher_axis``;
+            ``asvd`` activation-aware SVD, the input columns scaled by ``mean|x|^asvd_alpha``; ``svd-llm``
+            truncation-aware whitening: the SVD of ``W L`` with ``L L^T`` the (damped) second moment of the layer's
+            inputs, so each discarded singular value squared is exactly the output error it adds;
+            ``fisher-whitened`` the SVD of ``diag(r) W L``, the whitened weight with its output rows weighted by
+            the Fisher row importance ``a`` tempered to ``r = (a / mean(a)) ** fisher_power``.
         fisher_axis: how Fisher importance is shared in ``fwsvd``: ``both`` (separable row x column
             weight), ``output`` (per output row) or ``input`` (per input column, the paper's literal axis).
         ratio: fraction of the targeted weight parameters kept, one global budget; ``0.5`` halves them.
         rank: a fixed rank for every targeted layer instead of ``ratio``.
-        allocation: ``uniform`` (the same kept fraction per layer) or ``fisher`` (greedy over the
-            Fisher-weighted singular values of all layers, most error removed per parameter first).
+        allocation: ``uniform`` (the same kept fraction per layer), ``fisher`` (``fwsvd`` only: greedy over the
+            Fisher-weighted singular values of all layers, most error removed per parameter first, from rank 1)
+            or ``loss`` (every method: one greedy over all layers' singular directions by the loss each removes
+            per parameter in the method's own metric, no layer below ``min_rank_fraction`` of its uniform rank).
         target_modules: ``"all-linear"`` (every Linear/Conv1D inside the repeated transformer blocks),
             a list of name suffixes, or a regular expression matched against the full module name.
         exclude_modules: names (suffix list) or a regex removed from the targets.
@@ -160,9 +175,15 @@ class CompressionConfig(_Config):
         eps: importance floor, relative to the largest row/column importance of a layer.
         qkv: ``separate`` factorises an attention block's query, key and value projections one by one (the
             paper); ``joint`` factorises the three stacked (``[Wq; Wk; Wv] ~= [Uq; Uk; Uv] D``), sharing one
-            down-projection, at the same parameter budget. ONNX Runtime then runs the block as its fused
-            ``Attention`` operator on the reduced input, which is faster on CPU than the
-            ``MultiHeadAttention`` that separate factors need.
+            down-projection, at the same parameter budget. ONNX Runtime then runs an encoder block as its fused
+            ``Attention`` operator on the reduced input, which is faster on CPU than the ``MultiHeadAttention``
+            that separate factors need.
+        asvd_alpha: the exponent of ``asvd``'s activation scaling, in ``(0, 1]``.
+        whitening_damp: damping of the whitened methods, added to the input second moment's diagonal as a
+            fraction of its mean diagonal (so a rank-deficient second moment still factorises).
+        fisher_power: ``fisher-whitened``'s tempering of the Fisher row weights (1: ``a`` itself; 0: plain
+            whitening).
+        min_rank_fraction: ``loss`` allocation's floor, as a fraction of each layer's uniform rank.
     """
 
     method: str = "fwsvd"
@@ -176,6 +197,10 @@ class CompressionConfig(_Config):
     eps: float = 1e-6
     qkv: str = "separate"
     rank_multiple: int = 1
+    asvd_alpha: float = 0.5
+    whitening_damp: float = 1e-4
+    fisher_power: float = 0.5
+    min_rank_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
@@ -193,9 +218,10 @@ class CompressionConfig(_Config):
                               f"give a rank that is, or leave rank_multiple at 1")
         _check_float("ratio", self.ratio, 0.0, 1.0, low_open=True, optional=True)
         if self.allocation == "fisher" and self.method != "fwsvd":
-            raise ConfigError("allocation='fisher' ranks layers by Fisher-weighted error; it needs method='fwsvd'")
-        if self.allocation == "fisher" and self.rank is not None:
-            raise ConfigError("allocation='fisher' spends a global budget; give ratio, not rank")
+            raise ConfigError("allocation='fisher' ranks layers by Fisher-weighted error; it needs method='fwsvd' "
+                              "(allocation='loss' works with every method)")
+        if self.allocation != "uniform" and self.rank is not None:
+            raise ConfigError(f"allocation={self.allocation!r} spends a global budget; give ratio, not rank")
         object.__setattr__(self, "target_modules", _patterns("target_modules", self.target_modules))
         if self.exclude_modules is not None:
             object.__setattr__(self, "exclude_modules", _patterns("exclude_modules", self.exclude_modules))
@@ -205,10 +231,19 @@ class CompressionConfig(_Config):
             _check_int(f"rank_overrides[{name!r}]", rank, 1)
         object.__setattr__(self, "rank_overrides", dict(self.rank_overrides))
         _check_float("eps", self.eps, 0.0, 1.0, low_open=True)
+        _check_float("asvd_alpha", self.asvd_alpha, 0.0, 1.0, low_open=True)
+        _check_float("whitening_damp", self.whitening_damp, 0.0, 1.0, low_open=True)
+        _check_float("fisher_power", self.fisher_power, 0.0, 1.0, low_open=False)
+        _check_float("min_rank_fraction", self.min_rank_fraction, 0.0, 1.0, low_open=False)
+
+    @property
+    def statistics(self) -> tuple[str, ...]:
+        """What the calibration pass must collect for this method (``fisher``, ``inputs``)."""
+        return METHOD_STATISTICS[self.method]
 
     @property
     def needs_fisher(self) -> bool:
-        return self.method == "fwsvd"
+        return "fisher" in self.statistics
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

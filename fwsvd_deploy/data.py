@@ -370,6 +370,9 @@ def load_split(cfg: DataConfig, split: str, *, require_labels: bool = True) -> T
     spec = cfg.dataset
     if spec == BUILTIN_ROTTEN_TOMATOES:
         return rotten_tomatoes_split(split)
+    if spec == BUILTIN_SPEECHES:
+        raise DatasetError(f"'{BUILTIN_SPEECHES}' is unlabelled text for causal language models; a classifier needs "
+                           f"a labelled dataset (e.g. '{BUILTIN_ROTTEN_TOMATOES}' or a CSV with a label column)")
     if _is_local(spec):
         frame = _read_local(Path(spec))
         data = _to_task_data(frame, cfg, str(spec), None, require_labels)
@@ -609,3 +612,9 @@ def lm_windows(data: TextData, tokenizer: Any, length: int, count: int | None = 
     if count is not None and count < n:
         windows = windows[_seeded_subset(n, count, seed)]
     return windows
+
+
+def window_batches(windows: torch.Tensor, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Batches of token windows for a causal LM: every position is a real token."""
+    return [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
+            for chunk in windows.split(batch_size)]

@@ -9,13 +9,27 @@ from typing import Any
 
 from .checkpoint import atomic_output_dir, check_output_dir, save_compressed, save_model, write_compressed
 from .compression.apply import compress
-from .compression.fisher import FisherResult, collect_fisher
+from .compression.fisher import DEFAULT_EXAMPLES, classifier_batches
 from .compression.report import CompressionReport
-from .config import CompressionConfig, DataConfig, FinetuneConfig, FisherConfig
-from .data import align_labels, load_splits
+from .compression.statistics import CalibrationStats, collect_statistics
+from .compression.targets import resolve_targets
+from .config import CalibrationConfig, CompressionConfig, DataConfig, FinetuneConfig
+from .data import (
+    BUILTIN_SPEECHES,
+    TaskData,
+    TextData,
+    align_labels,
+    lm_windows,
+    load_splits,
+    load_text,
+    window_batches,
+)
+from .errors import DatasetError
 from .modeling import (
     has_classification_head,
+    is_causal_lm,
     is_compressed,
+    load_causal_lm,
     load_classifier,
     load_config,
     load_tokenizer,
@@ -24,7 +38,9 @@ from .modeling import (
     read_plan,
     resolve_model,
 )
-from .training import EvalResult, FinetuneResult, evaluate, finetune
+from .training import EvalResult, FinetuneResult, evaluate, evaluate_lm, finetune
+
+DEFAULT_WINDOWS = 64  # calibration windows of a causal LM when CalibrationConfig.num_samples is None
 
 
 @dataclass(frozen=True)
@@ -40,7 +56,7 @@ class FinetuneOutcome:
 class CompressOutcome:
     out_dir: Path
     report: CompressionReport
-    fisher: FisherResult | None
+    statistics: CalibrationStats | None
     compress_seconds: float
     eval_before: EvalResult | None
     eval_after: EvalResult | None
@@ -111,10 +127,48 @@ def run_finetune(
     return FinetuneOutcome(Path(out_dir), result, before, after, compressed)
 
 
+def _lm_texts(data_cfg: DataConfig) -> tuple[TextData, TextData]:
+    return load_text(data_cfg, data_cfg.train_split), load_text(data_cfg, data_cfg.eval_split)
+
+
+def calibrate(model: Any, tokenizer: Any, comp_cfg: CompressionConfig, cal_cfg: CalibrationConfig,
+              data_cfg: DataConfig, train: TaskData | TextData, *,
+              progress: bool | None = None) -> CalibrationStats | None:
+    """The calibration pass for ``comp_cfg.method``: Fisher and/or input statistics on the training split.
+
+    A classifier calibrates on ``cal_cfg.num_samples`` labelled examples (512 by default), a causal LM on as many
+    token windows of ``data_cfg.max_length`` (64 by default), both drawn with ``data_cfg.seed``.
+    """
+    kinds = comp_cfg.statistics
+    if not kinds:
+        return None
+    targets = resolve_targets(model, comp_cfg.target_modules, comp_cfg.exclude_modules)
+    if isinstance(train, TextData):
+        count = DEFAULT_WINDOWS if cal_cfg.num_samples is None else cal_cfg.num_samples
+        windows = lm_windows(train, tokenizer, data_cfg.max_length, count=count, seed=data_cfg.seed)
+        batches = window_batches(windows, cal_cfg.batch_size)
+    else:
+        sample = train.sample(DEFAULT_EXAMPLES if cal_cfg.num_samples is None else cal_cfg.num_samples,
+                              seed=data_cfg.seed)
+        batches = classifier_batches(sample, tokenizer, cal_cfg.batch_size, data_cfg.max_length)
+    return collect_statistics(model, batches, targets, kinds=kinds, estimator=cal_cfg.estimator,
+                              cache_dir=cal_cfg.cache_dir, progress=progress)
+
+
+def _evaluate_any(model: Any, tokenizer: Any, evaluation: TaskData | TextData, data_cfg: DataConfig,
+                  progress: bool | None) -> EvalResult:
+    if isinstance(evaluation, TextData):
+        windows = lm_windows(evaluation, tokenizer, data_cfg.max_length, count=data_cfg.max_eval_samples,
+                             seed=data_cfg.seed)
+        return evaluate_lm(model, windows, batch_size=max(1, min(data_cfg.batch_size, 8)), progress=progress)
+    return evaluate(model, evaluation, tokenizer, batch_size=data_cfg.batch_size, max_length=data_cfg.max_length,
+                    progress=progress)
+
+
 def run_compress(
     model_spec: str,
     data_cfg: DataConfig,
-    fisher_cfg: FisherConfig,
+    cal_cfg: CalibrationConfig,
     comp_cfg: CompressionConfig,
     out_dir: str | Path,
     *,
@@ -122,49 +176,53 @@ def run_compress(
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> CompressOutcome:
-    """Fisher (when needed) -> compress -> save; evaluation before and after on the eval split."""
+    """Calibrate (when the method needs it) -> compress -> save; evaluation before and after on the eval split.
+
+    A classifier is evaluated by accuracy (or the regression metrics), a causal LM by perplexity on token windows.
+    """
     check_output_dir(out_dir, overwrite)
-    model, tokenizer, (train, evaluation) = _load_task(model_spec, data_cfg, allow_compressed=False)
+    causal = is_causal_lm(load_config(model_spec))
+    if causal:
+        model = load_causal_lm(model_spec, allow_compressed=False)
+        tokenizer = load_tokenizer(model_spec)
+        train, evaluation = _lm_texts(data_cfg)
+    else:
+        if comp_cfg.needs_fisher and data_cfg.dataset == BUILTIN_SPEECHES:
+            raise DatasetError(f"method {comp_cfg.method!r} takes Fisher from a classifier's task loss, which needs "
+                               "labelled examples; 'speeches' is unlabelled text (use it with causal LMs, or pick "
+                               "--method svd-llm, which needs no labels)")
+        model, tokenizer, (train, evaluation) = _load_task(model_spec, data_cfg, allow_compressed=False)
     input_hash = model_fingerprint(model)
-    before = None
-    if evaluate_model:
-        before = evaluate(model, evaluation, tokenizer, batch_size=data_cfg.batch_size,
-                          max_length=data_cfg.max_length, progress=progress)
-    fisher = None
-    if comp_cfg.needs_fisher:
-        fisher = collect_fisher(model, train, tokenizer, fisher_cfg, target_modules=comp_cfg.target_modules,
-                                exclude_modules=comp_cfg.exclude_modules, max_length=data_cfg.max_length,
-                                progress=progress)
+    before = _evaluate_any(model, tokenizer, evaluation, data_cfg, progress) if evaluate_model else None
+    stats = calibrate(model, tokenizer, comp_cfg, cal_cfg, data_cfg, train, progress=progress)
     start = time.perf_counter()
-    report = compress(model, comp_cfg, fisher)
+    report = compress(model, comp_cfg, stats)
     seconds = time.perf_counter() - start
-    after = None
-    if evaluate_model:
-        after = evaluate(model, evaluation, tokenizer, batch_size=data_cfg.batch_size,
-                         max_length=data_cfg.max_length, progress=progress)
+    after = _evaluate_any(model, tokenizer, evaluation, data_cfg, progress) if evaluate_model else None
     metadata: dict[str, Any] = {
         "input_model": str(model_spec),
         "input_model_hash": input_hash,
+        "task": "causal-lm" if causal else "sequence-classification",
         "compression": comp_cfg.to_dict(),
-        "fisher": None if fisher is None else {
-            **fisher_cfg.to_dict(), "num_examples": fisher.num_examples, "seconds": fisher.seconds,
-            "from_cache": fisher.from_cache, "key": fisher.key,
+        "calibration": None if stats is None else {
+            **cal_cfg.to_dict(), "kinds": list(comp_cfg.statistics), "num_examples": stats.num_examples,
+            "seconds": stats.seconds, "from_cache": stats.from_cache, "key": stats.key,
         },
         "data": data_cfg.to_dict(),
         "compress_seconds": seconds,
         "evaluation": None if after is None else {
-            "split": evaluation.source, "examples": after.num_examples,
+            "split": getattr(evaluation, "source", ""), "examples": after.num_examples,
             "baseline": before.metrics if before else None, "compressed": after.metrics,
         },
     }
     with atomic_output_dir(out_dir, overwrite) as tmp:
         write_compressed(model, tmp, tokenizer, report=report, metadata=metadata)
-        (tmp / "compression_report.md").write_text(_report_markdown(report, before, after, fisher, seconds))
-    return CompressOutcome(Path(out_dir), report, fisher, seconds, before, after)
+        (tmp / "compression_report.md").write_text(_report_markdown(report, before, after, stats, seconds))
+    return CompressOutcome(Path(out_dir), report, stats, seconds, before, after)
 
 
 def _report_markdown(report: CompressionReport, before: EvalResult | None, after: EvalResult | None,
-                     fisher: FisherResult | None, seconds: float) -> str:
+                     stats: CalibrationStats | None, seconds: float) -> str:
     lines = ["# Compression report", "", report.to_markdown(), ""]
     if before is not None and after is not None:
         lines += [
@@ -177,9 +235,11 @@ def _report_markdown(report: CompressionReport, before: EvalResult | None, after
             lines.append(f"| {key} | {before.metrics.get(key, float('nan')):.4f} | {after.metrics[key]:.4f} |")
         lines.append("")
     timing = f"compress {seconds:.2f} s"
-    if fisher is not None:
-        source = "cache" if fisher.from_cache else f"{fisher.seconds:.1f} s"
-        timing = f"Fisher over {fisher.num_examples} examples ({fisher.estimator}): {source}; " + timing
+    if stats is not None:
+        source = "cache" if stats.from_cache else f"{stats.seconds:.1f} s"
+        kinds = " and ".join(k for k, have in (("Fisher", stats.fisher is not None),
+                                                ("input statistics", stats.second_moment is not None)) if have)
+        timing = f"{kinds} over {stats.num_examples} calibration examples: {source}; " + timing
     lines.append(timing)
     return "\n".join(lines) + "\n"
 

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compression.fisher import loss_kind, per_example_losses
 from .config import FinetuneConfig
 from .data import TaskData
 from .errors import DatasetError, FwsvdError
+from .losses import loss_kind, per_example_losses
 from .modeling import forward_inputs
 from .progress import progress_bar
 from .validators.metrics import classification_metrics, regression_metrics
@@ -95,6 +95,29 @@ def evaluate(
     else:
         metrics.update(regression_metrics(pred, true))
     return EvalResult(metrics, len(data))
+
+
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8,
+                progress: bool | None = None) -> EvalResult:
+    """Perplexity of a causal LM over token windows: ``exp`` of the token-weighted mean next-token loss.
+
+    Each window is scored on its own (no context carried over): ``length - 1`` predicted tokens per window.
+    """
+    from .data import window_batches
+    from .losses import next_token_nll
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    batches = window_batches(windows, batch_size)
+    for batch in progress_bar(batches, progress=progress, desc="Perplexity", unit="batch", leave=False):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll, n = next_token_nll(logits, batch["input_ids"])
+        total, count = total + nll, count + n
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return EvalResult({"perplexity": math.exp(loss), "loss": loss, "tokens": float(count)}, int(windows.shape[0]))
 
 
 def finetune(

@@ -20,6 +20,10 @@ from transformers import (
     GPT2Config,
     GPT2ForSequenceClassification,
     GPT2LMHeadModel,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    Qwen2Config,
     RobertaConfig,
     RobertaForSequenceClassification,
 )
@@ -92,6 +96,30 @@ def tiny_causal_lm(seed: int = 0) -> torch.nn.Module:
                                       pad_token_id=0)).eval()
 
 
+# Decoder configs: 2 layers, hidden 32; the Llama-style ones use grouped-query attention (4 query, 2 key/value heads).
+DECODER_CONFIGS = {
+    "llama": lambda: LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 tie_word_embeddings=True),
+    "mistral": lambda: MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                     sliding_window=None),
+    "qwen2": lambda: Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
+    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=128),
+    "opt": lambda: OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                             max_position_embeddings=128, word_embed_proj_dim=32),
+}
+DECODERS = tuple(DECODER_CONFIGS)
+
+
+def tiny_decoder(arch: str, seed: int = 0) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(DECODER_CONFIGS[arch]()).eval()
+
+
 _WORDS_POS = ("great", "wonderful", "moving", "brilliant", "funny", "superb")
 _WORDS_NEG = ("dull", "awful", "boring", "clumsy", "tedious", "bland")
 
@@ -132,6 +160,25 @@ def tiny_bert_dir(tmp_path_factory, tokenizer) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tokenizer) -> Path:
+    """A saved tiny Llama (grouped-query attention, tied embeddings) with the embedded tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_decoder("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def toy_text(tmp_path_factory) -> Path:
+    """A local text file of blank-line-separated paragraphs (a few thousand tokens)."""
+    path = tmp_path_factory.mktemp("text") / "notes.txt"
+    words = [w for pair in zip(_WORDS_POS, _WORDS_NEG, strict=True) for w in pair]
+    paragraphs = [" ".join(words[(i * 7 + j) % len(words)] for j in range(60)) for i in range(40)]
+    path.write_text("\n\n".join(paragraphs))
+    return path
 
 
 @pytest.fixture(scope="session")

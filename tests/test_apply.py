@@ -8,8 +8,8 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import ARCHS, TOL, logits, tiny_model
 from fwsvd_deploy import CompressionConfig, LowRankLinear, collect_fisher, compress, resolve_targets
-from fwsvd_deploy.compression.apply import Target
 from fwsvd_deploy.compression.svd import decompose
+from fwsvd_deploy.compression.targets import Target
 from fwsvd_deploy.errors import (
     AlreadyCompressedError,
     ConfigError,

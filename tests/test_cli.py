@@ -36,7 +36,7 @@ def test_finetune_compress_recover(capsys, tmp_path, tiny_bert_dir, toy_csv):
     plan = read_plan(tmp_path / "c")
     assert plan["compression"]["qkv"] == "joint" and sum("shared_down" in v for v in plan["layers"].values()) == 4
     assert plan["compression"]["rank_multiple"] == 4 and all(v["rank"] % 4 == 0 for v in plan["layers"].values())
-    assert plan["compression"]["fisher_axis"] == "output" and plan["fisher"]["num_examples"] == 72
+    assert plan["compression"]["fisher_axis"] == "output" and plan["calibration"]["num_examples"] == 72
     assert plan["evaluation"]["compressed"]["accuracy"] >= 0 and (tmp_path / "c" / "compression_report.md").exists()
     assert len(plan["input_model_hash"]) == 64
     # recovery fine-tuning keeps the plan
@@ -47,6 +47,24 @@ def test_finetune_compress_recover(capsys, tmp_path, tiny_bert_dir, toy_csv):
     recovered = read_plan(tmp_path / "r")
     assert recovered["layers"] == plan["layers"] and recovered["recovery"]["config"]["epochs"] == 1
     assert recovered["input_model_hash"] == plan["input_model_hash"]
+
+
+@pytest.mark.parametrize("method", ["svd-llm", "fisher-whitened"])
+def test_compress_a_causal_lm_from_a_text_file(method, capsys, tmp_path, tiny_llama_dir, toy_text):
+    code, out, err = _run(capsys, "compress", "--model", str(tiny_llama_dir), "--dataset", str(toy_text),
+                          "--method", method, "--ratio", "0.5", "--allocation", "loss", "--max-length", "32",
+                          "--fisher-samples", "8", "--fisher-batch-size", "4", "--fisher-cache", "none",
+                          "--out", str(tmp_path / "c"))
+    assert code == 0, err
+    assert f"**{method}**" in out and "loss allocation" in out and "eval perplexity: baseline" in out
+    plan = read_plan(tmp_path / "c")
+    assert plan["task"] == "causal-lm" and plan["calibration"]["num_examples"] == 8
+    assert plan["calibration"]["kinds"] == (["fisher", "inputs"] if method == "fisher-whitened" else ["inputs"])
+    assert set(plan["evaluation"]["compressed"]) >= {"perplexity", "loss"}
+    from fwsvd_deploy import load_compressed
+
+    model = load_compressed(tmp_path / "c")
+    assert type(model).__name__ == "LlamaForCausalLM" and model.lm_head.weight is model.model.embed_tokens.weight
 
 
 def _bad_cases(tiny_bert_dir, toy_csv, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,8 +15,8 @@ from safetensors.torch import load_file
 
 from conftest import TOL, tiny_causal_lm, tiny_model, toy_data
 from fwsvd_deploy import FisherConfig, collect_fisher, resolve_targets
-from fwsvd_deploy.compression.fisher import loss_kind, per_example_losses
 from fwsvd_deploy.errors import FisherError
+from fwsvd_deploy.losses import loss_kind, per_example_losses
 
 
 def _loop_fisher(model, data, tokenizer, estimator: str, batch_size: int = 8):
@@ -84,10 +85,10 @@ def test_cache_hit_skips_the_backward_passes(tokenizer, data, tmp_path):
     assert second.from_cache and calls == [] and second.key == first.key
     assert all(torch.equal(first.fisher[k], second.fisher[k]) for k in first.fisher)
     with safe_open(first.cache_path, "pt") as f:
-        assert f.metadata()["estimator"] == "per_example"
+        assert json.loads(f.metadata()["meta"])["estimator"] == "per_example"
     # other data, other settings or other weights: a new key
     assert collect_fisher(model, data.select(range(10)), tokenizer, cfg, max_length=32).key != first.key
-    assert collect_fisher(model, data, tokenizer, cfg, max_length=16).key != first.key
+    assert collect_fisher(model, data, tokenizer, cfg, max_length=8).key != first.key  # truncated: other batches
     with torch.no_grad():
         model.classifier.weight.add_(1.0)
     assert not collect_fisher(model, data, tokenizer, cfg, max_length=32).from_cache
@@ -110,8 +111,10 @@ def test_unlabelled_data_is_an_error(tokenizer, data):
 
 
 def test_two_processes_equal_one(tokenizer, tmp_path):
-    """torchrun with 2 CPU processes (gloo): each rank takes half the examples, the sums are all-reduced."""
-    out = tmp_path / "fisher.safetensors"
+    """torchrun with 2 CPU processes (gloo): each rank takes half the batches, the sums are all-reduced."""
+    from fwsvd_deploy.compression import collect_statistics
+
+    out = tmp_path / "stats.safetensors"
     tests_dir = Path(__file__).parent
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -119,13 +122,19 @@ def test_two_processes_equal_one(tokenizer, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = load_file(str(out))
-    one = collect_fisher(tiny_model("bert"), toy_data(), tokenizer, FisherConfig(num_samples=None, batch_size=5),
-                         max_length=32)
-    assert set(two) == set(one.fisher)
+    model = tiny_model("bert")
+    one = collect_statistics(model, list(toy_data().batches(tokenizer, 5, 32)), resolve_targets(model),
+                             kinds=("fisher", "inputs"), progress=False)
+    assert {k[len("fisher."):] for k in two if k.startswith("fisher.")} == set(one.fisher)
     with safe_open(str(out), "pt") as f:
-        assert int(f.metadata()["num_examples"]) == one.num_examples == len(toy_data())
+        meta = f.metadata()
+    assert int(meta["num_examples"]) == one.num_examples == len(toy_data())
+    assert {k[len("tokens."):]: int(v) for k, v in meta.items() if k.startswith("tokens.")} == one.tokens
     for name, tensor in one.fisher.items():
-        _assert_close_rel(two[name], tensor, TOL["fisher_sum"])
+        _assert_close_rel(two[f"fisher.{name}"], tensor, TOL["fisher_sum"])
+    for group, moment in one.second_moment.items():
+        _assert_close_rel(two[f"moment.{group}"], moment, TOL["fisher_sum"])
+        _assert_close_rel(two[f"abs.{group}"], one.abs_sum[group], TOL["fisher_sum"])
 
 
 @pytest.mark.parametrize("estimator", ["per_example", "batch_mean"])

@@ -12,7 +12,7 @@ import torch
 
 from conftest import ENCODER_CONFIGS, TASK_CLASSES, tiny_encoder
 from fwsvd_deploy import CompressionConfig, compress, save_compressed, save_model
-from fwsvd_deploy.compression.apply import resolve_targets
+from fwsvd_deploy.compression.targets import resolve_targets
 from fwsvd_deploy.config import ExportConfig, OptimizeConfig
 from fwsvd_deploy.errors import ConfigError, DeviceUnavailableError, OutputExistsError
 from fwsvd_deploy.exporters import export_onnx, optimize_onnx

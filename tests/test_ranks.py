@@ -101,3 +101,24 @@ def test_greedy_multiple_takes_aligned_steps_within_budget(multiple):
     assert budget - _spent(shapes, ranks) < multiple * max(m + n for m, n in shapes.values())
     assert ranks["a"] >= ranks["b"]
     assert greedy_ranks(shapes, gains, 0.5, 1) == greedy_ranks(shapes, gains, 0.5)
+
+
+def test_floors_hold_and_the_budget_is_met():
+    shapes = {"a": (64, 64), "b": (64, 64), "c": (128, 64)}
+    gains = {"a": torch.linspace(10, 1, 64), "b": torch.linspace(1e-3, 1e-4, 64), "c": torch.linspace(5, 1, 64)}
+    floors = {"a": 4, "b": 6, "c": 5}
+    ranks = greedy_ranks(shapes, gains, 0.5, floors=floors)
+    assert all(ranks[k] >= floors[k] for k in shapes)
+    assert ranks["b"] == 6  # its gains never win a step: it stays at its floor, not at 1
+    budget = 0.5 * sum(m * n for m, n in shapes.values())
+    assert budget - max(m + n for m, n in shapes.values()) <= _spent(shapes, ranks) <= budget
+    aligned = greedy_ranks(shapes, gains, 0.5, multiple=4, floors=floors)
+    assert all(r % 4 == 0 and r >= floors[k] for k, r in aligned.items())  # floors rounded up to the multiple
+
+
+def test_floors_beyond_the_budget_are_refused():
+    from fwsvd_deploy.errors import ConfigError
+
+    shapes = {"a": (64, 64)}
+    with pytest.raises(ConfigError, match="floor ranks alone"):
+        greedy_ranks(shapes, {"a": torch.ones(64)}, 0.1, floors={"a": 20})

@@ -130,3 +130,108 @@ def test_break_even_rank(shape):
     m, n = shape
     assert low_rank_params(shape, r) < m * n or r == 0
     assert low_rank_params(shape, r + 1) >= m * n
+
+
+# --- activation-aware methods -----------------------------------------------------------------------------------
+
+from fwsvd_deploy.compression.svd import activation_scaled, output_error, whitened, whitening  # noqa: E402
+
+
+def _inputs(tokens: int = 64, n: int = 16, seed: int = 2) -> torch.Tensor:
+    """Correlated inputs with features of very different scales, as a layer sees them."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n, n, generator=g, dtype=torch.float64)
+    scale = torch.logspace(-1, 1, n, dtype=torch.float64)
+    return (torch.randn(tokens, n, generator=g, dtype=torch.float64) @ mix) * scale
+
+
+def _moment(x: torch.Tensor) -> torch.Tensor:
+    return x.T @ x / x.shape[0]
+
+
+@pytest.mark.parametrize("power", [None, 0.5, 1.0])
+@pytest.mark.parametrize("rank", [1, 4, 9])
+def test_whitened_truncation_error_is_the_discarded_spectrum(power, rank):
+    w, c = _w(), _moment(_inputs())
+    fisher = None if power is None else _axis_fisher("both")
+    d = whitened(w, c, 1e-4, fisher, power if power is not None else 0.5)
+    m, _ = whitening(c, 1e-4)
+    diff = w - d.reconstruct(rank)
+    weighted = diff if d.row_scale is None else d.row_scale[:, None] * diff
+    discarded = float(d.s[rank:].square().sum())
+    assert abs(float(m.right(weighted).square().sum()) - discarded) <= TOL["identity"] * max(1.0, discarded)
+
+
+@pytest.mark.parametrize("method", ["svd-llm", "fisher-whitened", "asvd"])
+def test_full_rank_rebuilds_weight_for_every_method(method):
+    w, x = _w(), _inputs()
+    if method == "asvd":
+        d = activation_scaled(w, x.abs().mean(0), 0.5)
+    else:
+        d = whitened(w, _moment(x), 1e-4, _axis_fisher("both") if method == "fisher-whitened" else None)
+    torch.testing.assert_close(d.reconstruct(d.max_rank), w, atol=TOL["identity"], rtol=0)
+    assert d.method == method
+
+
+def test_whitening_minimises_the_output_error_on_its_inputs():
+    w, c = _w(), _moment(_inputs())
+    for rank in (2, 5, 10):
+        plain = output_error(w, decompose(w).reconstruct(rank), c)
+        white = output_error(w, whitened(w, c, 1e-9).reconstruct(rank), c)
+        assert white <= plain + 1e-12
+
+
+def test_singular_second_moment_factorises():
+    """Fewer tokens than features: X^T X is rank 4 of 16; damping (or the eigen fallback) still inverts it."""
+    w, x = _w(), _inputs(tokens=4)
+    c = _moment(x)
+    assert int(torch.linalg.matrix_rank(c)) == 4
+    factor, lam = whitening(c, 1e-4)
+    assert factor.kind == "tril" and lam > 0
+    d = whitened(w, c, 1e-4)
+    torch.testing.assert_close(d.reconstruct(d.max_rank), w, atol=TOL["identity"], rtol=0)
+    # an indefinite moment (negative rounding noise beyond the damping) takes the eigen path
+    bad = c - 1.0 * torch.eye(16, dtype=torch.float64) * float(c.diagonal().mean())
+    factor, _ = whitening(bad, 1e-6)
+    assert factor.kind == "eig"
+    d = whitened(w, bad, 1e-6)
+    up, down = d.factors(d.max_rank, dtype=torch.float64)
+    assert torch.isfinite(up).all() and torch.isfinite(down).all()
+    torch.testing.assert_close(up @ down, w, atol=1e-6, rtol=0)
+
+
+def test_uniform_statistics_reduce_to_plain_svd():
+    w = _w()
+    plain = decompose(w).reconstruct(5)
+    torch.testing.assert_close(activation_scaled(w, torch.full((16,), 0.3), 0.5).reconstruct(5), plain,
+                               atol=TOL["identity"], rtol=0)
+    eye = torch.eye(16, dtype=torch.float64) * 2.0
+    torch.testing.assert_close(whitened(w, eye, 1e-4).reconstruct(5), plain, atol=TOL["identity"], rtol=0)
+    same = whitened(w, _moment(_inputs()), 1e-4)
+    flat = whitened(w, _moment(_inputs()), 1e-4, torch.full_like(w, 0.7), power=1.0)
+    torch.testing.assert_close(flat.reconstruct(5), same.reconstruct(5), atol=TOL["identity"], rtol=0)
+
+
+def test_activation_statistics_that_do_not_fit_are_refused():
+    with pytest.raises(FisherError, match="do not fit"):
+        activation_scaled(_w(), torch.ones(5))
+    with pytest.raises(FisherError, match="does not fit"):
+        whitened(_w(), torch.eye(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("power", [0.0, 0.5, 1.0])
+def test_fisher_whitened_gains_add_up_to_the_loss_estimate(power):
+    """Each direction's gain is exact: the discarded gains sum to ||diag(a) (W - W_k) L||^2 / tr(C)."""
+    from fwsvd_deploy.compression.factorize import UnitStats, allocation_gains
+    from fwsvd_deploy.compression.svd import importance
+    from fwsvd_deploy.config import CompressionConfig
+
+    w, c, f = _w(), _moment(_inputs()), _axis_fisher("both") * torch.rand(24, 16, dtype=torch.float64)
+    cfg = CompressionConfig(method="fisher-whitened", fisher_power=power, whitening_damp=1e-4)
+    d = whitened(w, c, 1e-4, f, power)
+    gains = allocation_gains(d, cfg, UnitStats(fisher=f, covariance=c))
+    factor, _ = whitening(c, 1e-4)
+    a = importance(f, dim=1, eps=cfg.eps)
+    for rank in (2, 7):
+        loss = float(factor.right(a[:, None] * (w - d.reconstruct(rank))).square().sum()) / float(c.trace())
+        assert abs(float(gains[rank:].sum()) - loss) <= 1e-9 * max(loss, 1.0)

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..errors import ConfigError
 from .svd import low_rank_params, max_saving_rank
 
 Shape = tuple[int, int]
@@ -30,9 +31,8 @@ def uniform_ranks(shapes: Mapping[str, Shape], ratio: float, multiple: int = 1) 
     A layer with no (aligned) rank that saves parameters is left dense (``None``).
     """
     out: dict[str, int | None] = {}
-    share: dict[str, float] = {}
+    share = uniform_shares(shapes, ratio)
     for name, (m, n) in shapes.items():
-        share[name] = ratio * m * n / (m + n)
         rank = max(multiple, math.floor(share[name] / multiple) * multiple)
         out[name] = rank if rank <= _cap(m, n, multiple) else None
     if multiple == 1:
@@ -59,25 +59,36 @@ def greedy_ranks(
     gains: Mapping[str, torch.Tensor],
     ratio: float,
     multiple: int = 1,
+    floors: Mapping[str, int] | None = None,
 ) -> dict[str, int | None]:
     """Spend ``ratio * sum(m * n)`` parameters where error falls most per parameter.
 
-    Every layer starts at rank ``multiple`` (1 by default). ``gains[name][k]`` is the error removed by going
-    from rank ``k`` to ``k + 1`` (non-increasing in ``k``); a step adds ``multiple`` to the rank, removes the
-    sum of those gains and costs ``multiple * (m + n)`` parameters. Steps are taken in order of gain per
-    parameter while they fit the budget, up to the largest rank that still saves parameters.
+    Every layer starts at its floor (``floors[name]`` rounded up to a multiple of ``multiple``; ``multiple`` without
+    floors). ``gains[name][k]`` is the error removed by going from rank ``k`` to ``k + 1``; a step adds ``multiple``
+    to the rank, removes the sum of those gains and costs ``multiple * (m + n)`` parameters. Steps are taken in
+    order of gain per parameter while they fit the budget, up to the largest rank that still saves parameters.
     Layers where no such rank exists stay dense (``None``) and are charged in full.
+
+    Raises:
+        ConfigError: when the floors alone exceed the budget.
     """
     ranks: dict[str, int | None] = {}
     budget = ratio * sum(m * n for m, n in shapes.values())
     spent = 0
     for name, (m, n) in shapes.items():
-        if _cap(m, n, multiple) < multiple:
+        cap = _cap(m, n, multiple)
+        if cap < multiple:
             ranks[name] = None
             spent += m * n
-        else:
-            ranks[name] = multiple
-            spent += low_rank_params((m, n), multiple)
+            continue
+        floor = multiple if floors is None else max(multiple, math.ceil(floors[name] / multiple) * multiple)
+        ranks[name] = min(floor, cap)
+        spent += low_rank_params((m, n), ranks[name])  # type: ignore[arg-type]
+    if floors is not None and spent > budget:
+        raise ConfigError(
+            f"the floor ranks alone keep {spent:,} parameters, more than the budget of {budget:,.0f} "
+            f"(ratio {ratio}); lower min_rank_fraction or raise the ratio"
+        )
     heap: list[tuple[float, int, str]] = []
     order = {name: i for i, name in enumerate(shapes)}
     for name, rank in ranks.items():
@@ -95,6 +106,11 @@ def greedy_ranks(
         spent += cost
         _push(heap, name, rank + multiple, shape, gains[name], order[name], multiple)
     return ranks
+
+
+def uniform_shares(shapes: Mapping[str, Shape], ratio: float) -> dict[str, float]:
+    """Each layer's rank under a uniform kept fraction, unrounded: ``ratio * m * n / (m + n)``."""
+    return {name: ratio * m * n / (m + n) for name, (m, n) in shapes.items()}
 
 
 def _push(

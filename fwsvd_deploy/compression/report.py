@@ -20,6 +20,8 @@ class LayerReport:
         plain_error: ``||W - W'||_F / ||W||_F``.
         fisher_error: the same in the Fisher-weighted norm, when Fisher was available.
         skipped: why the layer was left dense, or ``None``.
+        output_error: ``||(W - W') L|| / ||W L||`` over the calibration inputs (``L L^T`` their second moment),
+            when input statistics were available.
     """
 
     name: str
@@ -31,6 +33,7 @@ class LayerReport:
     plain_error: float
     fisher_error: float | None
     skipped: str | None
+    output_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class CompressionReport:
     model_params_before: int
     model_params_after: int
     rank_multiple: int = 1
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def target_params_before(self) -> int:
@@ -107,23 +111,28 @@ class CompressionReport:
         if self.rank_multiple > 1:
             setting += f", ranks multiples of {self.rank_multiple}"
         axis = f", Fisher axis {self.fisher_axis}" if self.fisher_axis else ""
+        extra = {k: v for k, v in self.settings.items() if not (k == "qkv" and v == "separate")}
+        if extra:
+            axis += ", " + ", ".join(f"{k} {v}" for k, v in extra.items())
         lines = [
             f"**{self.method}**{axis}, {self.allocation} allocation, {setting}: "
             f"{self.target_weight_params_after:,} of {self.target_weight_params_before:,} targeted weight "
             f"parameters kept ({self.kept_fraction:.3f}); model {self.model_params_before:,} -> "
             f"{self.model_params_after:,} parameters; {len(self.skipped)} layer(s) left dense.",
             "",
-            "| layer | shape | rank | params before | params after | rel. error | Fisher-weighted error |",
-            "|---|---|---:|---:|---:|---:|---:|",
+            "| layer | shape | rank | params before | params after | rel. error | Fisher-weighted error | "
+            "output error |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         rows = self.layers if max_rows is None else self.layers[:max_rows]
         for layer in rows:
             rank = "dense" if layer.rank is None else str(layer.rank)
             fisher = "-" if layer.fisher_error is None else f"{layer.fisher_error:.4f}"
+            output = "-" if layer.output_error is None else f"{layer.output_error:.4f}"
             lines.append(
                 f"| {layer.name} | {layer.shape[0]}x{layer.shape[1]} | {rank} | {layer.params_before:,} | "
-                f"{layer.params_after:,} | {layer.plain_error:.4f} | {fisher} |"
+                f"{layer.params_after:,} | {layer.plain_error:.4f} | {fisher} | {output} |"
             )
         if max_rows is not None and len(self.layers) > max_rows:
-            lines.append(f"| ... {len(self.layers) - max_rows} more | | | | | | |")
+            lines.append(f"| ... {len(self.layers) - max_rows} more | | | | | | | |")
         return "\n".join(lines)

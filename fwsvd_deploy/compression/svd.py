@@ -1,17 +1,25 @@
-"""Low-rank factorisation math: plain and Fisher-weighted SVD on plain tensors.
+"""Low-rank factorisation math on plain tensors: every method is an SVD of a reweighted weight.
 
 All functions take a weight in torch orientation, ``W`` of shape ``(out, in)`` so that ``y = x @ W.T``,
-and return factors ``up`` ``(out, r)`` and ``down`` ``(r, in)`` with ``W ~= up @ down``. Nothing here
+and give factors ``up`` ``(out, r)`` and ``down`` ``(r, in)`` with ``W ~= up @ down``. Nothing here
 knows about modules, hooks or data.
 
-Fisher weighting (Hsu et al., ICLR 2022) shares the per-weight importance ``F`` along an axis:
-``a_i = sqrt(sum_j F_ij)`` per output row and ``b_j = sqrt(sum_i F_ij)`` per input column.
+Each method takes the SVD of ``Z = diag(r) W M`` for a positive row weight ``r`` and an invertible right factor
+``M``, keeps the top ``k`` singular directions and undoes the weighting: ``up = diag(1/r) U_k S_k``,
+``down = V_k^T M^-1``. The discarded ``sum_{j>k} s_j^2`` is then exactly ``||diag(r) (W - up down) M||_F^2``, the
+error in the method's own metric.
 
-* ``output``: ``Z = diag(a) W``; ``up = diag(1/a) U_r S_r``, ``down = V_r^T``.
-* ``input``:  ``Z = W diag(b)``; ``up = U_r``, ``down = U_r^T W``.
-* ``both``:   ``Z = diag(a) W diag(b)``; ``up = diag(1/a) U_r S_r``, ``down = V_r^T diag(1/b)``.
+* ``svd``: ``r = 1``, ``M = I``.
+* ``fwsvd`` (Hsu et al., ICLR 2022), Fisher ``F`` shared along an axis, ``a_i = sqrt(sum_j F_ij)`` per output
+  row and ``b_j = sqrt(sum_i F_ij)`` per input column: ``output`` ``r = a``; ``both`` ``r = a, M = diag(b)``;
+  ``input`` (the paper's literal axis) ``M = diag(b)`` with ``up = U_k``, ``down = U_k^T W``.
+* ``asvd`` (Yuan et al.): ``M = diag(mean|x|^alpha)``.
+* ``svd-llm`` (Wang et al., ICLR 2025): ``M = L`` with ``L L^T = X^T X / N`` (Cholesky of the damped input second
+  moment; an eigen-decomposition ``Q sqrt(Lambda)`` when Cholesky fails), so ``s_j^2`` is the mean squared output
+  error per token that direction ``j`` adds. ``M^-1`` is applied by triangular solves, never formed.
+* ``fisher-whitened``: ``r = (a / mean(a)) ** p`` on top of ``svd-llm``'s ``L``.
 
-A uniform ``F`` makes every variant exactly plain SVD.
+A uniform ``F`` makes every Fisher variant exactly plain SVD.
 """
 
 from __future__ import annotations
@@ -26,19 +34,45 @@ AXES = ("both", "output", "input")
 
 
 @dataclass(frozen=True)
-class Decomposition:
-    """The SVD of the (possibly weighted) matrix ``Z`` of one layer, truncatable at any rank.
+class RightFactor:
+    """An invertible ``M`` (in x in) applied on the right: a diagonal, a lower-triangular ``L``, or ``Q sqrt(L)``."""
 
-    Computed once per layer in float64; ``factors(r)`` and ``reconstruct(r)`` are then cheap.
+    kind: str  # "diag" | "tril" | "eig"
+    diag: torch.Tensor | None = None  # (in,) for diag; sqrt eigenvalues for eig
+    matrix: torch.Tensor | None = None  # L (tril) or Q (eig)
+
+    def right(self, z: torch.Tensor) -> torch.Tensor:
+        """``z @ M``."""
+        if self.kind == "diag":
+            return z * self.diag[None, :]
+        if self.kind == "tril":
+            return z @ self.matrix
+        return (z @ self.matrix) * self.diag[None, :]
+
+    def right_inverse(self, z: torch.Tensor) -> torch.Tensor:
+        """``z @ M^-1`` without forming the inverse."""
+        if self.kind == "diag":
+            return z / self.diag[None, :]
+        if self.kind == "tril":
+            return torch.linalg.solve_triangular(self.matrix, z, upper=False, left=False)
+        return (z / self.diag[None, :]) @ self.matrix.T
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """The SVD of the weighted matrix ``Z = diag(r) W M`` of one layer, truncatable at any rank.
+
+    Computed once per layer in float64; ``factors(k)`` and ``reconstruct(k)`` are then cheap.
     """
 
     weight: torch.Tensor  # (out, in), float64
-    u: torch.Tensor  # (out, k)
-    s: torch.Tensor  # (k,)
-    vh: torch.Tensor  # (k, in)
-    row_scale: torch.Tensor | None  # a, (out,)
-    col_scale: torch.Tensor | None  # b, (in,)
-    axis: str | None  # None for plain SVD
+    u: torch.Tensor  # (out, p)
+    s: torch.Tensor  # (p,)
+    vh: torch.Tensor  # (p, in)
+    row_scale: torch.Tensor | None  # r, (out,)
+    right: RightFactor | None  # M
+    method: str = "svd"
+    literal_input: bool = False  # fwsvd's input axis: up = U_k, down = U_k^T W
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -53,24 +87,28 @@ class Decomposition:
         if not 1 <= rank <= self.max_rank:
             raise ValueError(f"rank {rank} outside [1, {self.max_rank}]")
         u_r, s_r, vh_r = self.u[:, :rank], self.s[:rank], self.vh[:rank]
-        if self.axis == "input":
-            up = u_r
-            down = u_r.T @ self.weight
+        if self.literal_input:
+            up, down = u_r, u_r.T @ self.weight
         else:
             up = u_r * s_r
-            down = vh_r
+            down = vh_r if self.right is None else self.right.right_inverse(vh_r)
             if self.row_scale is not None:
                 up = up / self.row_scale[:, None]
-            if self.col_scale is not None:
-                down = down / self.col_scale[None, :]
         return up.to(dtype).contiguous(), down.to(dtype).contiguous()
 
     def reconstruct(self, rank: int) -> torch.Tensor:
         up, down = self.factors(rank, dtype=torch.float64)
         return up @ down
 
+    def weighted(self, matrix: torch.Tensor) -> torch.Tensor:
+        """``diag(r) matrix M``: a weight-shaped matrix in the method's own metric."""
+        z = matrix.to(torch.float64)
+        if self.row_scale is not None:
+            z = self.row_scale[:, None] * z
+        return z if self.right is None else self.right.right(z)
 
-def _importance(fisher: torch.Tensor, dim: int, eps: float) -> torch.Tensor:
+
+def importance(fisher: torch.Tensor, dim: int, eps: float) -> torch.Tensor:
     """sqrt of Fisher summed along ``dim``, with tiny or zero entries raised to ``eps * max``."""
     scale = fisher.sum(dim=dim).clamp_min(0).sqrt()
     top = scale.max()
@@ -81,49 +119,112 @@ def _importance(fisher: torch.Tensor, dim: int, eps: float) -> torch.Tensor:
     return scale.clamp_min(top * eps)
 
 
+def _check_weight(weight: torch.Tensor) -> torch.Tensor:
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    return weight.detach().to(torch.float64)
+
+
+def _check_fisher(fisher: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if fisher.shape != weight.shape:
+        raise ValueError(f"Fisher shape {tuple(fisher.shape)} != weight shape {tuple(weight.shape)}")
+    f = fisher.detach().to(torch.float64)
+    if not torch.isfinite(f).all():
+        raise FisherError("Fisher statistics contain NaN or inf")
+    return f
+
+
+def _svd(w: torch.Tensor, row: torch.Tensor | None, right: RightFactor | None, method: str,
+         literal_input: bool = False) -> Decomposition:
+    z = w if row is None else row[:, None] * w
+    if right is not None:
+        z = right.right(z)
+    u, s, vh = torch.linalg.svd(z, full_matrices=False)
+    return Decomposition(w, u, s, vh, row, right, method, literal_input)
+
+
 def decompose(
     weight: torch.Tensor,
     fisher: torch.Tensor | None = None,
     axis: str | None = "both",
     eps: float = 1e-6,
 ) -> Decomposition:
-    """Decompose one weight for plain (``fisher=None``) or Fisher-weighted SVD.
-
-    Args:
-        weight: ``(out, in)`` weight.
-        fisher: per-weight importance of the same shape, or ``None`` for plain SVD.
-        axis: ``both``, ``output`` or ``input``; ignored without ``fisher``.
-        eps: importance floor relative to the layer's largest row/column importance.
-
-    Returns:
-        A :class:`Decomposition` to truncate at any rank.
+    """Plain SVD (``fisher=None``) or Fisher-weighted SVD on ``axis`` (``both``, ``output`` or ``input``).
 
     Raises:
         ValueError: on mismatched shapes or an unknown axis.
         FisherError: when ``fisher`` is not finite.
     """
-    if weight.dim() != 2:
-        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
-    w = weight.detach().to(torch.float64)
+    w = _check_weight(weight)
     if fisher is None:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        return Decomposition(w, u, s, vh, None, None, None)
+        return _svd(w, None, None, "svd")
     if axis not in AXES:
         raise ValueError(f"axis={axis!r}; choose one of {', '.join(AXES)}")
-    if fisher.shape != weight.shape:
-        raise ValueError(f"Fisher shape {tuple(fisher.shape)} != weight shape {tuple(weight.shape)}")
-    f = fisher.detach().to(torch.float64)
-    if not torch.isfinite(f).all():
-        raise FisherError("Fisher statistics contain NaN or inf")
-    a = _importance(f, dim=1, eps=eps) if axis in ("both", "output") else None
-    b = _importance(f, dim=0, eps=eps) if axis in ("both", "input") else None
-    z = w
-    if a is not None:
-        z = a[:, None] * z
-    if b is not None:
-        z = z * b[None, :]
-    u, s, vh = torch.linalg.svd(z, full_matrices=False)
-    return Decomposition(w, u, s, vh, a, b, axis)
+    f = _check_fisher(fisher, weight)
+    a = importance(f, dim=1, eps=eps) if axis in ("both", "output") else None
+    b = importance(f, dim=0, eps=eps) if axis in ("both", "input") else None
+    right = None if b is None else RightFactor("diag", diag=b)
+    return _svd(w, a, right, "fwsvd", literal_input=axis == "input")
+
+
+def activation_scaled(weight: torch.Tensor, abs_mean: torch.Tensor, alpha: float = 0.5,
+                      eps: float = 1e-6) -> Decomposition:
+    """ASVD: the SVD of ``W diag(s)``, ``s_j = mean|x_j| ** alpha`` (tiny entries floored at ``eps * max``)."""
+    w = _check_weight(weight)
+    scale = abs_mean.detach().to(torch.float64)
+    if scale.shape != (w.shape[1],) or not torch.isfinite(scale).all():
+        raise FisherError(f"activation statistics of shape {tuple(scale.shape)} do not fit a weight {tuple(w.shape)}")
+    scale = scale.clamp_min(0) ** alpha
+    top = scale.max()
+    scale = torch.ones_like(scale) if top <= 0 else scale.clamp_min(top * eps)
+    return _svd(w, None, RightFactor("diag", diag=scale), "asvd")
+
+
+def whitening(second_moment: torch.Tensor, damp: float = 1e-4) -> tuple[RightFactor, float]:
+    """``M`` with ``M M^T = C + lambda I``, ``lambda = damp * mean(diag C)``: Cholesky, or eigen when it fails.
+
+    Returns:
+        The factor and ``lambda``.
+    """
+    c = second_moment.detach().to(torch.float64)
+    c = (c + c.T) / 2
+    if not torch.isfinite(c).all():
+        raise FisherError("input second moment contains NaN or inf")
+    mean_diag = float(c.diagonal().mean())
+    lam = damp * mean_diag if mean_diag > 0 else damp
+    eye = torch.eye(c.shape[0], dtype=torch.float64)
+    factor, info = torch.linalg.cholesky_ex(c + lam * eye)
+    if int(info) == 0:
+        return RightFactor("tril", matrix=factor), lam
+    values, vectors = torch.linalg.eigh(c)
+    floor = max(lam, float(values.max()) * 1e-12, torch.finfo(torch.float64).tiny)
+    return RightFactor("eig", diag=values.clamp_min(floor).sqrt(), matrix=vectors), lam
+
+
+def whitened(weight: torch.Tensor, second_moment: torch.Tensor, damp: float = 1e-4,
+             fisher: torch.Tensor | None = None, power: float = 0.5, eps: float = 1e-6) -> Decomposition:
+    """SVD-LLM's truncation-aware whitening, optionally with Fisher output-row weights (``fisher-whitened``).
+
+    Args:
+        weight: ``(out, in)``.
+        second_moment: ``X^T X / N`` of the layer's inputs, ``(in, in)``.
+        damp: diagonal damping, relative to the mean diagonal.
+        fisher: per-weight Fisher for ``fisher-whitened``; its row importance ``a`` becomes ``(a/mean a)**power``.
+        power: the tempering exponent.
+        eps: importance floor relative to the largest row importance.
+    """
+    w = _check_weight(weight)
+    if tuple(second_moment.shape) != (w.shape[1], w.shape[1]):
+        raise FisherError(f"input second moment of shape {tuple(second_moment.shape)} does not fit a weight "
+                          f"{tuple(w.shape)}")
+    right, _ = whitening(second_moment, damp)
+    row = None
+    method = "svd-llm"
+    if fisher is not None:
+        a = importance(_check_fisher(fisher, weight), dim=1, eps=eps)
+        row = (a / a.mean()) ** power
+        method = "fisher-whitened"
+    return _svd(w, row, right, method)
 
 
 def relative_error(weight: torch.Tensor, approx: torch.Tensor, fisher: torch.Tensor | None = None) -> float:
@@ -138,6 +239,18 @@ def relative_error(weight: torch.Tensor, approx: torch.Tensor, fisher: torch.Ten
     if denom <= 0:
         return 0.0 if diff.sum() <= 0 else float("inf")
     return float((diff.sum() / denom).sqrt())
+
+
+def output_error(weight: torch.Tensor, approx: torch.Tensor, second_moment: torch.Tensor) -> float:
+    """``||(W - W') L|| / ||W L||`` with ``L L^T = C``: the relative output error over the calibration inputs."""
+    c = second_moment.to(torch.float64)
+    w = weight.detach().to(torch.float64)
+    diff = w - approx.to(torch.float64)
+    num = float(torch.einsum("oi,ij,oj->", diff, c, diff))
+    den = float(torch.einsum("oi,ij,oj->", w, c, w))
+    if den <= 0:
+        return 0.0 if num <= 0 else float("inf")
+    return max(num, 0.0) ** 0.5 / den ** 0.5
 
 
 def low_rank_params(shape: tuple[int, int], rank: int) -> int:

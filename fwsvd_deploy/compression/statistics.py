@@ -1,0 +1,438 @@
+"""Calibration statistics of the targeted layers, collected in one pass over calibration batches.
+
+What the compression methods read, per targeted layer:
+
+* **Fisher** (``fwsvd``, ``fisher-whitened``; needs a task loss and a backward pass): the empirical Fisher
+  ``F_ij = sum_n (dL_n/dW_ij)^2`` shaped like the layer's weight. ``per_example`` rebuilds each example's weight
+  gradient from the layer's input and output gradient (``g_n^T x_n``) inside one batched backward pass;
+  ``batch_mean`` squares the gradient of each batch's mean loss (a cheaper, different estimator).
+* **Input second moment** (``svd-llm``, ``fisher-whitened``): ``X^T X`` summed over calibration tokens in float64,
+  padding tokens excluded, one matrix per distinct input: layers that read the same tensor (an attention block's
+  q, k and v; an MLP's gate and up) share it. Found by identity of the input tensor during the forward pass.
+* **Mean absolute input** (``asvd``): ``sum |x|`` per input feature, with the token count.
+
+Under ``torchrun``/``accelerate launch`` each process takes every ``world_size``-th batch and the sums are
+all-reduced, so the result equals one process's. Each kind is cached in its own safetensors file keyed by model,
+calibration data and settings, so a method that needs one kind more computes only that kind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import FisherError
+from ..losses import loss_kind, per_example_losses
+from ..modeling import model_fingerprint
+from ..progress import progress_bar
+from .targets import Target
+
+CACHE_FORMAT = 2
+_CHUNK_BYTES = 256 * 2**20
+FISHER = "fisher"
+INPUTS = "inputs"
+KINDS = (FISHER, INPUTS)
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CalibrationStats:
+    """Statistics of the targeted layers; each kind is ``None`` when it was not collected.
+
+    Attributes:
+        targets: names of the layers the statistics belong to, in model order.
+        fisher: per target, the summed squared gradients (float32, shaped like the module's weight parameter).
+        input_of: per target, the name of the input group it reads (the first target reading that tensor).
+        second_moment: per input group, ``sum x x^T`` over calibration tokens (float64, ``(in, in)``).
+        abs_sum: per input group, ``sum |x|`` over calibration tokens (float64, ``(in,)``).
+        tokens: per input group, how many token vectors were summed.
+        num_examples: calibration examples (classifier inputs, or language-model windows).
+        estimator: the Fisher estimator, when Fisher was collected.
+        seconds: time spent collecting (0 for what came from the cache).
+        from_cache: every requested kind came from the cache.
+        cache_paths / key: cache files and the key of the calibration data and settings.
+        model_hash: fingerprint of the model the statistics were collected on (``None`` when unknown).
+    """
+
+    targets: tuple[str, ...]
+    fisher: dict[str, torch.Tensor] | None = None
+    input_of: dict[str, str] = field(default_factory=dict)
+    second_moment: dict[str, torch.Tensor] | None = None
+    abs_sum: dict[str, torch.Tensor] | None = None
+    tokens: dict[str, int] = field(default_factory=dict)
+    num_examples: int = 0
+    estimator: str | None = None
+    seconds: float = 0.0
+    from_cache: bool = False
+    cache_paths: tuple[str, ...] = ()
+    key: str | None = None
+    model_hash: str | None = None
+
+    @property
+    def cache_path(self) -> str | None:
+        return self.cache_paths[0] if self.cache_paths else None
+
+    def has(self, kind: str) -> bool:
+        return (self.fisher if kind == FISHER else self.second_moment) is not None
+
+    def group(self, name: str) -> str:
+        if name not in self.input_of:
+            raise FisherError(f"no input statistics for {name}; collect them with the same target_modules")
+        return self.input_of[name]
+
+    def covariance(self, name: str) -> torch.Tensor:
+        """``X^T X / N`` of the input of target ``name`` (float64)."""
+        if self.second_moment is None:
+            raise FisherError("no input second moments were collected")
+        group = self.group(name)
+        return self.second_moment[group] / max(self.tokens[group], 1)
+
+    def abs_mean(self, name: str) -> torch.Tensor:
+        """Mean ``|x|`` per input feature of target ``name`` (float64)."""
+        if self.abs_sum is None:
+            raise FisherError("no input activation statistics were collected")
+        group = self.group(name)
+        return self.abs_sum[group] / max(self.tokens[group], 1)
+
+
+FisherResult = CalibrationStats  # the name under which Fisher-only statistics were first published
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class _FisherHooks:
+    """Hooks that turn each target's input and output gradient into squared weight gradients."""
+
+    def __init__(self, targets: list[Target], estimator: str) -> None:
+        self.targets = {t.name: t for t in targets}
+        self.estimator = estimator
+        self.sums = {t.name: torch.zeros_like(t.module.weight, dtype=torch.float32) for t in targets}
+        self.calls: dict[str, int] = {}
+        self._pending: dict[str, torch.Tensor] = {}
+
+    def forward(self, name: str, x: torch.Tensor, output: torch.Tensor) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if output.requires_grad:
+            x = x.detach()
+            output.register_hook(lambda grad: self._accumulate(name, x, grad.detach()))
+
+    def _accumulate(self, name: str, x: torch.Tensor, grad: torch.Tensor) -> None:
+        batch = x.shape[0]
+        x = x.reshape(batch, -1, x.shape[-1]).float()
+        g = grad.reshape(batch, -1, grad.shape[-1]).float()
+        # Weight gradient of example b: g_b^T x_b for a Linear (out, in), x_b^T g_b for a Conv1D (in, out).
+        left, right = (x, g) if self.targets[name].kind == "conv1d" else (g, x)
+        acc = self.sums[name]
+        if self.estimator == "batch_mean":
+            # the backward pass ran on the batch-mean loss, so this is already the mean gradient
+            grad_sum = torch.einsum("bto,bti->oi", left, right)
+            if self.calls.get(name, 1) > 1:  # shared weight (e.g. ALBERT): sum all uses, square at the end
+                self._pending[name] = self._pending.get(name, 0) + grad_sum
+                return
+            contribution = grad_sum.square()
+        elif self.calls.get(name, 1) > 1:
+            # A weight used several times per forward (ALBERT shares its layers): an example's gradient is
+            # the sum over all uses, so per-example gradients are summed first and squared in finish_batch.
+            self._pending[name] = self._pending.get(name, 0) + torch.einsum("bto,bti->boi", left, right)
+            return
+        else:
+            per = max(1, _CHUNK_BYTES // (4 * acc.numel()))
+            contribution = torch.zeros_like(acc)
+            for start in range(0, batch, per):
+                chunk = torch.einsum("bto,bti->boi", left[start:start + per], right[start:start + per])
+                contribution += chunk.square().sum(0)
+        self._add(name, contribution)
+
+    def _add(self, name: str, contribution: torch.Tensor) -> None:
+        if not torch.isfinite(contribution).all():
+            raise FisherError(f"gradient of {name} is NaN or inf; check the data, labels and model weights")
+        self.sums[name] += contribution
+
+    def finish_batch(self) -> None:
+        """Square and add the per-example gradients of shared weights, summed over their uses."""
+        for name, pending in self._pending.items():
+            squared = pending.square()
+            self._add(name, squared if squared.dim() == 2 else squared.sum(0))
+        self._pending.clear()
+        self.calls.clear()
+
+
+class _InputHooks:
+    """Second moments and absolute sums of each distinct targeted input, real (unpadded) tokens only."""
+
+    def __init__(self, targets: list[Target]) -> None:
+        self.order = [t.name for t in targets]
+        self.input_of: dict[str, str] = {}
+        self.moments: dict[str, torch.Tensor] = {}
+        self.abs_sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self.mask: torch.Tensor | None = None
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # one forward: input tensor -> its group
+
+    def start_batch(self, mask: torch.Tensor | None) -> None:
+        self.mask = None if mask is None else mask.bool()
+        self._seen.clear()
+
+    def forward(self, name: str, x: torch.Tensor) -> None:
+        seen = self._seen.get(id(x))
+        if seen is not None and seen[0] is x:
+            group = seen[1]
+        else:
+            group = self.input_of.get(name, name)
+            self._seen[id(x)] = (x, group)  # holding x keeps its id from being reused within the forward
+        known = self.input_of.setdefault(name, group)
+        if known != group:
+            raise FisherError(f"{name} read the input of {group} in one batch and of {known} in another")
+        if group != name and seen is not None:
+            return  # the group's owner already counted this tensor
+        rows = x.detach()
+        if self.mask is not None and rows.dim() == 3 and tuple(rows.shape[:2]) == tuple(self.mask.shape):
+            rows = rows[self.mask]
+        rows = rows.reshape(-1, rows.shape[-1]).to(torch.float64)
+        if group not in self.moments:
+            self.moments[group] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
+            self.abs_sums[group] = torch.zeros(rows.shape[1], dtype=torch.float64)
+            self.tokens[group] = 0
+        self.moments[group].addmm_(rows.T, rows)
+        self.abs_sums[group] += rows.abs().sum(0)
+        self.tokens[group] += rows.shape[0]
+        if not torch.isfinite(self.moments[group]).all():
+            raise FisherError(f"the input of {name} has NaN or inf values; check the model weights")
+
+
+def _batches_fingerprint(batches: Sequence[Batch]) -> str:
+    digest = hashlib.sha256()
+    for batch in batches:
+        for key in sorted(batch):
+            t = batch[key].detach().cpu().contiguous()
+            digest.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
+            digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _cache_key(kind: str, model_hash: str, data_hash: str, targets: list[Target], estimator: str) -> str:
+    payload: dict[str, Any] = {"format": CACHE_FORMAT, "kind": kind, "model": model_hash, "data": data_hash,
+                               "targets": [t.name for t in targets]}
+    if kind == FISHER:
+        payload["estimator"] = estimator
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _load_cache(path: Path, kind: str, targets: list[Target]) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The cached tensors and metadata, or ``None`` on a miss; a corrupt file counts as a miss."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        import logging
+
+        logging.getLogger("fwsvd_deploy").warning("ignoring unreadable statistics cache %s (%s); recomputing",
+                                                  path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+    names = {t.name for t in targets}
+    if kind == FISHER and set(tensors) != names:
+        return None
+    if kind == INPUTS and set(meta.get("input_of", {})) != names:
+        return None
+    return tensors, meta
+
+
+def _save_cache(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"meta": json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _all_reduce(tensors: Iterable[torch.Tensor]) -> None:
+    for tensor in tensors:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+
+
+def collect_statistics(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    targets: list[Target],
+    *,
+    kinds: Iterable[str],
+    estimator: str = "per_example",
+    cache_dir: str | None = None,
+    num_examples: int | None = None,
+    progress: bool | None = None,
+    desc: str = "Calibrate",
+) -> CalibrationStats:
+    """Collect the requested kinds of statistics (``fisher``, ``inputs``) of ``targets`` in one pass.
+
+    Args:
+        model: a sequence classifier or causal LM (Fisher needs its task loss; input statistics need none).
+        batches: tokenised calibration batches (``input_ids``, ``attention_mask``, ``labels`` for classifiers).
+        targets: the layers, from :func:`~fwsvd_deploy.compression.apply.resolve_targets`.
+        kinds: which statistics.
+        estimator: ``per_example`` or ``batch_mean`` (Fisher only).
+        cache_dir: folder of cached statistics, or ``None``.
+        num_examples: examples in ``batches`` (counted from them when ``None``).
+        progress: show a progress bar (``None``: only on a terminal).
+        desc: the progress bar's label.
+
+    Raises:
+        FisherError: non-finite gradients or inputs, no task loss, or no labels for a classifier's Fisher.
+    """
+    kinds = tuple(k for k in KINDS if k in set(kinds))
+    if not batches:
+        raise FisherError("no calibration examples")
+    if num_examples is None:
+        num_examples = sum(int(b["input_ids"].shape[0]) for b in batches)
+    if FISHER in kinds:
+        loss = loss_kind(model)  # fails early for a model without a task loss
+        if loss != "causal_lm" and "labels" not in batches[0]:
+            raise FisherError("Fisher needs labelled examples; the calibration data has no labels")
+    keys: dict[str, str] = {}
+    cached: dict[str, tuple[dict[str, torch.Tensor], dict]] = {}
+    model_hash, data_hash = model_fingerprint(model), ""
+    if cache_dir is not None:
+        data_hash = _batches_fingerprint(batches)
+        for kind in kinds:
+            keys[kind] = _cache_key(kind, model_hash, data_hash, targets, estimator)
+            hit = _load_cache(Path(cache_dir) / f"{kind}-{keys[kind]}.safetensors", kind, targets)
+            if hit is not None:
+                cached[kind] = hit
+    todo = [k for k in kinds if k not in cached]
+    result: dict[str, Any] = {}
+    seconds = 0.0
+    if todo:
+        start = time.perf_counter()
+        result = _run_pass(model, batches, targets, todo, estimator, progress, desc)
+        seconds = time.perf_counter() - start
+        if cache_dir is not None and _dist()[0] == 0:
+            if FISHER in todo:
+                _save_cache(Path(cache_dir) / f"{FISHER}-{keys[FISHER]}.safetensors", result["fisher"],
+                            {"num_examples": num_examples, "estimator": estimator})
+            if INPUTS in todo:
+                tensors = {f"moment.{g}": m for g, m in result["moments"].items()}
+                tensors.update({f"abs.{g}": a for g, a in result["abs_sums"].items()})
+                _save_cache(Path(cache_dir) / f"{INPUTS}-{keys[INPUTS]}.safetensors", tensors,
+                            {"input_of": result["input_of"], "tokens": result["tokens"], "num_examples": num_examples})
+        if _dist()[1] > 1:
+            torch.distributed.barrier()
+    fisher = result.get("fisher")
+    if FISHER in cached:
+        fisher = cached[FISHER][0]
+    moments, abs_sums = result.get("moments"), result.get("abs_sums")
+    input_of, tokens = result.get("input_of", {}), result.get("tokens", {})
+    if INPUTS in cached:
+        tensors, meta = cached[INPUTS]
+        moments = {k[len("moment."):]: v for k, v in tensors.items() if k.startswith("moment.")}
+        abs_sums = {k[len("abs."):]: v for k, v in tensors.items() if k.startswith("abs.")}
+        input_of, tokens = dict(meta["input_of"]), {k: int(v) for k, v in meta["tokens"].items()}
+    paths = tuple(str(Path(cache_dir) / f"{k}-{keys[k]}.safetensors") for k in kinds) if cache_dir else ()
+    return CalibrationStats(
+        targets=tuple(t.name for t in targets), fisher=fisher, input_of=input_of, second_moment=moments,
+        abs_sum=abs_sums, tokens=tokens, num_examples=int(result.get("num_examples", num_examples)),
+        estimator=estimator if FISHER in kinds else None, seconds=seconds, from_cache=not todo, cache_paths=paths,
+        key=_cache_key("all", model_hash, data_hash, targets, estimator) if cache_dir else None,
+        model_hash=model_hash,
+    )
+
+
+def _run_pass(model: nn.Module, batches: Sequence[Batch], targets: list[Target], kinds: Sequence[str],
+              estimator: str, progress: bool | None, desc: str) -> dict[str, Any]:
+    """One pass over the batches (this process's share of them), hooks collecting what ``kinds`` asks for."""
+    rank, world = _dist()
+    mine = [b for i, b in enumerate(batches) if i % world == rank]
+    with_fisher = FISHER in kinds
+    fisher_hooks = _FisherHooks(targets, estimator) if with_fisher else None
+    input_hooks = _InputHooks(targets) if INPUTS in kinds else None
+
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if input_hooks is not None:
+                input_hooks.forward(name, args[0])
+            if fisher_hooks is not None:
+                fisher_hooks.forward(name, args[0], output)
+
+        return hook
+
+    was_training = model.training
+    grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    target_weights = {id(t.module.weight) for t in targets}
+    handles = [t.module.register_forward_hook(hook_for(t.name)) for t in targets]
+    kind = loss_kind(model) if with_fisher else None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(with_fisher and id(p) in target_weights)
+    examples = 0
+    try:
+        bar = progress_bar(mine, progress=progress if rank == 0 else False, desc=desc, unit="batch")
+        for batch in bar:
+            examples += int(batch["input_ids"].shape[0])
+            if input_hooks is not None:
+                input_hooks.start_batch(batch.get("attention_mask"))
+            if with_fisher:
+                losses = per_example_losses(model, batch, kind)  # type: ignore[arg-type]
+                if not torch.isfinite(losses).all():
+                    raise FisherError("the task loss is NaN or inf on a calibration batch")
+                (losses.mean() if estimator == "batch_mean" else losses.sum()).backward()
+                fisher_hooks.finish_batch()  # type: ignore[union-attr]
+                for t in targets:
+                    t.module.weight.grad = None
+                bar.set_postfix(loss=f"{float(losses.detach().mean()):.4f}")
+            else:
+                from ..modeling import forward_inputs
+
+                with torch.no_grad():
+                    model(**forward_inputs(model, batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, p in model.named_parameters():
+            p.requires_grad_(grad_flags[name])
+        model.train(was_training)
+    out: dict[str, Any] = {"num_examples": examples}
+    count = torch.tensor(examples, dtype=torch.long)
+    if fisher_hooks is not None:
+        out["fisher"] = fisher_hooks.sums
+    if input_hooks is not None:
+        missing = [t.name for t in targets if t.name not in input_hooks.input_of]
+        if missing:
+            raise FisherError(f"calibration never ran {missing[0]} (and {len(missing) - 1} more targets)")
+        out.update(input_of=input_hooks.input_of, moments=input_hooks.moments, abs_sums=input_hooks.abs_sums,
+                   tokens=dict(input_hooks.tokens))
+    if world > 1:
+        _all_reduce(out.get("fisher", {}).values())
+        _all_reduce(out.get("moments", {}).values())
+        _all_reduce(out.get("abs_sums", {}).values())
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.SUM)
+        if "tokens" in out:
+            names = sorted(out["tokens"])
+            counts = torch.tensor([out["tokens"][n] for n in names], dtype=torch.long)
+            torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
+            out["tokens"] = {n: int(c) for n, c in zip(names, counts, strict=True)}
+        out["num_examples"] = int(count)
+    return out
