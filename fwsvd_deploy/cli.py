@@ -17,6 +17,7 @@ from .config import (
     FISHER_ESTIMATORS,
     METHODS,
     QKV_MODES,
+    TRAINABLE,
     CalibrationConfig,
     CompressionConfig,
     DataConfig,
@@ -91,9 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    ft = sub.add_parser("finetune", help="fine-tune a sequence classifier (dense, or compressed for recovery)",
-                        description="Fine-tune a sequence classifier. A model without a classification head gets "
-                                    "a fresh one sized from the data; a compressed folder keeps its low-rank layers.")
+    ft = sub.add_parser("finetune", help="fine-tune a classifier or a causal LM (dense, or compressed for recovery)",
+                        description="Fine-tune a sequence classifier on labelled data, or a causal LM on token "
+                                    "windows of --max-length with the next-token loss (the best held-out perplexity "
+                                    "is kept). A model without a classification head gets a fresh one sized from the "
+                                    "data; a compressed folder keeps its low-rank layers.")
     ft.add_argument("--model", default=EMBEDDED_MODEL,
                     help="model folder, hub id, or a folder written by 'compress' (default: %(default)s, embedded)")
     _add_output_args(ft)
@@ -105,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--warmup-ratio", type=float, default=0.1)
     g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--eval-steps", type=int, default=None,
+                   help="causal LMs: evaluate every N steps and at the end, keeping the best (default: each epoch)")
+    g.add_argument("--trainable", default="all", choices=TRAINABLE,
+                   help="train all parameters, or only the factorised layers of a compressed model "
+                        "(default: %(default)s)")
     g.add_argument("--no-eval", action="store_true", help="skip per-epoch evaluation (keep the last weights)")
 
     cp = sub.add_parser("compress", help="factorise a fine-tuned classifier or a causal LM",
@@ -266,16 +274,19 @@ def _cmd_finetune(a: argparse.Namespace) -> int:
 
     cfg = FinetuneConfig(epochs=a.epochs, max_steps=a.max_steps, learning_rate=a.learning_rate,
                          weight_decay=a.weight_decay, warmup_ratio=a.warmup_ratio, batch_size=a.batch_size,
-                         eval_every_epoch=not a.no_eval, seed=a.seed)
+                         eval_every_epoch=not a.no_eval, eval_steps=a.eval_steps, trainable=a.trainable,
+                         seed=a.seed)
     outcome = run_finetune(a.model, _data_config(a), cfg, a.out, overwrite=a.overwrite, progress=_progress(a))
     after = outcome.eval_after
     kind = "compressed model (recovery)" if outcome.compressed else "model"
     line = f"fine-tuned {kind}: {outcome.result.steps} steps in {outcome.result.seconds:.1f} s"
     if after is not None:
-        line += "; eval " + ", ".join(f"{k} {v:.4f}" for k, v in after.metrics.items())
+        line += "; eval " + ", ".join(f"{k} {v:.4f}" for k, v in after.metrics.items() if k != "tokens")
         line += f" ({after.num_examples} examples)"
-    if outcome.eval_before is not None and "accuracy" in outcome.eval_before.metrics:
-        line += f"; accuracy before fine-tuning {outcome.eval_before.metrics['accuracy']:.4f}"
+    before = outcome.eval_before.metrics if outcome.eval_before is not None else {}
+    for key in ("accuracy", "perplexity"):
+        if key in before:
+            line += f"; {key} before fine-tuning {before[key]:.4f}"
     print(line)
     print(f"wrote {outcome.out_dir}")
     return 0

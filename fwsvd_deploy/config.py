@@ -22,6 +22,7 @@ FISHER_AXES = ("both", "output", "input")
 FISHER_ESTIMATORS = ("per_example", "batch_mean")
 QKV_MODES = ("separate", "joint")
 ALLOCATIONS = ("uniform", "fisher", "loss")
+TRAINABLE = ("all", "factors")
 # what each method reads from the calibration pass
 METHOD_STATISTICS = {"svd": (), "fwsvd": ("fisher",), "asvd": ("inputs",), "svd-llm": ("inputs",),
                      "fisher-whitened": ("fisher", "inputs")}
@@ -265,14 +266,18 @@ def _patterns(name: str, value: Any) -> str | tuple[str, ...]:
 
 @dataclass(frozen=True)
 class FinetuneConfig(_Config):
-    """Supervised fine-tuning for sequence classification (also used for recovery after compression).
+    """Fine-tuning: a classifier on its labels, or a causal LM on token windows with the next-token loss; also the
+    recovery training of a compressed model.
 
     Attributes:
         epochs: passes over the training split (ignored when ``max_steps`` is set).
         max_steps: optimiser steps in total, overriding ``epochs``.
         learning_rate / weight_decay / warmup_ratio / max_grad_norm: AdamW with linear warm-up and decay.
-        batch_size: training batch size.
-        eval_every_epoch: evaluate after each epoch and keep the best checkpoint.
+        batch_size: training batch size (examples, or windows for a causal LM).
+        eval_every_epoch: evaluate while training and keep the best checkpoint.
+        eval_steps: causal LMs: evaluate every this many steps and at the end (``None``: after each epoch).
+        trainable: ``all`` parameters, or ``factors``: only the factorised layers of a compressed model (their
+            down- and up-projections), everything else frozen.
         seed: seed for shuffling, dropout and a fresh head's initialisation.
     """
 
@@ -284,10 +289,14 @@ class FinetuneConfig(_Config):
     max_grad_norm: float = 1.0
     batch_size: int = 32
     eval_every_epoch: bool = True
+    eval_steps: int | None = None
+    trainable: str = "all"
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check_int("epochs", self.epochs, 1)
+        _check_int("eval_steps", self.eval_steps, 1, optional=True)
+        _check_choice("trainable", self.trainable, TRAINABLE)
         _check_int("max_steps", self.max_steps, 1, optional=True)
         _check_float("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
         _check_float("weight_decay", self.weight_decay, 0.0, 1.0, low_open=False)

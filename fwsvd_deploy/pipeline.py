@@ -38,7 +38,7 @@ from .modeling import (
     read_plan,
     resolve_model,
 )
-from .training import EvalResult, FinetuneResult, evaluate, evaluate_lm, finetune
+from .training import EvalResult, FinetuneResult, evaluate, evaluate_lm, finetune, finetune_lm
 
 DEFAULT_WINDOWS = 64  # calibration windows of a causal LM when CalibrationConfig.num_samples is None
 
@@ -94,17 +94,28 @@ def run_finetune(
 ) -> FinetuneOutcome:
     """Fine-tune a model (dense, or compressed for recovery) and save it; the output is written atomically."""
     check_output_dir(out_dir, overwrite)
-    model, tokenizer, (train, evaluation) = _load_task(model_spec, data_cfg, allow_compressed=True)
     source = resolve_model(model_spec)
     compressed = is_compressed(source)
-    before = None
-    if compressed:
-        before = evaluate(model, evaluation, tokenizer, batch_size=data_cfg.batch_size,
-                          max_length=data_cfg.max_length, progress=progress)
-    result = finetune(model, train, tokenizer, ft_cfg, eval_data=evaluation, max_length=data_cfg.max_length,
-                      progress=progress)
-    after = evaluate(model, evaluation, tokenizer, batch_size=data_cfg.batch_size,
-                     max_length=data_cfg.max_length, progress=progress)
+    if is_causal_lm(load_config(model_spec)):
+        model, tokenizer = load_causal_lm(model_spec), load_tokenizer(model_spec)
+        train_text, eval_text = _lm_texts(data_cfg)
+        train_windows = lm_windows(train_text, tokenizer, data_cfg.max_length, count=data_cfg.max_train_samples,
+                                   seed=data_cfg.seed)
+        eval_windows = lm_windows(eval_text, tokenizer, data_cfg.max_length, count=data_cfg.max_eval_samples,
+                                  seed=data_cfg.seed)
+        before = evaluate_lm(model, eval_windows, progress=progress) if compressed else None
+        result = finetune_lm(model, train_windows, ft_cfg, eval_windows=eval_windows, progress=progress)
+        after = evaluate_lm(model, eval_windows, progress=progress)
+    else:
+        model, tokenizer, (train, evaluation) = _load_task(model_spec, data_cfg, allow_compressed=True)
+        before = None
+        if compressed:
+            before = evaluate(model, evaluation, tokenizer, batch_size=data_cfg.batch_size,
+                              max_length=data_cfg.max_length, progress=progress)
+        result = finetune(model, train, tokenizer, ft_cfg, eval_data=evaluation, max_length=data_cfg.max_length,
+                          progress=progress)
+        after = evaluate(model, evaluation, tokenizer, batch_size=data_cfg.batch_size,
+                         max_length=data_cfg.max_length, progress=progress)
     record = {
         "finetune": {
             "source_model": str(model_spec),
@@ -117,7 +128,8 @@ def run_finetune(
     }
     if compressed:
         plan = read_plan(source)
-        keep = {k: plan[k] for k in ("method", "fisher_axis", "report", "input_model_hash", "compression") if k in plan}
+        keep = {k: plan[k] for k in ("method", "fisher_axis", "report", "input_model_hash", "compression", "task",
+                                     "calibration") if k in plan}
         report = CompressionReport.from_dict(plan["report"]) if "report" in plan else None
         keep.pop("report", None)
         save_compressed(model, out_dir, tokenizer, report=report, metadata={**keep, "recovery": record["finetune"]},

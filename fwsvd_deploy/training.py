@@ -38,13 +38,18 @@ class EvalResult:
 
 @dataclass(frozen=True)
 class FinetuneResult:
-    """What fine-tuning did: steps, per-epoch metrics, and the epoch whose weights were kept."""
+    """What fine-tuning did: steps, evaluation history, and which weights were kept.
+
+    ``best_epoch`` (classifiers) or ``best_step`` (causal LMs, 0: the starting weights) tells where the kept
+    weights came from; ``best_metric`` is their accuracy/MSE, or their held-out perplexity.
+    """
 
     steps: int
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int | None = None
     best_metric: float | None = None
+    best_step: int | None = None
 
 
 def _primary(kind: str) -> tuple[str, bool]:
@@ -97,6 +102,35 @@ def evaluate(
     return EvalResult(metrics, len(data))
 
 
+def _trainable(model: nn.Module, cfg: FinetuneConfig) -> list[tuple[str, nn.Parameter]]:
+    """The parameters training updates: all, or only the factorised layers' (``trainable='factors'``)."""
+    if cfg.trainable == "all":
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    from .compression.layers import LowRankLinear
+
+    factors = {id(p) for m in model.modules() if isinstance(m, LowRankLinear) for p in m.parameters()}
+    if not factors:
+        raise FwsvdError("trainable='factors' needs a compressed model; this one has no factorised layers")
+    return [(n, p) for n, p in model.named_parameters() if id(p) in factors]
+
+
+def _optimizer(model: nn.Module, cfg: FinetuneConfig, total_steps: int) -> tuple[Any, Any]:
+    """AdamW (no decay on biases and norms) with linear warm-up and decay; frozen parameters stop needing grads."""
+    from transformers import get_linear_schedule_with_warmup
+
+    chosen = _trainable(model, cfg)
+    keep = {id(p) for _, p in chosen}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    decay = [p for n, p in chosen if p.dim() >= 2 and "norm" not in n.lower()]
+    no_decay = [p for n, p in chosen if not (p.dim() >= 2 and "norm" not in n.lower())]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.learning_rate,
+    )
+    return optimizer, get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+
+
 @torch.no_grad()
 def evaluate_lm(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8,
                 progress: bool | None = None) -> EvalResult:
@@ -138,8 +172,6 @@ def finetune(
         DatasetError: when the training data has no labels.
         FwsvdError: when the loss becomes NaN or inf.
     """
-    from transformers import get_linear_schedule_with_warmup
-
     cfg = cfg or FinetuneConfig()
     if train.labels is None:
         raise DatasetError(f"{train.source}: fine-tuning needs labels")
@@ -149,16 +181,7 @@ def finetune(
     total_steps = cfg.max_steps if cfg.max_steps is not None else steps_per_epoch * cfg.epochs
     epochs = math.ceil(total_steps / steps_per_epoch)
 
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.dim() < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.learning_rate,
-    )
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    optimizer, scheduler = _optimizer(model, cfg, total_steps)
 
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
@@ -205,3 +228,90 @@ def finetune(
         model.load_state_dict(best_state)
     model.eval()
     return FinetuneResult(step, time.perf_counter() - start, history, best_epoch, best_metric)
+
+
+def finetune_lm(
+    model: nn.Module,
+    train: torch.Tensor,
+    cfg: FinetuneConfig | None = None,
+    *,
+    eval_windows: torch.Tensor | None = None,
+    progress: bool | None = None,
+) -> FinetuneResult:
+    """Train a causal LM in place on token windows ``(n, length)`` with the next-token loss.
+
+    AdamW with linear warm-up and decay over ``cfg.max_steps`` (or ``cfg.epochs`` passes); with ``eval_windows``
+    the held-out perplexity is measured before training, then every ``cfg.eval_steps`` steps and at the end (after
+    each epoch when ``eval_steps`` is not set), and the weights of the best evaluation are restored at the end (only
+    the trained parameters are kept aside), the starting weights included.
+
+    Raises:
+        FwsvdError: when the loss becomes NaN or inf, or ``trainable='factors'`` on a dense model.
+    """
+    from .data import window_batches
+
+    cfg = cfg or FinetuneConfig()
+    steps_per_epoch = math.ceil(train.shape[0] / cfg.batch_size)
+    total_steps = cfg.max_steps if cfg.max_steps is not None else steps_per_epoch * cfg.epochs
+    grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    optimizer, scheduler = _optimizer(model, cfg, total_steps)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    evaluate_now = eval_windows is not None and cfg.eval_every_epoch
+    torch.manual_seed(cfg.seed)
+    start = time.perf_counter()
+    history: list[dict[str, float]] = []
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+
+    def checkpoint(epoch: int) -> None:
+        nonlocal best
+        assert eval_windows is not None
+        result = evaluate_lm(model, eval_windows, batch_size=cfg.batch_size, progress=False)
+        history.append({"epoch": epoch, "step": step, **{f"eval_{k}": v for k, v in result.metrics.items()}})
+        loss = result.metrics["loss"]
+        if best is None or loss < best[0]:
+            best = (loss, step, {n: p.detach().clone() for n, p in trained})
+        model.train()
+
+    step = 0
+    bar = progress_bar(total=total_steps, progress=progress, desc="Train LM", unit="step")
+    try:
+        if evaluate_now:
+            checkpoint(0)  # the starting point competes too: training must improve on it to be kept
+        epoch = 0
+        while step < total_steps:
+            epoch += 1
+            model.train()
+            order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            for batch in window_batches(train[order], cfg.batch_size):
+                loss = per_example_losses(model, batch, "causal_lm").mean()
+                if not torch.isfinite(loss):
+                    raise FwsvdError(f"training loss became {float(loss)} at step {step}; lower the learning rate")
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([p for _, p in trained], cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.4f}")
+                if evaluate_now and cfg.eval_steps is not None and (step % cfg.eval_steps == 0
+                                                                    or step == total_steps):
+                    checkpoint(epoch)
+                if step >= total_steps:
+                    break
+            if evaluate_now and cfg.eval_steps is None:
+                checkpoint(epoch)
+    finally:
+        bar.close()
+        for name, p in model.named_parameters():
+            p.requires_grad_(grad_flags[name])
+    best_step = None
+    if best is not None:
+        best_step = best[1]
+        params = dict(trained)
+        with torch.no_grad():
+            for name, value in best[2].items():
+                params[name].copy_(value)
+    model.eval()
+    best_ppl = None if best is None else math.exp(best[0])
+    return FinetuneResult(step, time.perf_counter() - start, history, best_metric=best_ppl, best_step=best_step)

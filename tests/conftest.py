@@ -38,6 +38,7 @@ TOL = {
     "identity": 1e-5,  # math identities on float64-computed factors, compared in float32
     "reload": 0.0,  # save -> load must give bit-identical logits
     "fisher_sum": 1e-4,  # the same sums accumulated in another order / process layout (relative)
+    "moment": 1e-5,  # input statistics: float32 products per batch against a float64 reference (relative)
 }
 
 VOCAB = 30522  # the embedded MiniLM tokenizer's vocabulary; all tiny models share it

@@ -134,3 +134,19 @@ def test_console_script_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fwsvd_deploy.cli", "compress", "--model", str(tmp_path / "nope"),
                            "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("fwsvd-deploy: error: model folder")
+
+
+def test_recover_a_compressed_causal_lm(capsys, tmp_path, tiny_llama_dir, toy_text):
+    code, out, err = _run(capsys, "compress", "--model", str(tiny_llama_dir), "--dataset", str(toy_text),
+                          "--method", "svd", "--ratio", "0.4", "--max-length", "16", "--fisher-cache", "none",
+                          "--out", str(tmp_path / "c"))
+    assert code == 0, err
+    code, out, err = _run(capsys, "finetune", "--model", str(tmp_path / "c"), "--dataset", str(toy_text),
+                          "--max-length", "16", "--max-steps", "6", "--eval-steps", "3", "--batch-size", "8",
+                          "--learning-rate", "3e-2", "--trainable", "factors", "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    assert "compressed model (recovery): 6 steps" in out and "perplexity before fine-tuning" in out
+    plan = read_plan(tmp_path / "r")
+    assert plan["layers"] == read_plan(tmp_path / "c")["layers"] and plan["task"] == "causal-lm"
+    assert [h["step"] for h in plan["recovery"]["history"]] == [0, 3, 6]
+    assert plan["recovery"]["eval"]["perplexity"] == min(h["eval_perplexity"] for h in plan["recovery"]["history"])

@@ -6,7 +6,8 @@ What the compression methods read, per targeted layer:
   ``F_ij = sum_n (dL_n/dW_ij)^2`` shaped like the layer's weight. ``per_example`` rebuilds each example's weight
   gradient from the layer's input and output gradient (``g_n^T x_n``) inside one batched backward pass;
   ``batch_mean`` squares the gradient of each batch's mean loss (a cheaper, different estimator).
-* **Input second moment** (``svd-llm``, ``fisher-whitened``): ``X^T X`` summed over calibration tokens in float64,
+* **Input second moment** (``svd-llm``, ``fisher-whitened``): ``X^T X`` summed over calibration tokens (each
+  batch's product in float32, the sum over batches in float64),
   padding tokens excluded, one matrix per distinct input: layers that read the same tensor (an attention block's
   q, k and v; an MLP's gate and up) share it. Found by identity of the input tensor during the forward pass.
 * **Mean absolute input** (``asvd``): ``sum |x|`` per input feature, with the token count.
@@ -205,13 +206,14 @@ class _InputHooks:
         rows = x.detach()
         if self.mask is not None and rows.dim() == 3 and tuple(rows.shape[:2]) == tuple(self.mask.shape):
             rows = rows[self.mask]
-        rows = rows.reshape(-1, rows.shape[-1]).to(torch.float64)
+        rows = rows.reshape(-1, rows.shape[-1]).float()
         if group not in self.moments:
             self.moments[group] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
             self.abs_sums[group] = torch.zeros(rows.shape[1], dtype=torch.float64)
             self.tokens[group] = 0
-        self.moments[group].addmm_(rows.T, rows)
-        self.abs_sums[group] += rows.abs().sum(0)
+        # one batch's product in float32 (a few thousand tokens), accumulated across batches in float64
+        self.moments[group] += (rows.T @ rows).double()
+        self.abs_sums[group] += rows.abs().sum(0, dtype=torch.float64)
         self.tokens[group] += rows.shape[0]
         if not torch.isfinite(self.moments[group]).all():
             raise FisherError(f"the input of {name} has NaN or inf values; check the model weights")
