@@ -150,3 +150,16 @@ def test_tied_embeddings_stay_tied_through_compression_and_reload(tmp_path, toke
     ids = _windows(2)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_too_few_calibration_tokens_warn_and_say_the_damping(caplog):
+    import logging
+
+    model = tiny_decoder("llama")
+    stats = collect_statistics(model, window_batches(_windows(1, 8), 1), resolve_targets(model), kinds=("inputs",),
+                               progress=False)  # 8 tokens for 32 and 64 input features
+    with caplog.at_level(logging.WARNING, logger="fwsvd_deploy"):
+        compress(model, CompressionConfig(method="svd-llm", ratio=0.5, whitening_damp=0.01), stats)
+    assert "fewer calibration tokens than features" in caplog.text and "whitening_damp=0.01" in caplog.text
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=_windows(2)).logits).all()

@@ -14,7 +14,14 @@ from torch import nn
 
 from ..config import CompressionConfig
 from ..errors import ConfigError
-from .factorize import allocation_gains, as_statistics, decompose_unit, require, unit_statistics
+from .factorize import (
+    allocation_gains,
+    as_statistics,
+    decompose_unit,
+    require,
+    unit_statistics,
+    warn_rank_deficient,
+)
 from .layers import LowRankLinear
 from .ranks import fixed_ranks, greedy_ranks, uniform_ranks, uniform_shares
 from .report import CompressionReport, LayerReport
@@ -44,6 +51,7 @@ def compress(model: nn.Module, cfg: CompressionConfig, statistics: Any = None) -
     """
     stats = as_statistics(statistics)
     require(cfg, stats, model)
+    warn_rank_deficient(cfg, stats)
     targets = resolve_targets(model, cfg.target_modules, cfg.exclude_modules)
     units = plan_units(targets, cfg.qkv)
     params_before = sum(p.numel() for p in model.parameters())

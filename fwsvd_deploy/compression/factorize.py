@@ -6,6 +6,7 @@ tensors and :mod:`.apply` only swaps modules.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -97,6 +98,20 @@ def require(cfg: CompressionConfig, stats: CalibrationStats | None, model: torch
         what = " and ".join({"fisher": "Fisher statistics", "inputs": "input statistics"}[k] for k in missing)
         raise FisherError(f"method={cfg.method!r} needs {what}; run the calibration pass first "
                           "(collect_statistics, or collect_fisher for Fisher alone) or use method='svd'")
+
+
+def warn_rank_deficient(cfg: CompressionConfig, stats: CalibrationStats | None) -> None:
+    """Whitening needs more calibration tokens than input features for a full-rank second moment: say when not."""
+    if cfg.method not in ("svd-llm", "fisher-whitened") or stats is None or stats.second_moment is None:
+        return
+    short = {g: (stats.tokens[g], m.shape[0]) for g, m in stats.second_moment.items() if stats.tokens[g] < m.shape[0]}
+    if short:
+        group, (tokens, features) = next(iter(short.items()))
+        logging.getLogger("fwsvd_deploy").warning(
+            "%d input(s) have fewer calibration tokens than features (e.g. %s: %d tokens, %d features), so their "
+            "second moment is rank-deficient; it is damped by whitening_damp=%g x its mean diagonal. More "
+            "calibration examples (--fisher-samples) give a better whitening.",
+            len(short), group, tokens, features, cfg.whitening_damp)
 
 
 def decompose_unit(unit: Unit, cfg: CompressionConfig, stats: UnitStats) -> Decomposition:

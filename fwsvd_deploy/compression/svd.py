@@ -246,8 +246,8 @@ def output_error(weight: torch.Tensor, approx: torch.Tensor, second_moment: torc
     c = second_moment.to(torch.float64)
     w = weight.detach().to(torch.float64)
     diff = w - approx.to(torch.float64)
-    num = float(torch.einsum("oi,ij,oj->", diff, c, diff))
-    den = float(torch.einsum("oi,ij,oj->", w, c, w))
+    num = float(((diff @ c) * diff).sum())
+    den = float(((w @ c) * w).sum())
     if den <= 0:
         return 0.0 if num <= 0 else float("inf")
     return max(num, 0.0) ** 0.5 / den ** 0.5

@@ -1,0 +1,147 @@
+"""Perplexity of every compression method and allocation on the real SmolLM2-135M, without and with recovery.
+
+The embedded SmolLM2-135M-Instruct on the built-in convention speeches: one calibration pass (Fisher and input
+statistics on --calibration windows of --length tokens from the training split), then a copy per setting x kept
+fraction of the block-linear parameters, scored by perplexity on --eval windows of the test split (non-overlapping,
+token-weighted). With --recovery the settings named by --recover are trained for --recovery-steps on the training
+split's windows (factors only, best held-out perplexity on the validation split kept) and scored again.
+
+    python benchmarks/lm.py --ratios 0.8,0.6 --recovery
+
+Rows are appended to <out>/lm.partial.jsonl as they finish, so an interrupted run resumes where it stopped.
+Writes benchmarks/results/lm.json and lm.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fwsvd_deploy import CompressionConfig, DataConfig, FinetuneConfig, compress
+from fwsvd_deploy.compression import collect_statistics, resolve_targets
+from fwsvd_deploy.data import lm_windows, load_text, window_batches
+from fwsvd_deploy.modeling import EMBEDDED_DECODER, load_causal_lm, load_tokenizer, package_versions
+from fwsvd_deploy.training import evaluate_lm, finetune_lm
+
+HERE = Path(__file__).resolve().parent
+SETTINGS = (
+    {"method": "svd"},
+    {"method": "fwsvd", "fisher_axis": "output"},
+    {"method": "fwsvd", "fisher_axis": "both"},
+    {"method": "fwsvd", "fisher_axis": "input"},
+    {"method": "fwsvd", "fisher_axis": "both", "allocation": "loss"},
+    {"method": "asvd"},
+    {"method": "svd-llm"},
+    {"method": "svd-llm", "allocation": "loss"},
+    {"method": "fisher-whitened", "fisher_power": 1.0},
+    {"method": "fisher-whitened", "fisher_power": 0.5},
+    {"method": "fisher-whitened", "fisher_power": 0.5, "allocation": "loss"},
+    {"method": "fisher-whitened", "fisher_power": 0.5, "qkv": "joint"},
+)
+
+
+def label(setting: dict) -> str:
+    name = setting["method"] + (f"-{setting['fisher_axis']}" if "fisher_axis" in setting else "")
+    name += f"-p{setting['fisher_power']}" if "fisher_power" in setting else ""
+    name += f"-{setting['allocation']}-alloc" if setting.get("allocation", "uniform") != "uniform" else ""
+    return name + ("-joint" if setting.get("qkv") == "joint" else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ratios", default="0.8,0.6")
+    p.add_argument("--length", type=int, default=256)
+    p.add_argument("--calibration", type=int, default=64, help="calibration windows")
+    p.add_argument("--eval", type=int, default=40, help="test windows scored")
+    p.add_argument("--settings", default=None, help="comma-separated setting names to run (default: all)")
+    p.add_argument("--recovery", action="store_true")
+    p.add_argument("--recover", default="svd-llm,fisher-whitened-p0.5-loss-alloc",
+                   help="settings that get recovery training")
+    p.add_argument("--recovery-steps", type=int, default=200)
+    p.add_argument("--recovery-lr", type=float, default=1e-4)
+    p.add_argument("--cache", default=str(HERE.parent / ".cache" / "bench" / "statistics"))
+    p.add_argument("--out", default=str(HERE / "results"))
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "lm.partial.jsonl"
+    done = [json.loads(line) for line in partial.read_text().splitlines()] if partial.is_file() else []
+    data = DataConfig(dataset="speeches", max_length=a.length)
+    model = load_causal_lm(EMBEDDED_DECODER)
+    tokenizer = load_tokenizer(EMBEDDED_DECODER)
+    train = load_text(data, "train")
+    calib = lm_windows(train, tokenizer, a.length, count=a.calibration, seed=0)
+    test = lm_windows(load_text(data, "test"), tokenizer, a.length, count=a.eval, seed=0)
+    valid = lm_windows(load_text(data, "validation"), tokenizer, a.length, count=16, seed=0)
+    train_windows = lm_windows(train, tokenizer, a.length)
+    start = time.perf_counter()
+    baseline = evaluate_lm(model, test).metrics["perplexity"]
+    eval_seconds = time.perf_counter() - start
+    print(f"baseline perplexity {baseline:.3f} on {test.shape[0]} windows of {a.length} ({eval_seconds:.0f} s)",
+          flush=True)
+    start = time.perf_counter()
+    stats = collect_statistics(model, window_batches(calib, 4), resolve_targets(model), kinds=("fisher", "inputs"),
+                               cache_dir=a.cache)
+    stats_seconds = time.perf_counter() - start
+    print(f"calibration: {stats.num_examples} windows, {stats_seconds:.0f} s (cached: {stats.from_cache})", flush=True)
+    wanted = None if a.settings is None else set(a.settings.split(","))
+    recover = set(a.recover.split(",")) if a.recovery else set()
+    rows = list(done)
+    for ratio in (float(r) for r in a.ratios.split(",")):
+        for setting in SETTINGS:
+            name = label(setting)
+            if (wanted is not None and name not in wanted) or any(
+                    r["setting"] == name and r["ratio"] == ratio and ("recovered" in r or name not in recover)
+                    for r in done):
+                continue
+            compressed = copy.deepcopy(model)
+            began = time.perf_counter()
+            report = compress(compressed, CompressionConfig(ratio=ratio, **setting), stats)
+            row = {"ratio": ratio, "setting": name, "kept_fraction": report.kept_fraction,
+                   "compress_seconds": time.perf_counter() - began,
+                   "perplexity": evaluate_lm(compressed, test).metrics["perplexity"]}
+            if name in recover:
+                cfg = FinetuneConfig(max_steps=a.recovery_steps, learning_rate=a.recovery_lr, batch_size=4,
+                                     eval_steps=max(1, a.recovery_steps // 4), trainable="factors", warmup_ratio=0.05)
+                result = finetune_lm(compressed, train_windows, cfg, eval_windows=valid)
+                row.update(recovered=evaluate_lm(compressed, test).metrics["perplexity"],
+                           recovery_seconds=result.seconds, recovery_best_step=result.best_step)
+            rows.append(row)
+            with partial.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(row, flush=True)
+    result = {"benchmark": "lm", "model": EMBEDDED_DECODER, "data": "speeches", "window": a.length,
+              "calibration_windows": a.calibration, "eval_windows": int(test.shape[0]),
+              "baseline_perplexity": baseline, "calibration_seconds": stats_seconds,
+              "recovery": {"steps": a.recovery_steps, "learning_rate": a.recovery_lr, "batch_windows": 4,
+                           "trainable": "factors"} if a.recovery else None,
+              "rows": rows, "versions": package_versions()}
+    (out / "lm.json").write_text(json.dumps(result, indent=2))
+    ratios = sorted({r["ratio"] for r in rows}, reverse=True)
+    lines = [f"Perplexity of SmolLM2-135M on {test.shape[0]} held-out windows of {a.length} tokens of the convention "
+             f"speeches (baseline {baseline:.2f}); no fine-tuning after compression"
+             + (" / after recovery" if a.recovery else ""), "",
+             "| setting | " + " | ".join(f"keep {r}" for r in ratios) + " |", "|---|" + "---:|" * len(ratios)]
+    for setting in SETTINGS:
+        cells = []
+        for ratio in ratios:
+            row = next((r for r in rows if r["setting"] == label(setting) and r["ratio"] == ratio), None)
+            cell = "" if row is None else f"{row['perplexity']:,.2f}"
+            if row is not None and "recovered" in row:
+                cell += f" / {row['recovered']:.2f}"
+            cells.append(cell)
+        lines.append(f"| {label(setting)} | " + " | ".join(cells) + " |")
+    (out / "lm.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
