@@ -56,7 +56,8 @@ def compress(model: nn.Module, cfg: CompressionConfig, statistics: Any = None) -
     units = plan_units(targets, cfg.qkv)
     params_before = sum(p.numel() for p in model.parameters())
     unit_stats = {u.name: unit_statistics(u, stats) for u in units}
-    decomps = {u.name: decompose_unit(u, cfg, unit_stats[u.name]) for u in units}
+    whitenings: dict[str, Any] = {}
+    decomps = {u.name: decompose_unit(u, cfg, unit_stats[u.name], whitenings) for u in units}
     ranks = _allocate(units, cfg, decomps, unit_stats)
 
     replacements: dict[str, LowRankLinear] = {}
@@ -75,10 +76,10 @@ def compress(model: nn.Module, cfg: CompressionConfig, statistics: Any = None) -
             ))
             continue
         decomp = decomps[u.name]
-        up, down = decomp.factors(rank, dtype=u.members[0].module.weight.dtype)
-        new = _factorised(u, up, down)
+        up, down = decomp.factors(rank, dtype=torch.float64)
+        approx = up @ down
+        new = _factorised(u, up.to(u.members[0].module.weight.dtype), down.to(u.members[0].module.weight.dtype))
         replacements.update(new)
-        approx = decomp.reconstruct(rank)
         kept = {id(p): p.numel() for layer in new.values() for p in layer.parameters()}
         layers.append(LayerReport(
             name=u.name, kind=u.kind, shape=(m, n), rank=rank, params_before=params_before_unit,

@@ -16,7 +16,7 @@ import torch
 from ..config import CompressionConfig
 from ..errors import FisherError
 from .statistics import CalibrationStats
-from .svd import Decomposition, activation_scaled, decompose, importance, whitened
+from .svd import Decomposition, RightFactor, activation_scaled, decompose, importance, whitened, whitening
 from .targets import Target, Unit
 
 
@@ -27,6 +27,7 @@ class UnitStats:
     fisher: torch.Tensor | None = None  # (out, in), the members' Fisher stacked on the output axis
     covariance: torch.Tensor | None = None  # (in, in) X^T X / N of the shared input
     abs_mean: torch.Tensor | None = None  # (in,)
+    group: str | None = None  # the input group, which units reading one input share
 
 
 def as_statistics(statistics: Any) -> CalibrationStats | None:
@@ -74,13 +75,13 @@ def unit_statistics(unit: Unit, stats: CalibrationStats | None) -> UnitStats:
     fisher = None
     if stats.fisher is not None:
         fisher = torch.cat([_fisher_of(stats, t) for t in unit.members])
-    covariance = abs_mean = None
+    covariance = abs_mean = group = None
     if stats.second_moment is not None:
-        _input_group(stats, unit)
+        group = _input_group(stats, unit)
         covariance = stats.covariance(unit.members[0].name)
         if stats.abs_sum is not None:
             abs_mean = stats.abs_mean(unit.members[0].name)
-    return UnitStats(fisher, covariance, abs_mean)
+    return UnitStats(fisher, covariance, abs_mean, group)
 
 
 def require(cfg: CompressionConfig, stats: CalibrationStats | None, model: torch.nn.Module) -> None:
@@ -114,8 +115,12 @@ def warn_rank_deficient(cfg: CompressionConfig, stats: CalibrationStats | None) 
             len(short), group, tokens, features, cfg.whitening_damp)
 
 
-def decompose_unit(unit: Unit, cfg: CompressionConfig, stats: UnitStats) -> Decomposition:
-    """The method's decomposition of the unit's (stacked) weight."""
+def decompose_unit(unit: Unit, cfg: CompressionConfig, stats: UnitStats,
+                   whitenings: dict[str, RightFactor] | None = None) -> Decomposition:
+    """The method's decomposition of the unit's (stacked) weight.
+
+    ``whitenings`` caches the whitening factor of each input group across the units that read it.
+    """
     weight = unit.weight
     if cfg.method == "svd":
         return decompose(weight)
@@ -126,7 +131,12 @@ def decompose_unit(unit: Unit, cfg: CompressionConfig, stats: UnitStats) -> Deco
         return activation_scaled(weight, stats.abs_mean, cfg.asvd_alpha, cfg.eps)
     assert stats.covariance is not None
     fisher = stats.fisher if cfg.method == "fisher-whitened" else None
-    return whitened(weight, stats.covariance, cfg.whitening_damp, fisher, cfg.fisher_power, cfg.eps)
+    right = None
+    if whitenings is not None and stats.group is not None:
+        if stats.group not in whitenings:
+            whitenings[stats.group] = whitening(stats.covariance, cfg.whitening_damp)[0]
+        right = whitenings[stats.group]
+    return whitened(weight, stats.covariance, cfg.whitening_damp, fisher, cfg.fisher_power, cfg.eps, right)
 
 
 def allocation_gains(decomp: Decomposition, cfg: CompressionConfig, stats: UnitStats) -> torch.Tensor:

@@ -202,7 +202,8 @@ def whitening(second_moment: torch.Tensor, damp: float = 1e-4) -> tuple[RightFac
 
 
 def whitened(weight: torch.Tensor, second_moment: torch.Tensor, damp: float = 1e-4,
-             fisher: torch.Tensor | None = None, power: float = 0.5, eps: float = 1e-6) -> Decomposition:
+             fisher: torch.Tensor | None = None, power: float = 0.5, eps: float = 1e-6,
+             right: RightFactor | None = None) -> Decomposition:
     """SVD-LLM's truncation-aware whitening, optionally with Fisher output-row weights (``fisher-whitened``).
 
     Args:
@@ -212,12 +213,14 @@ def whitened(weight: torch.Tensor, second_moment: torch.Tensor, damp: float = 1e
         fisher: per-weight Fisher for ``fisher-whitened``; its row importance ``a`` becomes ``(a/mean a)**power``.
         power: the tempering exponent.
         eps: importance floor relative to the largest row importance.
+        right: ``whitening(second_moment, damp)``'s factor when already computed (layers sharing an input).
     """
     w = _check_weight(weight)
     if tuple(second_moment.shape) != (w.shape[1], w.shape[1]):
         raise FisherError(f"input second moment of shape {tuple(second_moment.shape)} does not fit a weight "
                           f"{tuple(w.shape)}")
-    right, _ = whitening(second_moment, damp)
+    if right is None:
+        right, _ = whitening(second_moment, damp)
     row = None
     method = "svd-llm"
     if fisher is not None:
