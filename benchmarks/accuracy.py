@@ -34,7 +34,8 @@ from fwsvd_deploy import (
     load_tokenizer,
     save_model,
 )
-from fwsvd_deploy.modeling import EMBEDDED_MODEL, package_versions
+from fwsvd_deploy.manifest import package_versions
+from fwsvd_deploy.modeling import EMBEDDED_MODEL
 
 HERE = Path(__file__).resolve().parent
 # one column per setting: CompressionConfig fields besides the ratio

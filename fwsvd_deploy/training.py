@@ -15,11 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compression.fisher import loss_kind, per_example_losses
 from .config import FinetuneConfig
 from .data import TaskData
 from .errors import DatasetError, FwsvdError
-from .modeling import forward_inputs
+from .losses import forward_inputs, loss_kind, per_example_losses
 from .progress import progress_bar
 from .validators.metrics import classification_metrics, regression_metrics
 

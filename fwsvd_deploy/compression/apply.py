@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ from .layers import LowRankLinear
 from .ranks import fixed_ranks, greedy_ranks, uniform_ranks
 from .report import CompressionReport, LayerReport
 from .svd import Decomposition, decompose, max_saving_rank, relative_error
+
+if TYPE_CHECKING:
+    from .fisher import FisherResult
 
 SUPPORTED_TYPES = (nn.Linear, Conv1D)
 _SUPPORTED_NAMES = "torch.nn.Linear, transformers Conv1D"
@@ -219,21 +222,31 @@ def _allocation_gain(decomp: Decomposition, fisher: torch.Tensor, axis: str) -> 
     return decomp.s.square() / scale
 
 
-def _fisher_mapping(fisher: Any) -> Mapping[str, torch.Tensor] | None:
+def _fisher_mapping(fisher: FisherResult | Mapping[str, torch.Tensor] | None,
+                    targets: list[Target]) -> Mapping[str, torch.Tensor] | None:
+    """The statistics by layer name; a typed result must have been collected for (at least) ``targets``."""
     if fisher is None:
         return None
+    collected = getattr(fisher, "targets", None)
+    if collected:
+        missing = [t.name for t in targets if t.name not in set(collected)]
+        if missing:
+            raise FisherError(f"the Fisher statistics were collected for other layers than the targets (missing "
+                              f"{missing[:3]}{' ...' if len(missing) > 3 else ''}); collect them for these targets")
     return getattr(fisher, "fisher", fisher)
 
 
-def compress(model: nn.Module, cfg: CompressionConfig, fisher: Any = None) -> CompressionReport:
+def compress(model: nn.Module, cfg: CompressionConfig,
+             fisher: FisherResult | Mapping[str, torch.Tensor] | None = None) -> CompressionReport:
     """Factorise the targeted layers of ``model`` in place.
 
     Args:
         model: a transformers model (or any module) holding Linear/Conv1D layers.
         cfg: what to factorise and how far.
-        fisher: a :class:`~fwsvd_deploy.compression.fisher.FisherResult` or a mapping of module name to
-            per-weight Fisher (shaped like the module's weight). Required by ``method='fwsvd'``;
-            when given to ``svd`` it only feeds the Fisher-weighted error in the report.
+        fisher: a :class:`~fwsvd_deploy.compression.fisher.FisherResult`, which names the layers it was
+            collected for (they must cover the targets), or a mapping of module name to per-weight Fisher (shaped
+            like the module's weight). Required by ``method='fwsvd'``; when given to ``svd`` it only feeds the
+            Fisher-weighted error in the report.
 
     Returns:
         The per-layer report.
@@ -242,10 +255,10 @@ def compress(model: nn.Module, cfg: CompressionConfig, fisher: Any = None) -> Co
         FisherError: ``fwsvd`` without Fisher, or Fisher that does not fit the model.
         NoTargetModulesError, UnsupportedModuleError, AlreadyCompressedError: see :func:`resolve_targets`.
     """
-    stats = _fisher_mapping(fisher)
-    if cfg.needs_fisher and stats is None:
+    if cfg.needs_fisher and fisher is None:
         raise FisherError("method='fwsvd' needs Fisher statistics; run collect_fisher first (or use method='svd')")
     targets = resolve_targets(model, cfg.target_modules, cfg.exclude_modules)
+    stats = _fisher_mapping(fisher, targets)
     units = plan_units(targets, cfg.qkv)
     params_before = sum(p.numel() for p in model.parameters())
 

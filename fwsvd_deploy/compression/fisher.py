@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -23,14 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import FisherConfig
 from ..data import TaskData
-from ..errors import FisherError
-from ..modeling import forward_inputs, model_fingerprint
+from ..errors import FisherError, first_line
+from ..losses import loss_kind, per_example_losses  # also importable from here, as before
+from ..manifest import model_fingerprint
 from ..progress import progress_bar
 from .apply import Target, resolve_targets
 
@@ -40,7 +41,11 @@ _CHUNK_BYTES = 256 * 2**20
 
 @dataclass(frozen=True)
 class FisherResult:
-    """Fisher statistics by module name, each shaped like that module's weight (float32)."""
+    """Fisher statistics by module name, each shaped like that module's weight (float32).
+
+    ``targets`` names the layers the statistics were collected for, in model order; :func:`compress` checks that
+    they cover its own targets, so the targets are chosen once.
+    """
 
     fisher: dict[str, torch.Tensor]
     num_examples: int
@@ -49,44 +54,13 @@ class FisherResult:
     from_cache: bool = False
     cache_path: str | None = None
     key: str | None = None
+    targets: tuple[str, ...] = ()
 
 
 def _dist() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def loss_kind(model: nn.Module) -> str:
-    """``classification``, ``regression`` or ``causal_lm`` from the model's class and config."""
-    name = type(model).__name__
-    if name.endswith("ForSequenceClassification"):
-        config = model.config
-        regression = config.num_labels == 1 or getattr(config, "problem_type", None) == "regression"
-        return "regression" if regression else "classification"
-    if name.endswith(("ForCausalLM", "LMHeadModel")):
-        return "causal_lm"
-    raise FisherError(
-        f"cannot form a task loss for {name}; supported: *ForSequenceClassification and causal LMs"
-    )
-
-
-def per_example_losses(model: nn.Module, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
-    """The task loss of each example in ``batch``, shape ``(batch,)``."""
-    logits = model(**forward_inputs(model, batch)).logits
-    if kind == "causal_lm":
-        ids = batch["input_ids"]
-        mask = batch.get("attention_mask", torch.ones_like(ids))[:, 1:].to(logits.dtype)
-        token_loss = F.cross_entropy(
-            logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none"
-        )
-        return (token_loss * mask).sum(1) / mask.sum(1).clamp_min(1)
-    if "labels" not in batch:
-        raise FisherError("Fisher needs labelled examples; the dataset has no labels")
-    labels = batch["labels"]
-    if kind == "regression":
-        return F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction="none")
-    return F.cross_entropy(logits.float(), labels, reduction="none")
 
 
 class _Accumulator:
@@ -179,12 +153,36 @@ def _cache_key(model: nn.Module, data: TaskData, targets: list[Target], cfg: Fis
 
 
 def _load_cache(path: Path, targets: list[Target]) -> dict[str, torch.Tensor] | None:
+    """The cached statistics, or ``None`` on a miss; an unreadable file is a miss (and is rewritten)."""
     if not path.is_file():
         return None
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error type for truncated or foreign files
+        logging.getLogger("fwsvd_deploy").warning("Fisher cache file %s is unreadable (%s); recomputing it",
+                                                  path, first_line(exc))
+        return None
     if set(tensors) != {t.name for t in targets}:
         return None
     return tensors
+
+
+def check_cache_dir(cache_dir: str | Path | None) -> None:
+    """Refuse, before any work, a Fisher cache path that is a file or cannot be created.
+
+    Raises:
+        FisherError: naming the path and what is wrong with it.
+    """
+    if cache_dir is None:
+        return
+    path = Path(cache_dir).expanduser()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise FisherError(f"Fisher cache path {path} is not a folder ({probe} is a file); give a folder, or 'none'")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise FisherError(f"Fisher cache folder {path} is not writable; give another, or 'none'")
 
 
 def _save_cache(path: Path, fisher: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
@@ -207,7 +205,9 @@ def collect_fisher(
     *,
     target_modules: str | tuple[str, ...] | list[str] = "all-linear",
     exclude_modules: str | tuple[str, ...] | list[str] | None = None,
+    targets: list[Target] | None = None,
     max_length: int = 128,
+    seed: int = 0,
     progress: bool | None = None,
 ) -> FisherResult:
     """Estimate the empirical Fisher of every targeted weight.
@@ -218,19 +218,24 @@ def collect_fisher(
         tokenizer: the model's tokenizer.
         cfg: estimator, sample count, batch size and cache folder.
         target_modules / exclude_modules: which layers, as in :func:`resolve_targets`.
+        targets: layers already resolved with :func:`resolve_targets` (instead of the patterns).
         max_length: tokenizer truncation length.
+        seed: seed of the subset of ``cfg.num_samples`` examples.
         progress: show a progress bar (``None``: only on a terminal).
 
     Returns:
         A :class:`FisherResult`; ``from_cache`` tells whether the backward passes were skipped.
 
     Raises:
-        FisherError: on non-finite gradients or a model without a task loss.
+        FisherError: on non-finite gradients, a model without a task loss, or a cache path that is a file.
     """
     cfg = cfg or FisherConfig()
     kind = loss_kind(model)
-    targets = resolve_targets(model, target_modules, exclude_modules)
-    data = data.sample(cfg.num_samples, seed=0)
+    check_cache_dir(cfg.cache_dir)
+    if targets is None:
+        targets = resolve_targets(model, target_modules, exclude_modules)
+    names = tuple(t.name for t in targets)
+    data = data.sample(cfg.num_samples, seed=seed)
     if len(data) == 0:
         raise FisherError("no examples to estimate Fisher from")
     rank, world = _dist()
@@ -241,7 +246,7 @@ def collect_fisher(
         cache_path = Path(cfg.cache_dir) / f"fisher-{key}.safetensors"
         cached = _load_cache(cache_path, targets)
         if cached is not None:
-            return FisherResult(cached, len(data), cfg.estimator, 0.0, True, str(cache_path), key)
+            return FisherResult(cached, len(data), cfg.estimator, 0.0, True, str(cache_path), key, names)
 
     start = time.perf_counter()
     shard = data.shard(rank, world) if world > 1 else data
@@ -285,4 +290,4 @@ def collect_fisher(
     if world > 1:
         torch.distributed.barrier()
     path = None if cache_path is None else str(cache_path)
-    return FisherResult(sums, int(count), cfg.estimator, seconds, False, path, key)
+    return FisherResult(sums, int(count), cfg.estimator, seconds, False, path, key, names)

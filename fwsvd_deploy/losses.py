@@ -1,0 +1,59 @@
+"""Task losses: what fine-tuning, evaluation and Fisher estimation differentiate.
+
+Cross-entropy for classifiers, MSE for regression heads, next-token cross-entropy for causal language models.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import FisherError
+
+
+def forward_inputs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of a tokenised batch that the model's forward accepts (DistilBERT takes no token types)."""
+    accepted = _forward_params(type(model))
+    return {k: v for k, v in batch.items() if k != "labels" and k in accepted}
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_params(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
+def loss_kind(model: nn.Module) -> str:
+    """``classification``, ``regression`` or ``causal_lm`` from the model's class and config."""
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        config = model.config
+        regression = config.num_labels == 1 or getattr(config, "problem_type", None) == "regression"
+        return "regression" if regression else "classification"
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal_lm"
+    raise FisherError(
+        f"cannot form a task loss for {name}; supported: *ForSequenceClassification and causal LMs"
+    )
+
+
+def per_example_losses(model: nn.Module, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """The task loss of each example in ``batch``, shape ``(batch,)``."""
+    logits = model(**forward_inputs(model, batch)).logits
+    if kind == "causal_lm":
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask", torch.ones_like(ids))[:, 1:].to(logits.dtype)
+        token_loss = F.cross_entropy(
+            logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none"
+        )
+        return (token_loss * mask).sum(1) / mask.sum(1).clamp_min(1)
+    if "labels" not in batch:
+        raise FisherError("Fisher needs labelled examples; the dataset has no labels")
+    labels = batch["labels"]
+    if kind == "regression":
+        return F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction="none")
+    return F.cross_entropy(logits.float(), labels, reduction="none")
