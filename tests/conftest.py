@@ -169,3 +169,18 @@ def logits(model: torch.nn.Module, tok, data: TaskData, max_length: int = 32) ->
     with torch.no_grad():
         return torch.cat([model(**forward_inputs(model, b)).logits for b in data.batches(tok, 16, max_length)])
 
+
+def cuda_available() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run for real where ONNX Runtime has CUDA, and are skipped, saying why, elsewhere."""
+    gpu = [item for item in items if "gpu" in item.keywords]
+    if gpu and not cuda_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU: ONNX Runtime here offers no CUDAExecutionProvider "
+                                       "(install fwsvd-deploy[gpu] on a machine with an NVIDIA GPU)")
+        for item in gpu:
+            item.add_marker(skip)
