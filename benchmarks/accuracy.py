@@ -34,7 +34,8 @@ from fwsvd_deploy import (
 )
 from fwsvd_deploy.compression import collect_statistics, resolve_targets
 from fwsvd_deploy.compression.fisher import classifier_batches
-from fwsvd_deploy.modeling import EMBEDDED_MODEL, package_versions
+from fwsvd_deploy.manifest import package_versions
+from fwsvd_deploy.modeling import EMBEDDED_MODEL
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

@@ -31,7 +31,7 @@ from fwsvd_deploy import CompressionConfig, compress, load_classifier, load_toke
 from fwsvd_deploy.config import ExportConfig, OptimizeConfig
 from fwsvd_deploy.exporters import export_onnx, optimize_onnx
 from fwsvd_deploy.modeling import EMBEDDED_MODEL
-from fwsvd_deploy.validators.latency import measure_latency, synthetic_inputs
+from fwsvd_deploy.validators.latency import measure_latency, synthetic_inputs, vocab_size
 
 HERE = Path(__file__).resolve().parent
 KEEPS = (0.25, 0.5, 0.75)
@@ -85,7 +85,7 @@ def profile(path: Path, threads: int, batch: int, seq: int, runs: int = 5) -> di
     with tempfile.TemporaryDirectory() as tmp:
         options.profile_file_prefix = str(Path(tmp) / "prof")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        feed = synthetic_inputs(session, batch, seq)
+        feed = synthetic_inputs(session, batch, seq, vocab=vocab_size(path.parent))
         for _ in range(runs):
             session.run(None, feed)
         trace = json.loads(Path(session.end_profiling()).read_text())

@@ -1,35 +1,29 @@
-"""fwsvd-deploy: Fisher-weighted SVD compression of transformers models, ONNX export and validation."""
+"""fwsvd-deploy: Fisher-weighted SVD compression of transformers models, ONNX export and validation.
+
+The names below are imported on first use, so that ``import fwsvd_deploy`` (and the command line, before it
+knows what it will do) does not load torch and transformers.
+"""
 
 from __future__ import annotations
 
-from .checkpoint import load_compressed, save_compressed, save_model
-from .compression import (
-    CompressionReport,
-    FisherResult,
-    LayerReport,
-    LowRankLinear,
-    collect_fisher,
-    compress,
-    resolve_targets,
-)
-from .config import CompressionConfig, DataConfig, FinetuneConfig, FisherConfig
-from .data import TaskData, TaskSplits, load_splits
-from .errors import (
-    AlreadyCompressedError,
-    ConfigError,
-    DatasetError,
-    FisherError,
-    FwsvdError,
-    GateFailedError,
-    ModelLoadError,
-    NoTargetModulesError,
-    OutputExistsError,
-    UnsupportedModuleError,
-)
-from .modeling import load_classifier, load_tokenizer
-from .training import EvalResult, FinetuneResult, evaluate, finetune
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    ".checkpoint": ("load_compressed", "save_compressed", "save_model"),
+    ".compression": ("CompressionReport", "FisherResult", "LayerReport", "LowRankLinear", "collect_fisher",
+                     "compress", "resolve_targets"),
+    ".config": ("CompressionConfig", "DataConfig", "FinetuneConfig", "FisherConfig"),
+    ".data": ("TaskData", "TaskSplits", "load_splits"),
+    ".errors": ("AlreadyCompressedError", "ConfigError", "DatasetError", "FisherError", "FwsvdError",
+                "GateFailedError", "ModelLoadError", "NoTargetModulesError", "OutputExistsError",
+                "UnsupportedModuleError"),
+    ".modeling": ("load_classifier", "load_tokenizer"),
+    ".training": ("EvalResult", "FinetuneResult", "evaluate", "finetune"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = [
     "AlreadyCompressedError",
@@ -66,3 +60,44 @@ __all__ = [
     "save_compressed",
     "save_model",
 ]
+
+if TYPE_CHECKING:
+    from .checkpoint import load_compressed, save_compressed, save_model
+    from .compression import (
+        CompressionReport,
+        FisherResult,
+        LayerReport,
+        LowRankLinear,
+        collect_fisher,
+        compress,
+        resolve_targets,
+    )
+    from .config import CompressionConfig, DataConfig, FinetuneConfig, FisherConfig
+    from .data import TaskData, TaskSplits, load_splits
+    from .errors import (
+        AlreadyCompressedError,
+        ConfigError,
+        DatasetError,
+        FisherError,
+        FwsvdError,
+        GateFailedError,
+        ModelLoadError,
+        NoTargetModulesError,
+        OutputExistsError,
+        UnsupportedModuleError,
+    )
+    from .modeling import load_classifier, load_tokenizer
+    from .training import EvalResult, FinetuneResult, evaluate, finetune
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -8,13 +8,8 @@ architecture from the config with no network, applies the plan and loads the wei
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,45 +19,11 @@ from torch import nn
 
 from .compression.apply import apply_plan, compressed_layers
 from .compression.report import CompressionReport
-from .errors import FwsvdError, ModelLoadError, OutputExistsError
-from .modeling import PLAN_FILE, package_versions, read_plan
-
-PLAN_FORMAT = "fwsvd-deploy/compressed-model"
-PLAN_VERSION = 2  # 2: layers may name a ``shared_down`` (joint q/k/v); plans without one are still written as 1
-
-
-def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
-    """Fail early when ``path`` exists and holds anything, unless ``overwrite``."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"output path {out} exists and is a file")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"output folder {out} exists and is not empty; pass --overwrite or choose another")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_output_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling folder that replaces ``path`` only when the block completes.
-
-    An exception (or Ctrl-C) inside the block removes the temporary folder and leaves ``path`` as it was.
-    """
-    out = check_output_dir(path, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+from .errors import ConfigError, ModelLoadError, first_line
+from .manifest import package_versions
+from .outputs import atomic_output_dir
+from .outputs import check_output_dir as check_output_dir  # re-exported: callers have imported it from here
+from .plan import PLAN_FILE, PLAN_FORMAT, PLAN_VERSION, read_plan
 
 
 def shared_down_aliases(model: nn.Module) -> set[str]:
@@ -81,6 +42,23 @@ def _write_model(model: nn.Module, folder: Path, tokenizer: Any) -> None:
         tokenizer.save_pretrained(folder)
 
 
+def write_model(
+    model: nn.Module,
+    folder: Path,
+    tokenizer: Any = None,
+    *,
+    report: CompressionReport | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    """Write a dense or compressed model into ``folder`` (which the caller makes atomic)."""
+    if compressed_layers(model):
+        write_compressed(model, folder, tokenizer, report=report, metadata=metadata)
+        return
+    _write_model(model, folder, tokenizer)
+    if metadata:
+        (folder / "fwsvd_deploy.json").write_text(json.dumps(metadata, indent=2, default=str))
+
+
 def save_model(
     model: nn.Module,
     out_dir: str | Path,
@@ -90,13 +68,9 @@ def save_model(
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Save a dense model with ``save_pretrained``, or a compressed one with :func:`save_compressed`."""
-    if compressed_layers(model):
-        return save_compressed(model, out_dir, tokenizer, report=report, metadata=metadata, overwrite=overwrite)
+    """Save a dense model with ``save_pretrained``, or a compressed one as :func:`save_compressed` does."""
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        _write_model(model, tmp, tokenizer)
-        if metadata:
-            (tmp / "fwsvd_deploy.json").write_text(json.dumps(metadata, indent=2, default=str))
+        write_model(model, tmp, tokenizer, report=report, metadata=metadata)
     return Path(out_dir)
 
 
@@ -138,7 +112,8 @@ def write_compressed(
     """Write the files of a compressed model into ``folder`` (which the caller makes atomic)."""
     layers = compressed_layers(model)
     if not layers:
-        raise FwsvdError("the model has no factorised layers; use save_model for a dense model")
+        raise ConfigError("the model has no factorised layers (every targeted layer was left dense, so nothing was "
+                          "compressed); choose a smaller rank or ratio, or save a dense model with save_model")
     plan: dict[str, Any] = {
         "format": PLAN_FORMAT,
         # a reader that predates shared down-projections refuses the plan instead of failing on missing weights
@@ -157,16 +132,27 @@ def write_compressed(
     (folder / PLAN_FILE).write_text(json.dumps(plan, indent=2, default=str))
 
 
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error type for a truncated or foreign file
+        raise ModelLoadError(f"cannot read {path} ({first_line(exc)}); the file is truncated or not "
+                             "safetensors: write the folder again") from exc
+
+
 def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
     single = folder / "model.safetensors"
     if single.is_file():
-        return load_file(str(single))
+        return _read_safetensors(single)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelLoadError(f"cannot read {index}: {first_line(exc)}") from exc
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
-            state.update(load_file(str(folder / shard)))
+            state.update(_read_safetensors(folder / shard))
         return state
     raise ModelLoadError(f"{folder} has no model.safetensors; only safetensors weights are loaded")
 
@@ -190,7 +176,10 @@ def load_compressed(folder: str | Path) -> nn.Module:
             f"{path / PLAN_FILE} has format version {plan['format_version']}; this fwsvd-deploy reads up to "
             f"{PLAN_VERSION}: upgrade fwsvd-deploy"
         )
-    config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load the config of {path}: {first_line(exc)}") from exc
     arch = plan.get("architecture") or (config.architectures or [None])[0]
     cls = getattr(transformers, str(arch), None)
     if cls is None or not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
@@ -198,10 +187,14 @@ def load_compressed(folder: str | Path) -> nn.Module:
     model = cls(config)
     try:
         apply_plan(model, plan["layers"])
-    except ValueError as exc:
-        raise ModelLoadError(f"{path}: {exc}") from exc
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelLoadError(f"{path}: the plan in {PLAN_FILE} does not fit {arch}: {first_line(exc)}") from exc
     state = _load_weights(path)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor whose shape differs from the plan's
+        raise ModelLoadError(f"{path}: weights do not match the plan in {PLAN_FILE} "
+                             f"({first_line(exc).rstrip(':')}: {_size_mismatch(exc)})") from exc
     tied = set(getattr(model, "_tied_weights_keys", None) or []) | shared_down_aliases(model)
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
@@ -212,3 +205,9 @@ def load_compressed(folder: str | Path) -> nn.Module:
     model.tie_weights()
     model.eval()
     return model
+
+
+def _size_mismatch(exc: RuntimeError) -> str:
+    """The first "size mismatch for NAME" line of a ``load_state_dict`` error."""
+    lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+    return lines[0] if lines else "shapes differ"

@@ -1,22 +1,35 @@
 """The ``fwsvd-deploy`` command line: builds configs from flags and calls the pipeline.
 
-Exit codes: 0 success, 1 a gate failed, 2 bad usage or input, 130 interrupted.
+Exit codes (``errors.EXIT_*``): 0 success, 1 a gate failed, 2 bad usage or input, 3 an unexpected internal error
+(one line, and the full traceback written to a log file; ``--debug`` prints it), 130 interrupted. Defaults and
+choices come from the config dataclasses and their constants. This module imports nothing heavy: torch and
+transformers load inside :func:`main`, where an interrupt still exits 130 with one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import os
 import sys
+import time
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .config import (
     ALLOCATIONS,
+    DEFAULT_RATIO,
+    DEVICES,
+    EXPORT_TASKS,
     FISHER_AXES,
     FISHER_ESTIMATORS,
+    LEVELS,
     METHODS,
     QKV_MODES,
+    RUN_DEVICES,
     TRAINABLE,
     CalibrationConfig,
     CompressionConfig,
@@ -26,13 +39,24 @@ from .config import (
     GateConfig,
     OptimizeConfig,
     PipelineConfig,
+    SearchConfig,
     ValidateConfig,
 )
-from .errors import ConfigError, FwsvdError
-from .modeling import EMBEDDED_DECODER, EMBEDDED_MODEL
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, ConfigError, FwsvdError, first_line
 
 PROG = "fwsvd-deploy"
-DEFAULT_FISHER_CACHE = os.path.join("~", ".cache", "fwsvd-deploy", "fisher")
+
+
+def default(cls: type, name: str) -> Any:
+    """The default of a config dataclass field."""
+    spec = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if spec.default is not dataclasses.MISSING:
+        return spec.default
+    return spec.default_factory()  # type: ignore[misc]
+
+
+def _csv(values: Sequence[int]) -> str:
+    return ",".join(str(v) for v in values)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,32 +64,34 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
+def _add_data_args(p: argparse.ArgumentParser, eval_batch_size: int) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="rotten_tomatoes",
+    g.add_argument("--dataset", default=default(DataConfig, "dataset"),
                    help="built-in 'rotten_tomatoes', a CSV/TSV/JSON/JSONL/Parquet file, or hub NAME[:CONFIG] "
                         "(default: %(default)s)")
     g.add_argument("--eval-dataset", default=None, help="separate file or hub dataset for evaluation")
-    g.add_argument("--train-split", default="train")
-    g.add_argument("--eval-split", default="validation")
-    g.add_argument("--text-column", default="text")
+    g.add_argument("--train-split", default=default(DataConfig, "train_split"))
+    g.add_argument("--eval-split", default=default(DataConfig, "eval_split"))
+    g.add_argument("--text-column", default=default(DataConfig, "text_column"))
     g.add_argument("--text-pair-column", default=None)
-    g.add_argument("--label-column", default="label")
-    g.add_argument("--max-length", type=int, default=128, help="tokenizer truncation (default: %(default)s)")
-    g.add_argument("--eval-batch-size", type=int, default=64)
+    g.add_argument("--label-column", default=default(DataConfig, "label_column"))
+    g.add_argument("--max-length", type=int, default=default(DataConfig, "max_length"),
+                   help="tokenizer truncation, at most the model's positions (default: %(default)s)")
+    g.add_argument("--eval-batch-size", type=int, default=eval_batch_size, help="(default: %(default)s)")
     g.add_argument("--train-samples", type=int, default=None, help="cap on training examples (seeded subset)")
     g.add_argument("--eval-samples", type=int, default=None, help="cap on evaluation examples (seeded subset)")
-    g.add_argument("--eval-fraction", type=float, default=0.1,
+    g.add_argument("--eval-fraction", type=float, default=default(DataConfig, "eval_fraction"),
                    help="held-out share of a single-file dataset (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=default(DataConfig, "seed"))
 
 
-def _data_config(a: argparse.Namespace) -> DataConfig:
+def _data_config(a: argparse.Namespace, *, batch_size: int | None = None) -> DataConfig:
     return DataConfig(
         dataset=a.dataset, eval_dataset=a.eval_dataset, train_split=a.train_split, eval_split=a.eval_split,
         text_column=a.text_column, text_pair_column=a.text_pair_column, label_column=a.label_column,
-        max_length=a.max_length, batch_size=a.eval_batch_size, max_train_samples=a.train_samples,
-        max_eval_samples=a.eval_samples, eval_fraction=a.eval_fraction, seed=a.seed,
+        max_length=a.max_length, batch_size=a.eval_batch_size if batch_size is None else batch_size,
+        max_train_samples=a.train_samples, max_eval_samples=a.eval_samples, eval_fraction=a.eval_fraction,
+        seed=a.seed,
     )
 
 
@@ -90,6 +116,7 @@ def _overrides(values: list[str] | None) -> dict[str, int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Fisher-weighted SVD compression, ONNX export and validation.")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     ft = sub.add_parser("finetune", help="fine-tune a classifier or a causal LM (dense, or compressed for recovery)",
@@ -97,20 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
                                     "windows of --max-length with the next-token loss (the best held-out perplexity "
                                     "is kept). A model without a classification head gets a fresh one sized from the "
                                     "data; a compressed folder keeps its low-rank layers.")
-    ft.add_argument("--model", default=EMBEDDED_MODEL,
+    ft.add_argument("--model", default=default(PipelineConfig, "model"),
                     help="model folder, hub id, or a folder written by 'compress' (default: %(default)s, embedded)")
     _add_output_args(ft)
-    _add_data_args(ft)
+    _add_pickle_arg(ft)
+    _add_data_args(ft, default(DataConfig, "batch_size"))
     g = ft.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=3)
+    g.add_argument("--epochs", type=int, default=default(FinetuneConfig, "epochs"))
     g.add_argument("--max-steps", type=int, default=None, help="total optimiser steps (overrides --epochs)")
-    g.add_argument("--learning-rate", type=float, default=5e-5)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--warmup-ratio", type=float, default=0.1)
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--eval-steps", type=int, default=None,
+    g.add_argument("--learning-rate", type=float, default=default(FinetuneConfig, "learning_rate"))
+    g.add_argument("--weight-decay", type=float, default=default(FinetuneConfig, "weight_decay"))
+    g.add_argument("--warmup-ratio", type=float, default=default(FinetuneConfig, "warmup_ratio"))
+    g.add_argument("--batch-size", type=int, default=default(FinetuneConfig, "batch_size"))
+    g.add_argument("--eval-steps", type=int, default=default(FinetuneConfig, "eval_steps"),
                    help="causal LMs: evaluate every N steps and at the end, keeping the best (default: each epoch)")
-    g.add_argument("--trainable", default="all", choices=TRAINABLE,
+    g.add_argument("--trainable", default=default(FinetuneConfig, "trainable"), choices=TRAINABLE,
                    help="train all parameters, or only the factorised layers of a compressed model "
                         "(default: %(default)s)")
     g.add_argument("--no-eval", action="store_true", help="skip per-epoch evaluation (keep the last weights)")
@@ -121,76 +149,84 @@ def build_parser() -> argparse.ArgumentParser:
                                     "or perplexity for a causal LM), and write a compressed model folder.")
     cp.add_argument("--model", required=True,
                     help="fine-tuned classifier or causal LM: folder, hub id, GGUF file, or the embedded "
-                         f"'{EMBEDDED_DECODER}' (not a compressed folder)")
+                         "'smollm2-135m' (not a compressed folder)")
     _add_output_args(cp)
+    _add_pickle_arg(cp)
     g = cp.add_argument_group("compression")
-    g.add_argument("--method", default="fwsvd", choices=METHODS,
+    g.add_argument("--method", default=default(CompressionConfig, "method"), choices=METHODS,
                    help="fwsvd: Fisher-weighted SVD; svd: plain; asvd: activation-scaled; svd-llm: truncation-aware "
                         "whitening; fisher-whitened: whitening with Fisher output-row weights (default: %(default)s)")
-    g.add_argument("--fisher-axis", default="both", choices=FISHER_AXES,
+    g.add_argument("--fisher-axis", default=default(CompressionConfig, "fisher_axis"), choices=FISHER_AXES,
                    help="how Fisher importance is shared by fwsvd (default: %(default)s)")
     size = g.add_mutually_exclusive_group()
     size.add_argument("--ratio", type=float, default=None,
-                      help="fraction of targeted weight parameters kept, global budget (default 0.5)")
+                      help=f"fraction of targeted weight parameters kept, global budget (default {DEFAULT_RATIO})")
     size.add_argument("--rank", type=int, default=None, help="fixed rank for every targeted layer")
-    g.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
+    g.add_argument("--allocation", default=default(CompressionConfig, "allocation"), choices=ALLOCATIONS,
                    help="uniform kept fraction per layer; fisher: greedy on Fisher-weighted error (fwsvd); loss: "
                         "greedy on the loss each singular direction removes, any method (default: %(default)s)")
-    g.add_argument("--min-rank-fraction", type=float, default=CompressionConfig.min_rank_fraction,
+    g.add_argument("--min-rank-fraction", type=float, default=default(CompressionConfig, "min_rank_fraction"),
                    help="loss allocation's floor, a fraction of each layer's uniform rank (default: %(default)s)")
-    g.add_argument("--asvd-alpha", type=float, default=CompressionConfig.asvd_alpha,
+    g.add_argument("--asvd-alpha", type=float, default=default(CompressionConfig, "asvd_alpha"),
                    help="asvd's activation exponent, in (0, 1] (default: %(default)s)")
-    g.add_argument("--whitening-damp", type=float, default=CompressionConfig.whitening_damp,
+    g.add_argument("--whitening-damp", type=float, default=default(CompressionConfig, "whitening_damp"),
                    help="damping of the whitened methods, a fraction of the mean input second moment "
                         "(default: %(default)s)")
-    g.add_argument("--fisher-power", type=float, default=CompressionConfig.fisher_power,
+    g.add_argument("--fisher-power", type=float, default=default(CompressionConfig, "fisher_power"),
                    help="fisher-whitened's tempering of the Fisher row weights: rows (a/mean a)**power "
                         "(default: %(default)s)")
-    g.add_argument("--targets", default="all-linear",
+    g.add_argument("--targets", default=default(CompressionConfig, "target_modules"),
                    help="'all-linear', comma-separated name suffixes, or re:REGEX (default: %(default)s)")
     g.add_argument("--exclude", default=None, help="comma-separated name suffixes or re:REGEX to leave dense")
     g.add_argument("--rank-override", action="append", metavar="NAME=RANK", help="per-layer rank (repeatable)")
-    g.add_argument("--rank-multiple", type=int, default=1, metavar="N",
+    g.add_argument("--rank-multiple", type=int, default=default(CompressionConfig, "rank_multiple"), metavar="N",
                    help="round allocated ranks to multiples of N within the same budget, to match SIMD widths "
                         "(16 floats with AVX-512) or tensor-core tiles (8/16) (default: %(default)s, no rounding)")
-    g.add_argument("--qkv", default="separate", choices=QKV_MODES,
+    g.add_argument("--qkv", default=default(CompressionConfig, "qkv"), choices=QKV_MODES,
                    help="factorise q/k/v one by one, or stacked with one shared down-projection, which ONNX "
                         "Runtime runs as its fused Attention operator (default: %(default)s)")
     g = cp.add_argument_group("calibration")
-    g.add_argument("--fisher-samples", "--calibration-samples", dest="calibration_samples", type=int, default=None,
+    g.add_argument("--calibration-samples", "--fisher-samples", dest="calibration_samples", type=int,
+                   default=default(CalibrationConfig, "num_samples"),
                    help="calibration examples: labelled examples for a classifier (default 512), windows of "
                         "--max-length tokens for a causal LM (default 64)")
-    g.add_argument("--fisher-estimator", default="per_example", choices=FISHER_ESTIMATORS)
-    g.add_argument("--fisher-batch-size", "--calibration-batch-size", dest="calibration_batch_size", type=int,
-                   default=16)
-    g.add_argument("--fisher-cache", "--calibration-cache", dest="calibration_cache", default=DEFAULT_FISHER_CACHE,
-                   help="cache folder for calibration statistics, or 'none' (default: %(default)s)")
+    g.add_argument("--fisher-estimator", default=default(CalibrationConfig, "estimator"), choices=FISHER_ESTIMATORS)
+    g.add_argument("--calibration-batch-size", "--fisher-batch-size", dest="calibration_batch_size", type=int,
+                   default=default(CalibrationConfig, "batch_size"))
+    g.add_argument("--calibration-cache", "--fisher-cache", dest="calibration_cache", default=None,
+                   help="cache folder for calibration statistics, or 'none' (default: calibration/ under "
+                        "$FWSVD_DEPLOY_CACHE or ~/.cache/fwsvd-deploy)")
     g.add_argument("--no-eval", action="store_true", help="skip evaluation before and after")
-    _add_data_args(cp)
+    _add_data_args(cp, default(DataConfig, "batch_size"))
 
     ex = sub.add_parser("export", help="export a model folder (dense or compressed) to ONNX",
                         description="Export through optimum-onnx's exporter, then check ONNX Runtime against PyTorch "
                                     "on shapes other than the export's; a mismatch is an error.")
     ex.add_argument("--model", required=True, help="model folder (dense, or written by 'compress'/'finetune')")
-    ex.add_argument("--task", default="text-classification",
-                    choices=["text-classification", "token-classification", "question-answering",
-                             "feature-extraction"])
+    ex.add_argument("--task", default=default(ExportConfig, "task"), choices=EXPORT_TASKS)
     _add_output_args(ex)
-    ex.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's, at least 14)")
+    _add_pickle_arg(ex)
+    ex.add_argument("--opset", type=int, default=default(ExportConfig, "opset"),
+                    help="ONNX opset (default: the exporter's, at least 14)")
     ex.add_argument("--external-data", action="store_true", help="store weights in model.onnx_data")
-    ex.add_argument("--atol", type=float, default=1e-4, help="parity tolerance (default: %(default)s)")
+    ex.add_argument("--atol", type=float, default=default(ExportConfig, "atol"),
+                    help="parity tolerance (default: %(default)s)")
 
     op = sub.add_parser("optimize", help="optimise an exported ONNX folder with ONNX Runtime (low-rank aware)",
                         description="ONNX Runtime's transformer fusions, kept for factorised layers; writes the fused "
-                                    "operator counts and a parity check against the unoptimised graph.")
+                                    "operator counts and a parity check against the unoptimised graph. A graph with "
+                                    "fewer fused operators than its dense-structured reference is an error.")
     op.add_argument("--onnx", required=True, help="folder written by 'fwsvd-deploy export'")
     _add_output_args(op)
-    op.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    op.add_argument("--level", default="O2", choices=["O1", "O2", "O3"],
+    op.add_argument("--device", default=default(OptimizeConfig, "device"), choices=DEVICES)
+    op.add_argument("--level", default=default(OptimizeConfig, "level"), choices=LEVELS,
                     help="O1 basic rewrites; O2 + transformer fusions; O3 + GELU approximation (default: %(default)s)")
     op.add_argument("--fp16", action="store_true", help="float16 weights, float32 inputs/outputs (CUDA only)")
     op.add_argument("--int8", action="store_true", help="dynamic int8 quantisation (CPU only)")
-    op.add_argument("--atol", type=float, default=1e-3, help="fp32 parity tolerance (default: %(default)s)")
+    op.add_argument("--atol", type=float, default=default(OptimizeConfig, "atol"),
+                    help="fp32 parity tolerance (default: %(default)s)")
+    op.add_argument("--allow-fusion-loss", action="store_true",
+                    help="keep a graph that lost fused operators (recorded in its manifest and the validation report)")
 
     va = sub.add_parser("validate", help="compare a candidate ONNX model with its baseline and apply the gate",
                         description="Accuracy (ONNX Runtime), latency and memory of both models on the same data, "
@@ -200,14 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(va)
     _add_measure_args(va)
     g = va.add_argument_group("gate (a threshold left out is not checked)")
-    g.add_argument("--max-accuracy-drop", type=float, default=1.0, help="points (default: %(default)s)")
-    g.add_argument("--min-agreement", type=float, default=None)
-    g.add_argument("--max-latency-ratio", type=float, default=None)
-    g.add_argument("--max-memory-ratio", type=float, default=None)
-    g.add_argument("--max-logit-diff", type=float, default=None)
+    g.add_argument("--max-accuracy-drop", type=float, default=default(GateConfig, "max_accuracy_drop"),
+                   help="points, 0 to 100 (default: %(default)s)")
+    g.add_argument("--min-agreement", type=float, default=default(GateConfig, "min_agreement"), help="(0, 1]")
+    g.add_argument("--max-latency-ratio", type=float, default=default(GateConfig, "max_latency_ratio"))
+    g.add_argument("--max-memory-ratio", type=float, default=default(GateConfig, "max_memory_ratio"))
+    g.add_argument("--max-logit-diff", type=float, default=default(GateConfig, "max_logit_diff"))
     g.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     g.add_argument("--no-memory", action="store_true", help="skip memory measurement")
-    _add_data_args(va)
+    _add_data_args(va, default(ValidateConfig, "eval_batch_size"))
 
     be = sub.add_parser("bench", help="latency of ONNX models, interleaved in one process",
                         description="Latency grid of one or more ONNX folders; ratios are against the first.")
@@ -218,9 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     rn = sub.add_parser("run", help="the whole pipeline: finetune? -> compress -> export -> optimise -> validate",
                         description="Run every stage of a pipeline config (default: the embedded MiniLM on Rotten "
-                                    "Tomatoes), reuse cached stages, write the report, exit 1 if the gate fails.")
+                                    "Tomatoes), reuse cached stages, write the report, exit 1 if the gate fails. "
+                                    "A folder an earlier run or search wrote is reused (its stages are the cache); "
+                                    "any other non-empty folder needs --overwrite.")
     rn.add_argument("--config", default=None, help="pipeline YAML (default: the embedded default)")
     rn.add_argument("--out", default="runs/pipeline", help="output folder (default: %(default)s)")
+    rn.add_argument("--overwrite", action="store_true", help="replace a non-empty folder that no run wrote")
     rn.add_argument("--dry-run", action="store_true", help="print the resolved configuration and stop")
     rn.add_argument("--force", action="store_true", help="recompute every stage")
 
@@ -230,10 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
                                     "OUT/best; exit 1 when no ratio passes.")
     se.add_argument("--config", default=None, help="pipeline YAML (default: the embedded default)")
     se.add_argument("--out", default="runs/search", help="output folder (default: %(default)s)")
+    se.add_argument("--overwrite", action="store_true", help="replace a non-empty folder that no run wrote")
     se.add_argument("--max-accuracy-drop", type=float, default=None, help="override the gate's threshold (points)")
-    se.add_argument("--low", type=float, default=0.1, help="smallest kept fraction tried (default: %(default)s)")
-    se.add_argument("--high", type=float, default=0.9, help="largest kept fraction tried (default: %(default)s)")
-    se.add_argument("--steps", type=int, default=4, help="bisection steps after the two ends (default: %(default)s)")
+    se.add_argument("--low", type=float, default=default(SearchConfig, "low"),
+                    help="smallest kept fraction tried (default: %(default)s)")
+    se.add_argument("--high", type=float, default=default(SearchConfig, "high"),
+                    help="largest kept fraction tried (default: %(default)s)")
+    se.add_argument("--steps", type=int, default=default(SearchConfig, "steps"),
+                    help="bisection steps after the two ends (default: %(default)s)")
     se.add_argument("--force", action="store_true", help="recompute every stage")
     return parser
 
@@ -243,14 +287,23 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
 
+def _add_pickle_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read a folder whose weights are only pytorch_model.bin (torch.load, weights_only=True)")
+
+
 def _add_measure_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("measurement")
-    g.add_argument("--device", default="cpu", choices=["cpu", "cuda", "tensorrt"])
-    g.add_argument("--threads", type=int, default=2, help="intra-op threads per session (default: %(default)s)")
-    g.add_argument("--batch-sizes", default="1,8,32", help="latency grid (default: %(default)s)")
-    g.add_argument("--seq-lens", default="32,128", help="latency grid (default: %(default)s)")
-    g.add_argument("--rounds", type=int, default=10, help="interleaved rounds per grid cell (default: %(default)s)")
-    g.add_argument("--warmup", type=int, default=2)
+    g.add_argument("--device", default=default(ValidateConfig, "device"), choices=RUN_DEVICES)
+    g.add_argument("--threads", type=int, default=default(ValidateConfig, "threads"),
+                   help="intra-op threads per session (default: %(default)s)")
+    g.add_argument("--batch-sizes", default=_csv(default(ValidateConfig, "batch_sizes")),
+                   help="latency grid (default: %(default)s)")
+    g.add_argument("--seq-lens", default=_csv(default(ValidateConfig, "seq_lens")),
+                   help="latency grid, at most the models' positions (default: %(default)s)")
+    g.add_argument("--rounds", type=int, default=default(ValidateConfig, "rounds"),
+                   help="interleaved rounds per grid cell (default: %(default)s)")
+    g.add_argument("--warmup", type=int, default=default(ValidateConfig, "warmup"))
 
 
 def _int_list(flag: str, value: str) -> tuple[int, ...]:
@@ -269,14 +322,20 @@ def _progress(a: argparse.Namespace) -> bool | None:
     return False if a.quiet else None
 
 
-def _cmd_finetune(a: argparse.Namespace) -> int:
-    from .pipeline import run_finetune
+def _pipeline_config(a: argparse.Namespace) -> PipelineConfig:
+    return PipelineConfig.from_yaml(a.config) if a.config else PipelineConfig()
 
+
+def _cmd_finetune(a: argparse.Namespace) -> int:
     cfg = FinetuneConfig(epochs=a.epochs, max_steps=a.max_steps, learning_rate=a.learning_rate,
                          weight_decay=a.weight_decay, warmup_ratio=a.warmup_ratio, batch_size=a.batch_size,
                          eval_every_epoch=not a.no_eval, eval_steps=a.eval_steps, trainable=a.trainable,
                          seed=a.seed)
-    outcome = run_finetune(a.model, _data_config(a), cfg, a.out, overwrite=a.overwrite, progress=_progress(a))
+    data = _data_config(a)
+    from .pipeline import run_finetune
+
+    outcome = run_finetune(a.model, data, cfg, a.out, overwrite=a.overwrite, allow_pickle=a.allow_pickle,
+                           progress=_progress(a))
     after = outcome.eval_after
     kind = "compressed model (recovery)" if outcome.compressed else "model"
     line = f"fine-tuned {kind}: {outcome.result.steps} steps in {outcome.result.seconds:.1f} s"
@@ -289,13 +348,18 @@ def _cmd_finetune(a: argparse.Namespace) -> int:
             line += f"; {key} before fine-tuning {before[key]:.4f}"
     print(line)
     print(f"wrote {outcome.out_dir}")
-    return 0
+    return EXIT_OK
+
+
+def _calibration_cache(value: str | None) -> str | None:
+    if value is None:
+        from .modeling import cache_home
+
+        return str(cache_home() / "calibration")
+    return None if value.lower() == "none" else os.path.expanduser(value)
 
 
 def _cmd_compress(a: argparse.Namespace) -> int:
-    from .pipeline import run_compress
-
-    cache = None if a.calibration_cache.lower() == "none" else os.path.expanduser(a.calibration_cache)
     comp = CompressionConfig(
         method=a.method, fisher_axis=a.fisher_axis, ratio=a.ratio, rank=a.rank, allocation=a.allocation,
         target_modules=_targets(a.targets), exclude_modules=None if a.exclude is None else _targets(a.exclude),
@@ -303,10 +367,14 @@ def _cmd_compress(a: argparse.Namespace) -> int:
         asvd_alpha=a.asvd_alpha, whitening_damp=a.whitening_damp, fisher_power=a.fisher_power,
         min_rank_fraction=a.min_rank_fraction,
     )
+    data = _data_config(a)
     calibration = CalibrationConfig(num_samples=a.calibration_samples, estimator=a.fisher_estimator,
-                                    batch_size=a.calibration_batch_size, cache_dir=cache)
-    outcome = run_compress(a.model, _data_config(a), calibration, comp, a.out, evaluate_model=not a.no_eval,
-                           overwrite=a.overwrite, progress=_progress(a))
+                                    batch_size=a.calibration_batch_size,
+                                    cache_dir=_calibration_cache(a.calibration_cache))
+    from .pipeline import run_compress
+
+    outcome = run_compress(a.model, data, calibration, comp, a.out, evaluate_model=not a.no_eval,
+                           overwrite=a.overwrite, allow_pickle=a.allow_pickle, progress=_progress(a))
     r = outcome.report
     print(r.to_markdown(max_rows=0).splitlines()[0])
     timing = f"compress {outcome.compress_seconds:.1f} s"
@@ -321,55 +389,58 @@ def _cmd_compress(a: argparse.Namespace) -> int:
         print(f"eval {key}: baseline {outcome.eval_before.metrics[key]:.4f} -> compressed "
               f"{metrics[key]:.4f} ({outcome.eval_after.num_examples} examples, no fine-tuning)")
     print(f"wrote {outcome.out_dir}")
-    return 0
+    return EXIT_OK
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
+    cfg = ExportConfig(task=a.task, opset=a.opset, external_data=a.external_data, atol=a.atol)
     from .exporters import export_onnx
 
-    cfg = ExportConfig(task=a.task, opset=a.opset, external_data=a.external_data, atol=a.atol)
-    result = export_onnx(a.model, cfg, a.out, overwrite=a.overwrite)
+    result = export_onnx(a.model, cfg, a.out, overwrite=a.overwrite, allow_pickle=a.allow_pickle)
     kind = "compressed" if result.compressed else "dense"
     print(f"exported {kind} model for {result.task} (opset {result.opset}) in {result.seconds:.1f} s; parity vs "
           f"PyTorch: max |diff| {result.parity['max_abs_diff']:.2e} <= {cfg.atol:g} on "
           + ", ".join(f"{r['batch']}x{r['sequence']}" for r in result.parity["shapes"]))
     print(f"wrote {result.onnx_path}")
-    return 0
+    return EXIT_OK
 
 
 def _cmd_optimize(a: argparse.Namespace) -> int:
+    cfg = OptimizeConfig(device=a.device, level=a.level, fp16=a.fp16, int8=a.int8, atol=a.atol,
+                         allow_fusion_loss=a.allow_fusion_loss)
     from .exporters import optimize_onnx
 
-    cfg = OptimizeConfig(device=a.device, level=a.level, fp16=a.fp16, int8=a.int8, atol=a.atol)
     result = optimize_onnx(a.onnx, cfg, a.out, overwrite=a.overwrite)
     fused = ", ".join(f"{k} {v}" for k, v in result.fusions.items() if v)
     print(f"optimised for {cfg.device} ({cfg.level}{', fp16' if cfg.fp16 else ''}{', int8' if cfg.int8 else ''}) "
           f"in {result.seconds:.1f} s; fused: {fused or 'none'}; low-rank layers kept: {result.low_rank_layers}")
     if result.reference_fusions is not None:
-        status = "all kept" if result.fusions_complete else "FEWER than the dense reference"
+        status = "all kept" if result.fusions_complete else "FEWER than the dense reference (allowed)"
         print(f"fusions vs dense-structured reference: {status} ({result.reference_fusions})")
     if result.parity is not None:
         print(f"parity vs unoptimised graph: max |diff| {result.parity['max_abs_diff']:.2e}")
     else:
         print("parity not run: CUDA graphs are checked on a CUDA machine")
     print(f"wrote {result.onnx_path}")
-    return 0
+    return EXIT_OK
 
 
 def _cmd_validate(a: argparse.Namespace) -> int:
-    from .validators.validate import validate
-
-    cfg = _validate_config(a, latency=not a.no_latency, memory=not a.no_memory)
+    cfg = _validate_config(a, latency=not a.no_latency, memory=not a.no_memory, eval_batch_size=a.eval_batch_size)
     gate = GateConfig(max_accuracy_drop=a.max_accuracy_drop, min_agreement=a.min_agreement,
                       max_latency_ratio=a.max_latency_ratio, max_memory_ratio=a.max_memory_ratio,
                       max_logit_diff=a.max_logit_diff)
-    result = validate(a.baseline, a.candidate, _data_config(a), cfg, gate, a.out, overwrite=a.overwrite,
+    data = _data_config(a, batch_size=default(DataConfig, "batch_size"))
+    from .validators.validate import validate
+
+    result = validate(a.baseline, a.candidate, data, cfg, gate, a.out, overwrite=a.overwrite,
                       progress=_progress(a), raise_on_failure=False)
-    _print_validation(result)
-    return 0 if result.passed else 1
+    return _print_validation(result)
 
 
-def _print_validation(result: Any) -> None:
+def _print_validation(result: Any) -> int:
+    """Print the gate's checks; the exit code is 1 exactly when a check failed."""
+    from .errors import EXIT_GATE_FAILED
     from .validators.validate import gate_failure_message
 
     acc = result.report["accuracy"]
@@ -382,17 +453,16 @@ def _print_validation(result: Any) -> None:
     for c in result.checks:
         value = "n/a" if c.value is None else f"{c.value:.4f}"
         print(f"  {'PASS' if c.passed else 'FAIL'} {c.name} = {value} ({c.comparison} {c.threshold:g})")
+    for note in result.report.get("notes") or []:
+        print(f"  note: {note}")
     if result.passed:
         print(f"gate passed; report: {result.out_dir / 'report.md'}")
-    else:
-        print(f"fwsvd-deploy: {gate_failure_message(result.checks, result.out_dir)}", file=sys.stderr)
+        return EXIT_OK
+    print(f"{PROG}: {gate_failure_message(result.checks, result.out_dir)}", file=sys.stderr)
+    return EXIT_GATE_FAILED
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:
-    import json
-
-    from .validators.latency import measure_latency
-
     cfg = _validate_config(a)
     names = {}
     for path in a.model:
@@ -400,69 +470,66 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         while name in names:
             name += "'"
         names[name] = path
-    if a.out:
-        from .checkpoint import check_output_dir
+    import json
 
-        check_output_dir(a.out, a.overwrite)  # before minutes of measuring, not after
+    from .exporters.runtime import ONNX_FILE, onnx_config, require_provider
+    from .modeling import check_sequence_lengths
+    from .outputs import atomic_output_dir, check_output_dir
+    from .validators.latency import measure_latency
+    from .validators.report import latency_table
+
+    require_provider(cfg.device)
+    for path in names.values():  # before minutes of measuring, not after
+        if not (Path(path) / ONNX_FILE).is_file():
+            raise ConfigError(f"{path} has no {ONNX_FILE}; give folders written by 'fwsvd-deploy export/optimize'")
+        check_sequence_lengths(onnx_config(Path(path)), path, {"--seq-lens": cfg.seq_lens})
+    if a.out:
+        check_output_dir(a.out, a.overwrite, inputs=names.values())
     result = measure_latency(names, device=cfg.device, batch_sizes=cfg.batch_sizes, seq_lens=cfg.seq_lens,
                              threads=cfg.threads, warmup=cfg.warmup, rounds=cfg.rounds, progress=_progress(a))
-    first = next(iter(names))
-    lines = ["| batch x sequence | " + " | ".join(f"{n} p50 ms" for n in names)
-             + "".join(f" | {n} / {first}" for n in list(names)[1:]) + " |",
-             "|---|" + "---:|" * (2 * len(names) - 1)]
-    for cell in result["cells"]:
-        row = [f"{cell['models'][n]['p50_ms']:.1f}" for n in names]
-        row += [f"{cell['ratios'][n]['p50']:.3f}" for n in list(names)[1:]]
-        lines.append(f"| {cell['batch']} x {cell['sequence']} | " + " | ".join(row) + " |")
-    table = "\n".join(lines) + "\n"
+    table = "\n".join(latency_table(result)) + "\n"
     print(table, end="")
     if a.out:
-        from .checkpoint import atomic_output_dir
-
-        with atomic_output_dir(a.out, overwrite=a.overwrite) as tmp:
+        with atomic_output_dir(a.out, overwrite=a.overwrite, inputs=names.values()) as tmp:
             (tmp / "bench.json").write_text(json.dumps(result, indent=2))
             (tmp / "bench.md").write_text(table)
         print(f"wrote {a.out}")
-    return 0
+    return EXIT_OK
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
-    from .pipeline import run_pipeline
-
-    cfg = PipelineConfig.from_yaml(a.config) if a.config else PipelineConfig()
+    cfg = _pipeline_config(a)
     if a.dry_run:
         print(cfg.to_yaml(), end="")
-        return 0
-    from .exporters.runtime import require_provider
+        return EXIT_OK
+    from .pipeline import run_pipeline
 
-    for device in {cfg.validate.device, cfg.optimize.device} - {"cpu"}:
-        require_provider(device)
-    result = run_pipeline(cfg, a.out, force=a.force, progress=_progress(a))
+    result = run_pipeline(cfg, a.out, force=a.force, overwrite=a.overwrite, progress=_progress(a))
     cached = sum(s.cached for s in result.stages)
     print(f"pipeline finished in {result.seconds:.1f} s ({cached} of {len(result.stages)} stages from cache)")
-    _print_validation(result.validation)
+    code = _print_validation(result.validation)
     print(f"configuration: {result.out_dir / 'pipeline.yaml'}")
-    return 0 if result.passed else 1
+    return code
 
 
 def _cmd_search(a: argparse.Namespace) -> int:
-    from dataclasses import replace
-
+    cfg = _pipeline_config(a)
+    search = SearchConfig(low=a.low, high=a.high, steps=a.steps)
+    if a.max_accuracy_drop is not None:
+        cfg = dataclasses.replace(cfg, gate=dataclasses.replace(cfg.gate, max_accuracy_drop=a.max_accuracy_drop))
+    from .errors import EXIT_GATE_FAILED
     from .pipeline import search_ratio
 
-    cfg = PipelineConfig.from_yaml(a.config) if a.config else PipelineConfig()
-    if a.max_accuracy_drop is not None:
-        cfg = replace(cfg, gate=replace(cfg.gate, max_accuracy_drop=a.max_accuracy_drop))
-    result = search_ratio(cfg, a.out, low=a.low, high=a.high, steps=a.steps, force=a.force, progress=_progress(a))
-    for t in sorted(result.trials, key=lambda t: t["ratio"]):
-        print(f"  ratio {t['ratio']}: {t['metric']} {t['metric_candidate']:.4f} (baseline {t['metric_baseline']:.4f}) "
-              f"{'pass' if t['passed'] else 'fail: ' + ', '.join(t['failed_checks'])}")
+    result = search_ratio(cfg, a.out, search, force=a.force, overwrite=a.overwrite, progress=_progress(a))
+    for t in result.trials:
+        print(f"  ratio {t.ratio}: {t.metric} {t.metric_candidate:.4f} (baseline {t.metric_baseline:.4f}) "
+              f"{'pass' if t.passed else 'fail: ' + ', '.join(t.failed_checks)}")
     print(f"search finished in {result.seconds:.1f} s; summary: {result.out_dir / 'search-summary' / 'search.md'}")
     if result.best_ratio is None:
-        print(f"{PROG}: no kept fraction in [{a.low}, {a.high}] passes the gate", file=sys.stderr)
-        return 1
+        print(f"{PROG}: no kept fraction in [{search.low}, {search.high}] passes the gate", file=sys.stderr)
+        return EXIT_GATE_FAILED
     print(f"best kept fraction {result.best_ratio}; candidate copied to {result.best_dir}")
-    return 0
+    return EXIT_OK
 
 
 _COMMANDS: dict[str, Any] = {
@@ -471,18 +538,92 @@ _COMMANDS: dict[str, Any] = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def error_line(message: str) -> str:
+    """The one line an error prints: the program, ``error:``, and the first line of the message."""
+    return f"{PROG}: error: {message}"
+
+
+class _StderrLines(logging.Handler):
+    """One line per record on the current ``sys.stderr``: ``fwsvd-deploy: warning: ...``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{PROG}: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
+def _configure_logging() -> None:
+    """Warnings of the package (rows dropped, caches recomputed, losses allowed) as one line each on stderr."""
+    logger = logging.getLogger("fwsvd_deploy")
+    if not any(isinstance(h, _StderrLines) for h in logger.handlers):
+        logger.addHandler(_StderrLines())
+    logger.setLevel(logging.WARNING)
+
+
+def _log_folder() -> Path:
     try:
+        from .modeling import cache_home
+
+        return cache_home() / "logs"
+    except Exception:  # the environment itself is broken (e.g. torch cannot load): the temporary folder
+        import tempfile
+
+        return Path(tempfile.gettempdir())
+
+
+def _write_traceback(argv: Sequence[str]) -> Path | None:
+    """Write the current exception's traceback to a log file; ``None`` when no file can be written."""
+    name = f"{PROG}-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    text = f"{PROG} {' '.join(argv)}\n\n{traceback.format_exc()}"
+    for folder in (_log_folder(), Path(os.path.expanduser("~"))):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / name
+            path.write_text(text)
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit code (argparse exits 2 itself on bad usage)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        _configure_logging()
         return int(_COMMANDS[args.command](args))
     except FwsvdError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        print(error_line(first_line(exc)), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; finished outputs are intact, unfinished ones were removed", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        log = _write_traceback(argv)
+        where = f"full traceback in {log}" if log is not None else "no log file could be written"
+        print(f"{PROG}: internal error: {type(exc).__name__}: {first_line(exc)} ({where}; rerun with --debug to "
+              "print it)", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        return EXIT_INTERNAL
+
+
+def entry_point() -> None:
+    """The console script: :func:`main`, then exit with its code.
+
+    After an interrupt the process leaves through ``os._exit`` once the streams are flushed: a Ctrl-C that reached a
+    library's start-up code can leave the interpreter marked as killed by SIGINT, which would replace exit code 130
+    with death by signal at shutdown. Every output was already finished or removed when :func:`main` returned.
+    """
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 T = TypeVar("T", bound="_Config")
 
 METHODS = ("fwsvd", "svd", "asvd", "svd-llm", "fisher-whitened")
+DEFAULT_RATIO = 0.5
 FISHER_AXES = ("both", "output", "input")
 FISHER_ESTIMATORS = ("per_example", "batch_mean")
 QKV_MODES = ("separate", "joint")
@@ -211,7 +213,7 @@ class CompressionConfig(_Config):
         if self.rank is not None and self.ratio is not None:
             raise ConfigError(f"give either rank={self.rank!r} or ratio={self.ratio!r}, not both")
         if self.rank is None and self.ratio is None:
-            object.__setattr__(self, "ratio", 0.5)
+            object.__setattr__(self, "ratio", DEFAULT_RATIO)
         _check_int("rank", self.rank, 1, optional=True)
         _check_int("rank_multiple", self.rank_multiple, 1)
         if self.rank is not None and self.rank % self.rank_multiple:
@@ -258,6 +260,12 @@ def _patterns(name: str, value: Any) -> str | tuple[str, ...]:
     if isinstance(value, str):
         if not value:
             raise ConfigError(f"{name} must not be empty")
+        if value != "all-linear":
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ConfigError(f"{name}={value!r} is not a valid regular expression ({exc}); give a regex, "
+                                  "a list of module names, or 'all-linear'") from None
         return value
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value):
         return tuple(value)
@@ -368,6 +376,8 @@ class OptimizeConfig(_Config):
         atol: largest absolute difference allowed between the optimised and the unoptimised graph (fp32).
         int8_atol: for ``int8``, the largest absolute output difference allowed (int8 weights are lossy).
         validate_shapes: (batch, sequence) pairs for the parity check.
+        allow_fusion_loss: accept a graph with fewer fused operators than its dense-structured reference (an
+            error otherwise); the manifest and the validation report say so.
     """
 
     device: str = "cpu"
@@ -377,11 +387,12 @@ class OptimizeConfig(_Config):
     atol: float = 1e-3
     int8_atol: float = 0.1
     validate_shapes: tuple[tuple[int, int], ...] = ((3, 23), (1, 41))
+    allow_fusion_loss: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("device", self.device, DEVICES)
         _check_choice("level", self.level, LEVELS)
-        for name in ("fp16", "int8"):
+        for name in ("fp16", "int8", "allow_fusion_loss"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
         if self.fp16 and self.device != "cuda":
@@ -398,25 +409,18 @@ class OptimizeConfig(_Config):
         object.__setattr__(self, "validate_shapes", _check_shapes("validate_shapes", self.validate_shapes))
 
 
-def _check_opt_number(name: str, value: Any, low: float, high: float) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{name}={value!r} must be a number or null")
-    if not low <= value <= high:
-        raise ConfigError(f"{name}={value!r} must be in [{low}, {high}]")
-
-
 @dataclass(frozen=True)
 class GateConfig(_Config):
     """Release thresholds; ``None`` leaves a check out. Every check is evaluated and every failure reported.
 
+    A threshold that no candidate could fail (or pass) is refused: leave the check out instead.
+
     Attributes:
-        max_accuracy_drop: baseline accuracy minus candidate accuracy, in percentage points.
-        min_agreement: fraction of examples on which both models predict the same class.
-        max_latency_ratio: candidate/baseline median latency, in every cell of the latency grid.
-        max_memory_ratio: candidate/baseline model size on disk.
-        max_logit_diff: largest absolute logit difference between the two models.
+        max_accuracy_drop: baseline minus candidate primary metric, in percentage points, ``[0, 100]``.
+        min_agreement: fraction of examples on which both models predict the same class, ``(0, 1]``.
+        max_latency_ratio: candidate/baseline median latency, in every cell of the latency grid, ``> 0``.
+        max_memory_ratio: candidate/baseline model size on disk, ``> 0``.
+        max_logit_diff: largest absolute logit difference between the two models, ``>= 0``.
     """
 
     max_accuracy_drop: float | None = 1.0
@@ -426,11 +430,11 @@ class GateConfig(_Config):
     max_logit_diff: float | None = None
 
     def __post_init__(self) -> None:
-        _check_opt_number("max_accuracy_drop", self.max_accuracy_drop, -100.0, 100.0)
-        _check_opt_number("min_agreement", self.min_agreement, 0.0, 1.0)
-        _check_opt_number("max_latency_ratio", self.max_latency_ratio, 0.0, 1e6)
-        _check_opt_number("max_memory_ratio", self.max_memory_ratio, 0.0, 1e6)
-        _check_opt_number("max_logit_diff", self.max_logit_diff, 0.0, 1e9)
+        _check_float("max_accuracy_drop", self.max_accuracy_drop, 0.0, 100.0, low_open=False, optional=True)
+        _check_float("min_agreement", self.min_agreement, 0.0, 1.0, low_open=True, optional=True)
+        _check_float("max_latency_ratio", self.max_latency_ratio, 0.0, 1e6, low_open=True, optional=True)
+        _check_float("max_memory_ratio", self.max_memory_ratio, 0.0, 1e6, low_open=True, optional=True)
+        _check_float("max_logit_diff", self.max_logit_diff, 0.0, 1e9, low_open=False, optional=True)
 
 
 def _check_int_list(name: str, values: Any) -> tuple[int, ...]:
@@ -515,6 +519,30 @@ class StageSwitch(_Config):
         return {"enabled": self.enabled, **self.settings.to_dict()}
 
 
+@dataclass(frozen=True)
+class SearchConfig(_Config):
+    """The bisection of ``fwsvd-deploy search`` over the kept fraction.
+
+    Attributes:
+        low / high: the range of kept fractions tried, ``0 < low < high <= 1``; both ends are tried first.
+        steps: bisection steps after the two ends.
+    """
+
+    low: float = 0.1
+    high: float = 0.9
+    steps: int = 4
+
+    def __post_init__(self) -> None:
+        _check_float("low", self.low, 0.0, 1.0, low_open=True)
+        _check_float("high", self.high, 0.0, 1.0, low_open=True)
+        if not self.low < self.high:
+            raise ConfigError(f"search range [{self.low}, {self.high}] must satisfy low < high")
+        _check_int("steps", self.steps, 1)
+
+
+# Keys of which a section takes one: giving one in YAML drops the default of the others.
+_EXCLUSIVE: dict[str, tuple[tuple[str, ...], ...]] = {"compression": (("rank", "ratio"),)}
+
 _SECTIONS = {
     "data": DataConfig, "finetune": StageSwitch, "fisher": FisherConfig, "compression": CompressionConfig,
     "recovery": StageSwitch, "export": ExportConfig, "optimize": OptimizeConfig, "validate": ValidateConfig,
@@ -564,7 +592,11 @@ class PipelineConfig:
             value = data[name]
             if value is not None and not isinstance(value, Mapping):
                 raise ConfigError(f"section {name!r} must be a mapping, got {type(value).__name__}")
-            merged = {**getattr(defaults, name).to_dict(), **dict(value or {})}
+            given = dict(value or {})
+            merged = {**getattr(defaults, name).to_dict(), **given}
+            for group in _EXCLUSIVE.get(name, ()):  # a key given replaces the default of the others in its group
+                if any(merged.get(k) is not None for k in group if k in given):
+                    merged.update({k: None for k in group if k not in given})
             try:
                 kwargs[name] = section.from_dict(merged)
             except ConfigError as exc:
@@ -583,7 +615,7 @@ class PipelineConfig:
         try:
             data = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+            raise ConfigError(f"{p} is not valid YAML: {first_line(exc)}") from exc
         if data is not None and not isinstance(data, Mapping):
             raise ConfigError(f"{p} must hold a mapping of sections")
         return cls.from_dict(data)

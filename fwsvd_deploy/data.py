@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,7 +40,7 @@ from typing import Any
 import torch
 
 from .config import DataConfig
-from .errors import DatasetError
+from .errors import DatasetError, first_line
 
 BUILTIN_ROTTEN_TOMATOES = "rotten_tomatoes"
 ROTTEN_TOMATOES_LABELS = ("rotten", "fresh")
@@ -222,14 +223,13 @@ def _read_local(path: Path) -> Any:
     except DatasetError:
         raise
     except Exception as exc:  # pandas raises many types for unreadable files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DatasetError(f"cannot read dataset file {path}: {first}") from exc
+        raise DatasetError(f"cannot read dataset file {path}: {first_line(exc)}") from exc
     if len(frame) == 0:
         raise DatasetError(f"dataset file {path} has no rows")
     return frame
 
 
-def _read_hub(spec: str, split: str) -> Any:
+def _read_hub(spec: str, split: str, label_column: str = "label") -> Any:
     name, _, config = spec.partition(":")
     try:
         import datasets
@@ -242,23 +242,79 @@ def _read_hub(spec: str, split: str) -> Any:
     try:
         ds = datasets.load_dataset(name, config or None, split=split)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DatasetError(
-            f"cannot load hub dataset {spec!r} split {split!r} ({first}){offline_note()}; pass a local "
+            f"cannot load hub dataset {spec!r} split {split!r} ({first_line(exc)}){offline_note()}; pass a local "
             f"CSV/JSON/Parquet file or the built-in '{BUILTIN_ROTTEN_TOMATOES}'"
         ) from exc
     frame = ds.to_pandas()
     if len(frame) == 0:
         raise DatasetError(f"hub dataset {spec!r} split {split!r} has no rows")
     names = None
-    feature = ds.features.get("label") if hasattr(ds, "features") else None
+    feature = ds.features.get(label_column) if hasattr(ds, "features") else None
     if feature is not None and getattr(feature, "names", None):
         names = tuple(feature.names)
     return frame, names
 
 
 def _is_local(spec: str) -> bool:
-    return Path(spec).suffix.lower() in LOCAL_SUFFIXES or Path(spec).exists()
+    path = Path(spec)
+    return path.suffix.lower() in LOCAL_SUFFIXES or path.exists() or (path.suffix != "" and "/" in spec and
+                                                                       path.parent.is_dir())
+
+
+def _table(cfg: DataConfig, split: str, columns: Sequence[str],
+           optional: Sequence[str] = ()) -> tuple[Any, str, tuple[str, ...] | None]:
+    """The one dispatch from a split to its rows: ``(frame, source, label names)``.
+
+    The evaluation split comes from ``eval_dataset`` when one is given (the whole of it); a local file serves
+    both splits through a seeded hold-out (:func:`_holdout_indices`); a hub dataset is asked for the split. The
+    frame keeps ``columns`` and those of ``optional`` it has, and only the rows where all of them are present
+    (:func:`_drop_incomplete`).
+
+    Raises:
+        DatasetError: a missing file, split or column, or no complete row.
+    """
+    other = cfg.eval_dataset is not None and split == cfg.eval_split
+    spec = cfg.eval_dataset if other else cfg.dataset
+    assert spec is not None
+    names = None
+    if _is_local(spec):
+        frame, source = _read_local(Path(spec)), spec
+    else:
+        frame, names = _read_hub(spec, split, cfg.label_column)
+        source = f"{spec}[{split}]"
+    _check_columns(frame, columns, source)
+    used = [*columns, *(c for c in optional if c in frame.columns)]
+    if _is_local(spec) and not other:
+        picked = _holdout_indices(len(frame), cfg, split, spec)
+        if len(picked) < len(frame):
+            frame, source = frame.iloc[picked], f"{spec}[{split}]"
+    return _drop_incomplete(frame[used], used, source), source, names
+
+
+def _check_columns(frame: Any, columns: Sequence[str], source: str) -> None:
+    present = [str(c) for c in frame.columns]
+    missing = [c for c in columns if c not in present]
+    if missing:
+        raise DatasetError(
+            f"{source} has no column(s) {', '.join(missing)}; its columns are {', '.join(present)} "
+            f"(set --text-column/--text-pair-column/--label-column)"
+        )
+
+
+def _drop_incomplete(frame: Any, columns: Sequence[str], source: str) -> Any:
+    """Rows whose ``columns`` are all present and whose texts are not blank; a warning counts the others."""
+    keep = frame[list(columns)].notna().all(axis=1)
+    for column in columns:
+        blank = frame[column].map(lambda v: isinstance(v, str) and not v.strip())
+        keep &= ~blank
+    dropped = int((~keep).sum())
+    if dropped == len(frame):
+        raise DatasetError(f"{source} has no rows with {', '.join(columns)} all present")
+    if dropped:
+        logging.getLogger("fwsvd_deploy").warning("%s: %d of %d rows dropped for an empty or missing %s", source,
+                                                  dropped, len(frame), " or ".join(columns))
+    return frame[keep]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -271,24 +327,10 @@ def _to_task_data(
     cfg: DataConfig,
     source: str,
     label_names: tuple[str, ...] | None,
-    require_labels: bool,
 ) -> TaskData:
-    columns = [str(c) for c in frame.columns]
-    wanted = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
-    if require_labels:
-        wanted.append(cfg.label_column)
-    missing = [c for c in wanted if c not in columns]
-    if missing:
-        raise DatasetError(
-            f"{source} has no column(s) {', '.join(missing)}; its columns are {', '.join(columns)} "
-            f"(set --text-column/--text-pair-column/--label-column)"
-        )
-    keep = [c for c in wanted if c in columns]
-    frame = frame.dropna(subset=keep)
-    if len(frame) == 0:
-        raise DatasetError(f"{source} has no rows with {', '.join(keep)} all present")
+    """Texts (and pairs, and encoded labels when the frame has them) of a frame :func:`_table` cleaned."""
     labels = None
-    if cfg.label_column in columns:
+    if cfg.label_column in frame.columns:
         values = frame[cfg.label_column].tolist()
         labels, label_names = _encode_labels(values, label_names, source)
     return TaskData(
@@ -366,19 +408,24 @@ def align_labels(data: TaskData, label2id: Mapping[str, int] | None, num_labels:
 
 
 def load_split(cfg: DataConfig, split: str, *, require_labels: bool = True) -> TaskData:
-    """Load one split of ``cfg.dataset`` (``train_split`` or ``eval_split`` for single-split files)."""
-    spec = cfg.dataset
-    if spec == BUILTIN_ROTTEN_TOMATOES:
+    """Load one split: of ``cfg.eval_dataset`` for the evaluation split when one is given, else of ``cfg.dataset``
+    (single local files hold the evaluation split out of the training split)."""
+    other = cfg.eval_dataset is not None and split == cfg.eval_split
+    if (cfg.eval_dataset if other else cfg.dataset) == BUILTIN_ROTTEN_TOMATOES:
         return rotten_tomatoes_split(split)
-    if spec == BUILTIN_SPEECHES:
+    if (cfg.eval_dataset if other else cfg.dataset) == BUILTIN_SPEECHES:
         raise DatasetError(f"'{BUILTIN_SPEECHES}' is unlabelled text for causal language models; a classifier needs "
                            f"a labelled dataset (e.g. '{BUILTIN_ROTTEN_TOMATOES}' or a CSV with a label column)")
-    if _is_local(spec):
-        frame = _read_local(Path(spec))
-        data = _to_task_data(frame, cfg, str(spec), None, require_labels)
-        return _holdout(data, cfg, split)
-    frame, names = _read_hub(spec, split)
-    return _to_task_data(frame, cfg, f"{spec}[{split}]", names, require_labels)
+    texts = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
+    labels = [cfg.label_column]
+    frame, source, names = _table(cfg, split, texts + labels if require_labels else texts,
+                                  () if require_labels else labels)
+    return _to_task_data(frame, cfg, source, names)
+
+
+def load_eval_split(cfg: DataConfig, *, require_labels: bool = True) -> TaskData:
+    """The evaluation split alone (no training split is read), subsampled to ``max_eval_samples``."""
+    return load_split(cfg, cfg.eval_split, require_labels=require_labels).sample(cfg.max_eval_samples, cfg.seed)
 
 
 def _seeded_subset(n: int, k: int, seed: int) -> list[int]:
@@ -401,25 +448,10 @@ def _holdout_indices(n: int, cfg: DataConfig, split: str, source: str) -> list[i
     return [i for i in range(n) if (i in held_out) == (split == cfg.eval_split)]
 
 
-def _holdout(data: TaskData, cfg: DataConfig, split: str) -> TaskData:
-    picked = _holdout_indices(len(data), cfg, split, data.source)
-    if len(picked) == len(data):
-        return data
-    return replace(data.select(picked), source=f"{data.source}[{split}]")
-
-
 def load_splits(cfg: DataConfig, *, require_labels: bool = True) -> TaskSplits:
     """Training and evaluation splits, subsampled to ``max_train_samples``/``max_eval_samples``."""
     train = load_split(cfg, cfg.train_split, require_labels=require_labels)
-    if cfg.eval_dataset is not None:
-        eval_cfg = replace(cfg, dataset=cfg.eval_dataset, eval_dataset=None)
-        if _is_local(cfg.eval_dataset):
-            frame = _read_local(Path(cfg.eval_dataset))
-            evaluation = _to_task_data(frame, eval_cfg, cfg.eval_dataset, train.label_names, require_labels)
-        else:
-            evaluation = load_split(eval_cfg, cfg.eval_split, require_labels=require_labels)
-    else:
-        evaluation = load_split(cfg, cfg.eval_split, require_labels=require_labels)
+    evaluation = load_split(cfg, cfg.eval_split, require_labels=require_labels)
     if train.label_names is not None and evaluation.label_names not in (None, train.label_names):
         evaluation = _rename_to(evaluation, train.label_names)
     train = train.sample(cfg.max_train_samples, cfg.seed)
@@ -449,22 +481,8 @@ def load_rows(cfg: DataConfig, split: str, columns: Sequence[str], limit: int | 
     if spec == BUILTIN_ROTTEN_TOMATOES:
         raise DatasetError("rotten_tomatoes is a text-classification dataset; give a token-classification or "
                            "question-answering file")
-    if _is_local(spec):
-        frame = _read_local(Path(spec))
-        source = str(spec)
-        if spec == cfg.dataset:
-            frame = frame.iloc[_holdout_indices(len(frame), cfg, split, source)]
-    else:
-        frame, _ = _read_hub(spec, split)
-        source = f"{spec}[{split}]"
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise DatasetError(f"{source} has no column(s) {', '.join(missing)}; its columns are "
-                           f"{', '.join(map(str, frame.columns))} "
-                           "(set --text-column/--text-pair-column/--label-column)")
-    rows = frame[list(columns)].to_dict("records")
-    if not rows:
-        raise DatasetError(f"{source} has no rows")
+    frame, source, _ = _table(cfg, split, columns)
+    rows = frame.to_dict("records")
     if limit is not None and limit < len(rows):
         rows = [rows[i] for i in _seeded_subset(len(rows), limit, cfg.seed)]
     return rows

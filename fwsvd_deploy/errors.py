@@ -1,17 +1,31 @@
-"""Exceptions raised by fwsvd-deploy.
+"""Exceptions raised by fwsvd-deploy, their exit codes, and the one function that turns an exception into a line.
 
 Every error a user can cause derives from :class:`FwsvdError`; the CLI turns these into one line on
 stderr and exit code 2. :class:`GateFailedError` is the one exception that means "the checks ran and
-the candidate failed" and maps to exit code 1.
+the candidate failed" and maps to exit code 1. Anything else is an internal error (exit code 3).
 """
 
 from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_GATE_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type name when the message is empty."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
 
 
 class FwsvdError(Exception):
     """Base class: a problem with the user's input, configuration or environment."""
 
-    exit_code = 2
+    exit_code = EXIT_BAD_INPUT
 
 
 class ConfigError(FwsvdError):
@@ -46,10 +60,14 @@ class OutputExistsError(FwsvdError):
     """The output folder exists and is not empty."""
 
 
+class OutputPathError(FwsvdError):
+    """The output path cannot be written, or would overwrite or sit inside an input."""
+
+
 class GateFailedError(FwsvdError):
     """Checks ran and at least one failed."""
 
-    exit_code = 1
+    exit_code = EXIT_GATE_FAILED
 
 
 class ExportError(FwsvdError):
@@ -57,7 +75,11 @@ class ExportError(FwsvdError):
 
 
 class ParityError(FwsvdError):
-    """Two models that must agree do not, beyond the tolerance."""
+    """Two models that must agree do not, beyond the tolerance, or share no output to compare."""
+
+
+class FusionLossError(ExportError):
+    """The optimised graph has fewer fused operators than its dense-structured reference."""
 
 
 class DeviceUnavailableError(FwsvdError):

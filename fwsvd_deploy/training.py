@@ -18,8 +18,7 @@ from torch import nn
 from .config import FinetuneConfig
 from .data import TaskData
 from .errors import DatasetError, FwsvdError
-from .losses import loss_kind, per_example_losses
-from .modeling import forward_inputs
+from .losses import forward_inputs, loss_kind, per_example_losses
 from .progress import progress_bar
 from .validators.metrics import classification_metrics, regression_metrics
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
-import torch
-from transformers import (
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never download: a hub id fails at once, before transformers is imported
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
     AlbertConfig,
     AutoModel,
     AutoModelForQuestionAnswering,
@@ -28,18 +33,31 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-from fwsvd_deploy.data import TaskData
-from fwsvd_deploy.modeling import embedded_model_dir
+from fwsvd_deploy.data import TaskData  # noqa: E402
+from fwsvd_deploy.modeling import embedded_model_dir  # noqa: E402
 
 torch.set_num_threads(2)
 
 # One table of tolerances, by kind of comparison.
 TOL = {
-    "identity": 1e-5,  # math identities on float64-computed factors, compared in float32
+    "identity": 1e-5,  # math identities on float64-computed factors, compared in float32 (absolute)
+    "identity_rel": 1e-4,  # ... and relative, for the larger entries
     "reload": 0.0,  # save -> load must give bit-identical logits
     "fisher_sum": 1e-4,  # the same sums accumulated in another order / process layout (relative)
     "moment": 1e-5,  # input statistics: float32 products per batch against a float64 reference (relative)
+    "onnx_vs_torch": 1e-4,  # the same weights through ONNX Runtime and PyTorch (ExportConfig's default atol)
+    "same_graph": 1e-5,  # one graph through two ONNX Runtime front ends (optimum's ORTModel, our session)
+    "optimised_graph": 1e-3,  # fused vs unfused graph, float32 (OptimizeConfig's default atol)
+    "int8_snr_db": 15.0,  # lossy: dynamic int8 weights against the float32 graph (tiny untrained models: ~20 dB)
+    "fp16_snr_db": 40.0,  # lossy: float16 weights (CUDA) against float32 on the CPU
 }
+
+
+def snr_db(reference: np.ndarray, approx: np.ndarray) -> float:
+    """Signal-to-noise ratio of ``approx`` against ``reference`` in decibels (torchao's ``compute_error``)."""
+    reference = np.asarray(reference, dtype=np.float64)
+    noise = np.linalg.norm(reference - np.asarray(approx, dtype=np.float64))
+    return float("inf") if noise == 0 else float(20 * np.log10(np.linalg.norm(reference) / noise))
 
 VOCAB = 30522  # the embedded MiniLM tokenizer's vocabulary; all tiny models share it
 TINY = {
@@ -194,7 +212,23 @@ def toy_csv(tmp_path_factory) -> Path:
 
 
 def logits(model: torch.nn.Module, tok, data: TaskData, max_length: int = 32) -> torch.Tensor:
-    from fwsvd_deploy.modeling import forward_inputs
+    from fwsvd_deploy.losses import forward_inputs
 
     with torch.no_grad():
         return torch.cat([model(**forward_inputs(model, b)).logits for b in data.batches(tok, 16, max_length)])
+
+
+def cuda_available() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run for real where ONNX Runtime has CUDA, and are skipped, saying why, elsewhere."""
+    gpu = [item for item in items if "gpu" in item.keywords]
+    if gpu and not cuda_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU: ONNX Runtime here offers no CUDAExecutionProvider "
+                                       "(install fwsvd-deploy[gpu] on a machine with an NVIDIA GPU)")
+        for item in gpu:
+            item.add_marker(skip)

@@ -98,7 +98,8 @@ def test_max_rank_factorisation_keeps_the_outputs(arch, tokenizer, data):
         up, down = decompose(t.weight).factors(min(t.shape))
         replacements[t.name] = LowRankLinear.from_factors(up, down, t.module.bias.detach(), t.kind)
     swap_modules(model, replacements)
-    torch.testing.assert_close(logits(model, tokenizer, data), reference, atol=TOL["identity"], rtol=1e-4)
+    torch.testing.assert_close(logits(model, tokenizer, data), reference, atol=TOL["identity"],
+                               rtol=TOL["identity_rel"])
 
 
 def test_conv1d_orientation():
@@ -108,7 +109,7 @@ def test_conv1d_orientation():
     up, down = decompose(t.weight).factors(5)
     low = LowRankLinear.from_factors(up, down, layer.bias.detach(), "conv1d")
     x = torch.randn(3, 7, 5)
-    torch.testing.assert_close(low(x), layer(x), atol=TOL["identity"], rtol=1e-4)
+    torch.testing.assert_close(low(x), layer(x), atol=TOL["identity"], rtol=TOL["identity_rel"])
 
 
 def test_fwsvd_needs_fisher_and_changes_nothing_without_it():
@@ -129,7 +130,7 @@ def test_fisher_for_another_model_is_refused_before_any_change(tokenizer, data):
         compress(model, CompressionConfig(), broken)
     assert not any(isinstance(m, LowRankLinear) for m in model.modules())
     del broken[last]
-    with pytest.raises(FisherError, match="no Fisher statistics"):
+    with pytest.raises(FisherError, match="other layers than the targets .missing ..bert.encoder.layer.1.output.dense"):
         compress(model, CompressionConfig(), broken)
 
 
@@ -210,7 +211,7 @@ def test_joint_qkv_factorises_the_stacked_projections_with_one_down(arch, tokeni
         stacked = torch.cat([dense[n][0] for n in names])
         want = decompose(stacked, torch.cat([fisher.fisher[n] for n in names]), "both").reconstruct(layer.rank)
         got = torch.cat([m.up.weight @ m.down.weight for m in members]).double()
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got, want, atol=TOL["identity"], rtol=TOL["identity_rel"])
         assert all(torch.equal(m.up.bias, dense[n][1]) for m, n in zip(members, names, strict=True))
         assert layer.params_after == layer.rank * (layer.shape[0] + layer.shape[1]) + layer.shape[0]
     # parameters are counted once (the shared down is one tensor) and the budget is the one asked for
@@ -226,7 +227,7 @@ def test_joint_qkv_with_uniform_fisher_is_joint_svd():
     q = "bert.encoder.layer.0.attention.self.query"
     wa = a.get_submodule(q).up.weight @ a.get_submodule(q).down.weight
     wb = b.get_submodule(q).up.weight @ b.get_submodule(q).down.weight
-    torch.testing.assert_close(wa, wb, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(wa, wb, atol=TOL["identity"], rtol=TOL["identity_rel"])
 
 
 def test_joint_qkv_needs_all_three_projections():

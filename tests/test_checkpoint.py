@@ -9,8 +9,8 @@ import torch
 
 from conftest import ARCHS, TOL, logits, tiny_causal_lm, tiny_model
 from fwsvd_deploy import CompressionConfig, LowRankLinear, collect_fisher, compress, load_compressed, save_compressed
-from fwsvd_deploy.checkpoint import atomic_output_dir
 from fwsvd_deploy.errors import ModelLoadError, OutputExistsError
+from fwsvd_deploy.outputs import atomic_output_dir
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -89,4 +89,48 @@ def test_joint_qkv_round_trip_keeps_the_shared_down(tmp_path, tokenizer, data):
     del plan["layers"][query]
     (tmp_path / "m" / "compression.json").write_text(json.dumps(plan))
     with pytest.raises(ModelLoadError, match="shares the down-projection"):
+        load_compressed(tmp_path / "m")
+
+
+def test_overwrite_keeps_the_old_folder_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    """If the final rename fails, the folder that was there comes back, whole."""
+    import os
+
+    from fwsvd_deploy import outputs
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_text("old")
+    real = os.replace
+    calls = []
+
+    def fail_second(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the first moves the old folder aside, the second would put the new one in place
+            raise OSError("disk full")
+        return real(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", fail_second)
+    with pytest.raises(OSError, match="disk full"), atomic_output_dir(out, overwrite=True) as tmp:
+        (tmp / "model.safetensors").write_text("new")
+    assert (out / "model.safetensors").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_truncated_weights_and_a_plan_that_disagrees_are_refused(tmp_path, tokenizer):
+    model = tiny_model("bert")
+    compress(model, CompressionConfig(method="svd", ratio=0.5))
+    save_compressed(model, tmp_path / "m", tokenizer)
+    plan_path = tmp_path / "m" / "compression.json"
+    plan = json.loads(plan_path.read_text())
+    first = next(iter(plan["layers"]))
+    plan["layers"][first]["rank"] += 1
+    plan_path.write_text(json.dumps(plan))
+    with pytest.raises(ModelLoadError, match=f"weights do not match the plan .*size mismatch for {first}"):
+        load_compressed(tmp_path / "m")
+    plan["layers"][first]["rank"] -= 1
+    plan_path.write_text(json.dumps(plan))
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match="model.safetensors .*truncated or not safetensors"):
         load_compressed(tmp_path / "m")

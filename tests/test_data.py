@@ -114,3 +114,38 @@ def test_batches_pad_and_carry_labels(tokenizer):
     assert batches[0]["input_ids"].shape[1] <= 16
     shuffled = [b["labels"].tolist() for b in d.batches(tokenizer, 10, 16, shuffle=True, seed=1)]
     assert sorted(shuffled[0]) == sorted(d.labels)
+
+
+def test_hub_label_names_come_from_the_label_column(monkeypatch):
+    """A hub dataset's class names are read from the column given as labels, whatever it is called."""
+    import datasets
+
+    table = datasets.Dataset.from_dict(
+        {"review": ["good", "bad", "fine", "awful"], "stars": [1, 0, 1, 0], "label": [7, 7, 7, 7]},
+        features=datasets.Features({"review": datasets.Value("string"),
+                                    "stars": datasets.ClassLabel(names=["neg", "pos"]),
+                                    "label": datasets.Value("int64")}))
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: table)
+    data = load_split(DataConfig(dataset="some/reviews", text_column="review", label_column="stars"), "train")
+    assert data.label_names == ("neg", "pos") and data.labels == (1, 0, 1, 0)
+
+
+def test_rows_and_texts_share_one_dispatch_and_drop_incomplete_rows(tmp_path, caplog):
+    from fwsvd_deploy.data import load_rows
+
+    frame = pd.DataFrame({"tokens": [["a", "b"], ["c"], None, ["d"]], "tags": [["O", "O"], ["O"], ["O"], None]})
+    frame.to_json(tmp_path / "train.jsonl", orient="records", lines=True)
+    frame.to_json(tmp_path / "dev.jsonl", orient="records", lines=True)
+    cfg = DataConfig(dataset=str(tmp_path / "train.jsonl"), eval_dataset=str(tmp_path / "dev.jsonl"),
+                     text_column="tokens", label_column="tags")
+    with caplog.at_level("WARNING", logger="fwsvd_deploy"):
+        rows = load_rows(cfg, "validation", ["tokens", "tags"])
+    assert rows == [{"tokens": ["a", "b"], "tags": ["O", "O"]}, {"tokens": ["c"], "tags": ["O"]}]
+    assert "2 of 4 rows dropped for an empty or missing tokens or tags" in caplog.text
+    texts = pd.DataFrame({"text": ["good", "", None, "bad", "ok"], "label": ["p", "n", "n", None, "p"]})
+    texts.to_csv(tmp_path / "t.csv", index=False)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fwsvd_deploy"):
+        data = load_split(DataConfig(dataset=str(tmp_path / "t.csv"), eval_dataset=str(tmp_path / "t.csv")),
+                          "validation")
+    assert data.texts == ("good", "ok") and "3 of 5 rows dropped" in caplog.text

@@ -95,6 +95,51 @@ def test_cache_hit_skips_the_backward_passes(tokenizer, data, tmp_path):
     assert not list(tmp_path.glob(".*tmp"))
 
 
+def test_a_corrupt_cache_file_is_a_miss_and_is_rewritten(tokenizer, data, tmp_path, caplog):
+    model = tiny_model("bert")
+    cfg = FisherConfig(cache_dir=str(tmp_path))
+    first = collect_fisher(model, data, tokenizer, cfg, max_length=32)
+    path = Path(first.cache_path)
+    path.write_bytes(path.read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="fwsvd_deploy"):
+        again = collect_fisher(model, data, tokenizer, cfg, max_length=32)
+    assert not again.from_cache and "is unreadable" in caplog.text and "recomputing" in caplog.text
+    assert all(torch.equal(first.fisher[k], again.fisher[k]) for k in first.fisher)
+    assert collect_fisher(model, data, tokenizer, cfg, max_length=32).from_cache  # the file was written anew
+
+
+def test_a_cache_path_that_is_a_file_is_refused_before_any_pass(tokenizer, data, tmp_path):
+    model = tiny_model("bert")
+    (tmp_path / "file").write_text("x")
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(FisherError, match="is not a folder"):
+        collect_fisher(model, data, tokenizer, FisherConfig(cache_dir=str(tmp_path / "file" / "sub")),
+                       max_length=32)
+    handle.remove()
+    assert calls == []
+
+
+def test_the_examples_drawn_follow_the_seed(tokenizer, data):
+    model = tiny_model("bert")
+    cfg = FisherConfig(num_samples=16, cache_dir=None)
+    a, b = (collect_fisher(model, data, tokenizer, cfg, max_length=32, seed=s) for s in (0, 1))
+    again = collect_fisher(model, data, tokenizer, cfg, max_length=32, seed=0)
+    name = next(iter(a.fisher))
+    assert not torch.equal(a.fisher[name], b.fisher[name]) and torch.equal(a.fisher[name], again.fisher[name])
+
+
+def test_compress_checks_the_layers_the_statistics_were_collected_for(tokenizer, data):
+    from fwsvd_deploy import CompressionConfig, compress
+
+    model = tiny_model("bert")
+    fisher = collect_fisher(model, data, tokenizer, target_modules=("query",), max_length=32)
+    assert fisher.targets == ("bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.attention.self.query")
+    with pytest.raises(FisherError, match="collected for other layers than the targets"):
+        compress(model, CompressionConfig(target_modules=("query", "key")), fisher)
+    compress(model, CompressionConfig(target_modules=("query",)), fisher)
+
+
 def test_non_finite_gradients_are_an_error(tokenizer, data):
     model = tiny_model("bert")
     with torch.no_grad():

@@ -19,10 +19,7 @@ def _windows(n: int = 8, length: int = 24) -> torch.Tensor:
 
 def _stats(model, tokenizer=None):
     targets = resolve_targets(model)
-    if tokenizer is None:
-        batches = window_batches(_windows(), 4)
-    else:
-        batches = list(toy_data(16).batches(tokenizer, 8, 32))
+    batches = window_batches(_windows(), 4) if tokenizer is None else list(toy_data(16).batches(tokenizer, 8, 32))
     return collect_statistics(model, batches, targets, kinds=("fisher", "inputs"), progress=False)
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..config import CompressionConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, FisherError
 from .factorize import (
     allocation_gains,
     as_statistics,
@@ -29,6 +29,17 @@ from .svd import max_saving_rank, output_error, relative_error
 from .targets import SUPPORTED_TYPES, Target, Unit, plan_units, resolve_targets
 
 __all__ = ["apply_plan", "compress", "compressed_layers", "resolve_targets", "swap_modules"]
+
+
+def _check_coverage(stats: Any, targets: list[Target]) -> None:
+    """Statistics that name their layers must have been collected for (at least) ``targets``."""
+    collected = set(getattr(stats, "targets", None) or ())
+    if stats is None or not collected:
+        return
+    missing = [t.name for t in targets if t.name not in collected]
+    if missing:
+        raise FisherError(f"the calibration statistics were collected for other layers than the targets (missing "
+                          f"{missing[:3]}{' ...' if len(missing) > 3 else ''}); collect them for these targets")
 
 
 def compress(model: nn.Module, cfg: CompressionConfig, statistics: Any = None) -> CompressionReport:
@@ -53,6 +64,7 @@ def compress(model: nn.Module, cfg: CompressionConfig, statistics: Any = None) -
     require(cfg, stats, model)
     warn_rank_deficient(cfg, stats)
     targets = resolve_targets(model, cfg.target_modules, cfg.exclude_modules)
+    _check_coverage(stats, targets)
     units = plan_units(targets, cfg.qkv)
     params_before = sum(p.numel() for p in model.parameters())
     unit_stats = {u.name: unit_statistics(u, stats) for u in units}

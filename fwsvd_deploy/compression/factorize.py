@@ -87,7 +87,7 @@ def unit_statistics(unit: Unit, stats: CalibrationStats | None) -> UnitStats:
 def require(cfg: CompressionConfig, stats: CalibrationStats | None, model: torch.nn.Module) -> None:
     """Fail before any change when the method's statistics are missing or were collected on another model."""
     if stats is not None and stats.model_hash is not None:
-        from ..modeling import model_fingerprint
+        from ..manifest import model_fingerprint
 
         if model_fingerprint(model) != stats.model_hash:
             raise FisherError("the calibration statistics were collected on another model (or other weights); "

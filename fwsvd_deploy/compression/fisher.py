@@ -10,10 +10,10 @@ from ..config import CalibrationConfig
 from ..data import TaskData
 from ..errors import FisherError
 from ..losses import loss_kind, per_example_losses
-from .statistics import FISHER, CalibrationStats, FisherResult, collect_statistics
-from .targets import resolve_targets
+from .statistics import FISHER, CalibrationStats, FisherResult, check_cache_dir, collect_statistics
+from .targets import Target, resolve_targets
 
-__all__ = ["FisherResult", "classifier_batches", "collect_fisher", "loss_kind", "per_example_losses"]
+__all__ = ["FisherResult", "check_cache_dir", "classifier_batches", "collect_fisher", "loss_kind", "per_example_losses"]
 
 DEFAULT_EXAMPLES = 512
 
@@ -31,20 +31,25 @@ def collect_fisher(
     *,
     target_modules: str | tuple[str, ...] | list[str] = "all-linear",
     exclude_modules: str | tuple[str, ...] | list[str] | None = None,
+    targets: list[Target] | None = None,
     max_length: int = 128,
     seed: int = 0,
     progress: bool | None = None,
 ) -> CalibrationStats:
     """Estimate the empirical Fisher of every targeted weight from labelled examples.
 
-    ``cfg.num_samples`` examples are drawn from ``data`` with ``seed`` (``None`` takes 512).
+    ``cfg.num_samples`` examples are drawn from ``data`` with ``seed`` (``None`` takes 512). ``targets``, when
+    given, are layers already resolved with :func:`resolve_targets` (instead of the patterns).
 
     Raises:
-        FisherError: on non-finite gradients, unlabelled data or a model without a task loss.
+        FisherError: on non-finite gradients, unlabelled data, a model without a task loss or a cache path that
+            is a file.
     """
     cfg = cfg or CalibrationConfig()
     loss_kind(model)
-    targets = resolve_targets(model, target_modules, exclude_modules)
+    check_cache_dir(cfg.cache_dir)
+    if targets is None:
+        targets = resolve_targets(model, target_modules, exclude_modules)
     data = data.sample(DEFAULT_EXAMPLES if cfg.num_samples is None else cfg.num_samples, seed=seed)
     if len(data) == 0:
         raise FisherError("no examples to estimate Fisher from")

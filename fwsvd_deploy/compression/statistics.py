@@ -34,9 +34,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import FisherError
+from ..errors import FisherError, first_line
 from ..losses import loss_kind, per_example_losses
-from ..modeling import model_fingerprint
+from ..manifest import model_fingerprint
 from ..progress import progress_bar
 from .targets import Target
 
@@ -250,8 +250,8 @@ def _load_cache(path: Path, kind: str, targets: list[Target]) -> tuple[dict[str,
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         import logging
 
-        logging.getLogger("fwsvd_deploy").warning("ignoring unreadable statistics cache %s (%s); recomputing",
-                                                  path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        logging.getLogger("fwsvd_deploy").warning("statistics cache file %s is unreadable (%s); recomputing it",
+                                                  path, first_line(exc))
         return None
     names = {t.name for t in targets}
     if kind == FISHER and set(tensors) != names:
@@ -276,6 +276,25 @@ def _save_cache(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, An
 def _all_reduce(tensors: Iterable[torch.Tensor]) -> None:
     for tensor in tensors:
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+
+
+def check_cache_dir(cache_dir: str | Path | None) -> None:
+    """Refuse, before any work, a calibration cache path that is a file or cannot be created.
+
+    Raises:
+        FisherError: naming the path and what is wrong with it.
+    """
+    if cache_dir is None:
+        return
+    path = Path(cache_dir).expanduser()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise FisherError(f"calibration cache path {path} is not a folder ({probe} is a file); give a folder, "
+                          "or 'none'")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise FisherError(f"calibration cache folder {path} is not writable; give another, or 'none'")
 
 
 def collect_statistics(
@@ -307,6 +326,7 @@ def collect_statistics(
         FisherError: non-finite gradients or inputs, no task loss, or no labels for a classifier's Fisher.
     """
     kinds = tuple(k for k in KINDS if k in set(kinds))
+    check_cache_dir(cache_dir)
     if not batches:
         raise FisherError("no calibration examples")
     if num_examples is None:
@@ -406,7 +426,7 @@ def _run_pass(model: nn.Module, batches: Sequence[Batch], targets: list[Target],
                     t.module.weight.grad = None
                 bar.set_postfix(loss=f"{float(losses.detach().mean()):.4f}")
             else:
-                from ..modeling import forward_inputs
+                from ..losses import forward_inputs
 
                 with torch.no_grad():
                     model(**forward_inputs(model, batch))

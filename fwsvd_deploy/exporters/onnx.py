@@ -13,11 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_output_dir, check_output_dir
 from ..config import ExportConfig
-from ..errors import ConfigError, ExportError, ModelLoadError
+from ..errors import ConfigError, ExportError, ModelLoadError, first_line
 from ..manifest import file_sha256, folder_fingerprint, write_manifest
-from ..modeling import PLAN_FILE, is_compressed, load_tokenizer, read_plan, resolve_model
+from ..modeling import load_config, load_tokenizer, pretrained_kwargs, resolve_model
+from ..outputs import atomic_output_dir, check_output_dir
+from ..plan import PLAN_FILE, is_compressed, read_plan
 from .runtime import ONNX_FILE, make_session, parity_report
 
 TASK_HEADS = {
@@ -44,7 +45,7 @@ def is_onnx_folder(folder: Path) -> bool:
     return (folder / ONNX_FILE).is_file() or any(folder.glob("*.onnx"))
 
 
-def _load_for_task(source: str, task: str) -> tuple[torch.nn.Module, bool]:
+def _load_for_task(model_dir: str, source: str, task: str, allow_pickle: bool) -> tuple[torch.nn.Module, bool]:
     import transformers
 
     suffix, auto_name = TASK_HEADS[task]
@@ -52,28 +53,31 @@ def _load_for_task(source: str, task: str) -> tuple[torch.nn.Module, bool]:
         from ..checkpoint import load_compressed
 
         model = load_compressed(source)
+        _check_model_type(model.config)
         if task != "feature-extraction" and not type(model).__name__.endswith(suffix):
             raise ConfigError(f"{source} is a {type(model).__name__}; it cannot be exported for task {task!r}")
         if task == "feature-extraction" and hasattr(model, "base_model") and model.base_model is not model:
             model = model.base_model
         return model, True
-    config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=False)
+    config = load_config(model_dir)
+    _check_model_type(config)
     archs = config.architectures or []
     if task != "feature-extraction" and not any(a.endswith(suffix) for a in archs):
         raise ConfigError(
             f"{source} is {', '.join(archs) or 'a model without a task head'}; task {task!r} needs a *{suffix} "
             "model (fine-tune one first, or use task feature-extraction)"
         )
+    kwargs = pretrained_kwargs(source, allow_pickle)
     auto = getattr(transformers, auto_name)
     try:
-        model = auto.from_pretrained(source, trust_remote_code=False)
+        model = auto.from_pretrained(source, **kwargs)
     except Exception as exc:
-        raise ModelLoadError(f"cannot load {source} for {task}: {str(exc).splitlines()[0]}") from exc
+        raise ModelLoadError(f"cannot load {source} for {task}: {first_line(exc)}") from exc
     return model.eval(), False
 
 
-def _check_model_type(model: torch.nn.Module) -> str:
-    model_type = getattr(model.config, "model_type", "")
+def _check_model_type(config: Any) -> str:
+    model_type = getattr(config, "model_type", "")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
             f"model type {model_type!r} is not supported for export; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -88,7 +92,7 @@ def torch_outputs(model: torch.nn.Module, inputs: dict[str, np.ndarray], names: 
 
 
 def export_onnx(model_dir: str | Path, cfg: ExportConfig, out_dir: str | Path, *,
-                overwrite: bool = False) -> ExportResult:
+                overwrite: bool = False, allow_pickle: bool = False) -> ExportResult:
     """Export a model folder (dense, or written by ``save_compressed``) to ``out_dir/model.onnx``.
 
     The folder also receives the config and tokenizer (so ``ORTModelFor*`` and a transformers ``pipeline``
@@ -96,19 +100,22 @@ def export_onnx(model_dir: str | Path, cfg: ExportConfig, out_dir: str | Path, *
 
     Raises:
         ConfigError: unknown task, unsupported model type, an opset too old, or an ONNX folder as input.
-        ParityError: ONNX and PyTorch disagree beyond ``cfg.atol`` on the validation shapes.
+        ModelLoadError: an unreadable config or weights, pickled weights without ``allow_pickle``, a model that
+            needs its own code, a hub id the hub (or, offline, the cache) cannot provide, no tokenizer files.
+        ParityError: ONNX and PyTorch disagree beyond ``cfg.atol`` on the validation shapes, or share no output.
     """
     from optimum.exporters.onnx import onnx_export_from_model
 
     source = resolve_model(str(model_dir))
     if Path(source).is_dir() and is_onnx_folder(Path(source)):
         raise ConfigError(f"{model_dir} already holds an ONNX model; export takes a PyTorch model folder")
-    check_output_dir(out_dir, overwrite)
-    model, compressed = _load_for_task(source, cfg.task)
-    _check_model_type(model)
+    check_output_dir(out_dir, overwrite, inputs=[source])
+    if not is_compressed(source):
+        load_config(str(model_dir))  # a hub id the hub cannot provide, a broken or custom-code config: say so first
     tokenizer = load_tokenizer(str(model_dir))
+    model, compressed = _load_for_task(str(model_dir), source, cfg.task, allow_pickle)
     start = time.perf_counter()
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, inputs=[source]) as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             previous = logging.getLogger("optimum").level
@@ -117,7 +124,7 @@ def export_onnx(model_dir: str | Path, cfg: ExportConfig, out_dir: str | Path, *
                 onnx_export_from_model(model, tmp, task=cfg.task, opset=cfg.opset, do_validation=False,
                                        preprocessors=[tokenizer], device="cpu")
             except Exception as exc:
-                raise ExportError(f"export failed: {str(exc).strip().splitlines()[0]}") from exc
+                raise ExportError(f"export failed: {first_line(exc)}") from exc
             finally:
                 logging.getLogger("optimum").setLevel(previous)
         onnx_path = tmp / ONNX_FILE

@@ -12,13 +12,13 @@ from typing import Any
 
 import onnx
 
-from ..checkpoint import atomic_output_dir, check_output_dir
 from ..config import OptimizeConfig
-from ..errors import ConfigError, ExportError
+from ..errors import ConfigError, ExportError, FusionLossError, first_line
 from ..manifest import file_sha256, folder_fingerprint, read_manifest, write_manifest
 from ..modeling import load_tokenizer
+from ..outputs import atomic_output_dir, check_output_dir
 from .lowrank import MS_DOMAIN, densify, find_pairs, inline_identities, restore
-from .runtime import ONNX_FILE, make_session, parity_report, run_session
+from .runtime import ONNX_FILE, make_session, onnx_config, parity_report, run_session
 
 # Fused operators by family; an attention layer may be Attention, MultiHeadAttention or (int8) QAttention.
 FUSION_GROUPS = {
@@ -46,9 +46,17 @@ class OptimizeResult:
     @property
     def fusions_complete(self) -> bool:
         """True when every fused family of the dense-structured reference is present, count for count."""
-        if self.reference_fusions is None:
-            return True
-        return all(self.fusions.get(k, 0) >= v for k, v in self.reference_fusions.items())
+        return fusions_complete(self.fusions, self.reference_fusions)
+
+
+def fusions_complete(fusions: dict[str, int], reference: dict[str, int] | None) -> bool:
+    """Whether ``fusions`` has every fused family of ``reference``, count for count (``None``: nothing to match)."""
+    return reference is None or all(fusions.get(k, 0) >= v for k, v in reference.items())
+
+
+def _fusion_gap(fusions: dict[str, int], reference: dict[str, int] | None) -> str:
+    missing = {k: v - fusions.get(k, 0) for k, v in (reference or {}).items() if fusions.get(k, 0) < v}
+    return ", ".join(f"{n} {k}" for k, n in missing.items()) or "none"
 
 
 def operator_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -79,8 +87,8 @@ def load_onnx(folder: Path) -> onnx.ModelProto:
         model = onnx.load(str(path))
         onnx.checker.check_model(model if model.ByteSize() < 2**31 - 1 else str(path))
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{path} is not a valid ONNX model (truncated or another format?): {first}") from exc
+        raise ConfigError(f"{path} is not a valid ONNX model (truncated or another format?): {first_line(exc)}") \
+            from exc
     return model
 
 
@@ -118,19 +126,18 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
     """Optimise ``onnx_dir/model.onnx`` for ``cfg.device`` into ``out_dir``, keeping factorised layers factorised.
 
     Raises:
-        ConfigError: not an ONNX folder, a truncated file, an unsupported model type.
+        ConfigError: not an ONNX folder, a truncated file, an unreadable config, an unsupported model type.
+        ModelLoadError: no tokenizer files beside a graph for the CPU (its parity check needs them).
         ExportError: the optimised graph lost its factorisation.
+        FusionLossError: it has fewer fused operators than its dense-structured reference, unless
+            ``cfg.allow_fusion_loss``.
         ParityError: the optimised graph disagrees with the unoptimised one (CPU; CUDA graphs are not run here).
     """
-    import json
-
     src = Path(onnx_dir)
     model = load_onnx(src)
-    check_output_dir(out_dir, overwrite)
-    config_path = src / "config.json"
-    if not config_path.is_file():
-        raise ConfigError(f"{src} has no config.json; export it with 'fwsvd-deploy export'")
-    config = json.loads(config_path.read_text())
+    check_output_dir(out_dir, overwrite, inputs=[src])
+    config = onnx_config(src)
+    tokenizer = load_tokenizer(str(src)) if cfg.device == "cpu" else None
     model_type = config.get("model_type", "")
     if model_type not in ORT_MODEL_TYPES:
         raise ConfigError(f"model type {model_type!r} cannot be optimised; supported: {', '.join(ORT_MODEL_TYPES)}")
@@ -154,7 +161,7 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
         wrapper = OnnxModel(optimized)
         wrapper.convert_float_to_float16(keep_io_types=True)
         optimized = wrapper.model
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, inputs=[src]) as tmp:
         path = tmp / ONNX_FILE
         large = optimized.ByteSize() > 2**31 - 1000
         if cfg.level == "O1":
@@ -171,17 +178,21 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
                 quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8,
                                  extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
             except Exception as exc:
-                raise ExportError(f"int8 quantisation failed: {str(exc).strip().splitlines()[0]}") from exc
+                raise ExportError(f"int8 quantisation failed: {first_line(exc)}") from exc
             quantized.replace(path)
             optimized = onnx.load(str(path))
         for item in src.iterdir():
             if item.is_file() and item.suffix in _COPY_SUFFIXES and item.name != "manifest.json":
                 shutil.copy(item, tmp / item.name)
         fusions = fusion_counts(optimized)
+        if not fusions_complete(fusions, reference_fusions) and not cfg.allow_fusion_loss:
+            raise FusionLossError(
+                f"the optimised graph lost fused operators: {_fusion_gap(fusions, reference_fusions)} fewer than "
+                "its dense-structured reference; report it, or pass --allow-fusion-loss to keep the graph anyway"
+            )
         parity = None
         parity_note = None
-        if cfg.device == "cpu":
-            tokenizer = load_tokenizer(str(src))
+        if tokenizer is not None:
             reference = make_session(src / ONNX_FILE, "cpu")
             candidate = make_session(path, "cpu")
             parity = parity_report(
@@ -203,6 +214,7 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
             "fusions": fusions,
             "reference_fusions": reference_fusions,
             "fusions_complete": result.fusions_complete,
+            "allow_fusion_loss": cfg.allow_fusion_loss,
             "operators": result.operators,
             "artifacts": {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.suffix in (".onnx", ".onnx_data")},
             "parity": parity,
@@ -210,8 +222,8 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
             "seconds": seconds,
         })
     if not result.fusions_complete:
-        logging.getLogger(__name__).warning("optimised graph has fewer fusions than its dense reference: %s vs %s",
-                                            fusions, reference_fusions)
+        logging.getLogger("fwsvd_deploy").warning("the optimised graph lost fused operators (%s), allowed by "
+                                                  "allow_fusion_loss", _fusion_gap(fusions, reference_fusions))
     return result
 
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DeviceUnavailableError, ExportError, ParityError
+from ..errors import ConfigError, DeviceUnavailableError, ExportError, ParityError, first_line
+from ..manifest import read_json_object
 
 ONNX_FILE = "model.onnx"
 PARITY_TEXTS = (
@@ -20,6 +21,19 @@ PARITY_TEXTS = (
 )
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 GPU_DEVICES = ("cuda", "tensorrt")
+
+
+def onnx_config(folder: Path) -> dict[str, Any]:
+    """The ``config.json`` beside an exported graph.
+
+    Raises:
+        ConfigError: when it is missing or not a JSON object.
+    """
+    hint = "give a folder written by 'fwsvd-deploy export/optimize'"
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder} has no config.json; {hint}")
+    return read_json_object(path, ConfigError, hint)
 
 
 def require_provider(device: str) -> str:
@@ -45,12 +59,14 @@ def require_provider(device: str) -> str:
     return provider
 
 
-def make_session(path: str | Path, device: str = "cpu", threads: int | None = None, spinning: bool = True) -> Any:
+def make_session(path: str | Path, device: str = "cpu", threads: int | None = None, spinning: bool = True,
+                 cuda_graph: bool = False) -> Any:
     """An InferenceSession on ``device`` with all graph optimisations and fixed thread counts.
 
     ``spinning=False`` makes idle intra-op threads sleep instead of busy-waiting for the next operator; sessions
     timed one after another in one process need it, or the previous session's spinning threads take cores
-    from the one being timed.
+    from the one being timed. ``cuda_graph=True`` (CUDA only) captures the graph on the first I/O-bound run and
+    replays it after; inputs and outputs must then stay at the same device addresses and shapes.
     """
     import onnxruntime as ort
 
@@ -63,13 +79,16 @@ def make_session(path: str | Path, device: str = "cpu", threads: int | None = No
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
+    if cuda_graph and device != "cuda":
+        raise ConfigError(f"CUDA graphs need device 'cuda', not {device!r}")
     try:
         # TensorRT takes what it can and leaves the rest of the graph to CUDA
-        providers = [provider, PROVIDERS["cuda"]] if device == "tensorrt" else [provider]
+        providers: list[Any] = [provider, PROVIDERS["cuda"]] if device == "tensorrt" else [provider]
+        if cuda_graph:
+            providers = [(provider, {"enable_cuda_graph": "1"})]
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"ONNX Runtime cannot load {path}: {first}") from exc
+        raise ExportError(f"ONNX Runtime cannot load {path}: {first_line(exc)}") from exc
 
 
 def session_input_names(session: Any) -> list[str]:
@@ -102,15 +121,20 @@ def parity_inputs(tokenizer: Any, input_names: list[str], batch: int, seq_len: i
 
 
 def compare_outputs(got: dict[str, np.ndarray], want: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, float]:
-    """Max absolute difference per output; token-level outputs are compared on real (unpadded) tokens only."""
+    """Max absolute difference per output; token-level outputs are compared on real (unpadded) tokens only.
+
+    Raises:
+        ParityError: when the two sides do not give the same outputs (or none at all), or shapes differ.
+    """
+    if set(got) != set(want) or not want:
+        raise ParityError(f"the models give different outputs: {sorted(got) or 'none'} against the reference's "
+                          f"{sorted(want) or 'none'}; parity needs the same, non-empty set of outputs")
     diffs = {}
     for name, ref in want.items():
-        if name not in got:
-            raise ExportError(f"output {name!r} is missing from the ONNX model")
         out = got[name].astype(np.float64)
         ref = ref.astype(np.float64)
         if out.shape != ref.shape:
-            raise ExportError(f"output {name!r} has shape {out.shape}, expected {ref.shape}")
+            raise ParityError(f"output {name!r} has shape {out.shape}, the reference {ref.shape}")
         diff = np.abs(out - ref)
         if diff.ndim >= 2 and diff.shape[:2] == mask.shape:
             diff = diff[mask.astype(bool)]
@@ -130,7 +154,7 @@ def parity_report(
     """Compare ``session`` with ``reference`` on each (batch, sequence) shape; raise when beyond ``atol``.
 
     Raises:
-        ParityError: naming the output, the shape and the difference.
+        ParityError: naming the output, the shape and the difference; or when the two sides share no output.
     """
     rows = []
     worst = 0.0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ import numpy as np
 
 from ..data import TaskData, align_labels
 from ..errors import ConfigError, DatasetError
-from ..exporters.runtime import ONNX_FILE, make_session, run_session
+from ..exporters.runtime import ONNX_FILE, make_session, onnx_config, run_session
 from ..modeling import load_tokenizer
 from ..progress import progress_bar
 from .metrics import classification_metrics, regression_metrics
@@ -35,13 +34,6 @@ def task_from_outputs(outputs: dict[str, list[Any]], folder: Path) -> str:
         return "token-classification" if len(outputs["logits"]) == 3 else "text-classification"
     raise ConfigError(f"{folder} outputs {sorted(outputs)}; validation needs a classification, token-classification "
                       "or question-answering model")
-
-
-def onnx_config(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{folder} has no config.json; give a folder written by 'fwsvd-deploy export/optimize'")
-    return json.loads(path.read_text())
 
 
 def aligned_data(folder: Path, data: TaskData) -> TaskData:

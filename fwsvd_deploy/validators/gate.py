@@ -61,4 +61,22 @@ def evaluate_gate(gate: GateConfig, results: dict[str, Any]) -> list[Check]:
         b, c = mem.get("baseline", {}).get("disk_bytes"), mem.get("candidate", {}).get("disk_bytes")
         ratio = None if not b or c is None else c / b
         checks.append(_check("memory_ratio", ratio, "<=", gate.max_memory_ratio, "candidate/baseline size on disk"))
+    fusions = results.get("fusions")
+    if fusions is not None:
+        checks.append(_fusion_check(fusions["baseline"], fusions["candidate"], fusions["allowed"]))
     return checks
+
+
+def _fusion_check(baseline: dict[str, int], candidate: dict[str, int], allowed: bool) -> Check:
+    """Fused operators the candidate lacks against the baseline, family by family; zero passes.
+
+    A candidate optimised with ``allow_fusion_loss`` passes with its loss stated in the detail.
+    """
+    missing = {k: v - candidate.get(k, 0) for k, v in baseline.items() if candidate.get(k, 0) < v}
+    value = float(sum(missing.values()))
+    detail = "fused operators the candidate lacks against the baseline"
+    if missing:
+        detail += ": " + ", ".join(f"{n} {k}" for k, n in missing.items())
+        if allowed:
+            detail += " (allowed: the candidate was optimised with allow_fusion_loss)"
+    return Check("fused_operators", value, 0.0, "<=", value <= 0 or allowed, detail)

@@ -13,18 +13,43 @@ from typing import Any
 
 import numpy as np
 
-from ..exporters.runtime import GPU_DEVICES, ONNX_FILE, make_session
-from ..modeling import package_versions
+from ..errors import ConfigError, first_line
+from ..exporters.runtime import GPU_DEVICES, ONNX_FILE, make_session, onnx_config
+from ..manifest import package_versions
 from ..progress import progress_bar
 
 
-def synthetic_inputs(session: Any, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Full-length token ids in the vocabulary's ordinary range; no padding."""
+def vocab_size(folder: str | Path) -> int:
+    """The vocabulary size in the ``config.json`` beside a graph.
+
+    Raises:
+        ConfigError: when the config gives none.
+    """
+    size = onnx_config(Path(folder)).get("vocab_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 2:
+        raise ConfigError(f"{folder}/config.json gives no vocab_size; synthetic inputs need it")
+    return size
+
+
+def token_range(vocab: int) -> tuple[int, int]:
+    """Ids drawn for synthetic inputs: above the special and rare tokens at the start of a vocabulary."""
+    return min(1000, vocab // 4), vocab
+
+
+def synthetic_token(folder: str | Path) -> int:
+    """One ordinary token id of the folder's vocabulary."""
+    low, high = token_range(vocab_size(folder))
+    return (low + high) // 2
+
+
+def synthetic_inputs(session: Any, batch: int, seq: int, *, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Full-length token ids in the vocabulary's ordinary range (:func:`token_range`); no padding."""
     rng = np.random.default_rng(seed)
+    low, high = token_range(vocab)
     feed = {}
     for inp in session.get_inputs():
         if inp.name == "input_ids":
-            feed[inp.name] = rng.integers(1000, 20000, size=(batch, seq), dtype=np.int64)
+            feed[inp.name] = rng.integers(low, high, size=(batch, seq), dtype=np.int64)
         elif inp.name == "attention_mask":
             feed[inp.name] = np.ones((batch, seq), dtype=np.int64)
         else:
@@ -83,13 +108,14 @@ def measure_latency(
         Ratios are against the first model; p10/p90 are of the per-round ratio.
     """
     # several sessions share the cores: without spinning, none runs on the cores of the one timed before it
+    vocab = min(vocab_size(path) for path in models.values())  # the same ids for every model
     sessions = {name: make_session(Path(path) / ONNX_FILE, device, threads=threads, spinning=False)
                 for name, path in models.items()}
     names = list(sessions)
     cells = []
     grid = [(b, s) for b in batch_sizes for s in seq_lens]
     for batch, seq in progress_bar(grid, progress=progress, desc="Latency", unit="shape"):
-        runners = {n: _Runner(s, synthetic_inputs(s, batch, seq), device) for n, s in sessions.items()}
+        runners = {n: _Runner(s, synthetic_inputs(s, batch, seq, vocab=vocab), device) for n, s in sessions.items()}
         for _ in range(warmup):
             for run in runners.values():
                 run()
@@ -146,4 +172,4 @@ def _gpu_info() -> dict[str, Any]:
         handle = pynvml.nvmlDeviceGetHandleByIndex(0)
         return {"name": pynvml.nvmlDeviceGetName(handle), "driver": pynvml.nvmlSystemGetDriverVersion()}
     except Exception as exc:  # NVML absent or no GPU
-        return {"available": False, "reason": f"NVML unavailable: {str(exc).splitlines()[0] if str(exc) else exc!r}"}
+        return {"available": False, "reason": f"NVML unavailable: {first_line(exc)}"}

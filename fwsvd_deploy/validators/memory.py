@@ -12,13 +12,15 @@ import onnx
 
 from ..errors import DeviceUnavailableError, ExportError
 from ..exporters.runtime import ONNX_FILE, require_provider
+from .latency import synthetic_token
 
 # Runs in a fresh interpreter so that nothing else in this process inflates the peak.
 _PROBE = r"""
 import json, resource, sys
 import numpy as np
 import onnxruntime as ort
-path, device, batch, seq, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+path, device, batch, seq, threads, token = (sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
+                                            int(sys.argv[5]), int(sys.argv[6]))
 def status_mb(field):
     # VmHWM/VmRSS belong to this process image; getrusage's ru_maxrss would inherit the parent's peak at fork
     for line in open("/proc/self/status"):
@@ -35,6 +37,23 @@ def rss_now_mb():
         return status_mb("VmRSS")
     except OSError:
         return rss_peak_mb()
+def device_mb():
+    # this process's own device memory (NVML's per-process accounting); the whole device's use as a fallback,
+    # read before and after the session so that the difference is the session's
+    import os
+    import pynvml
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+        if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
+            return proc.usedGpuMemory / 2**20, "process"
+    return pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20, "device"
+device_before = None
+if device != "cpu":
+    try:
+        device_before = device_mb()
+    except Exception:
+        pass
 before = rss_now_mb()
 options = ort.SessionOptions()
 options.intra_op_num_threads = threads
@@ -46,7 +65,7 @@ loaded = rss_peak_mb()
 feed = {}
 for inp in session.get_inputs():
     if inp.name == "input_ids":
-        feed[inp.name] = np.full((batch, seq), 2000, dtype=np.int64)
+        feed[inp.name] = np.full((batch, seq), token, dtype=np.int64)
     elif inp.name == "attention_mask":
         feed[inp.name] = np.ones((batch, seq), dtype=np.int64)
     else:
@@ -55,10 +74,14 @@ session.run(None, feed)
 out = {"host_peak_mb": rss_peak_mb(), "host_before_session_mb": before, "host_after_load_mb": loaded}
 if device != "cpu":
     try:
-        import pynvml
-        pynvml.nvmlInit()
-        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0))
-        out["device_used_mb"] = info.used / 2**20
+        used, method = device_mb()
+        if method == "process":
+            out["device_used_mb"] = used
+            out["device_method"] = "this process's device memory (NVML per-process accounting)"
+        else:
+            out["device_used_mb"] = used - device_before[0] if device_before else None
+            out["device_method"] = ("device memory in use after the session minus before it (NVML lists no "
+                                    "processes here); other work on the GPU in between would count")
     except Exception as exc:
         out["device_used_mb"] = None
         out["device_reason"] = "NVML unavailable: " + str(exc)
@@ -85,19 +108,22 @@ def parameter_count(folder: Path) -> int:
 
 def session_memory(folder: Path, device: str = "cpu", batch: int = 8, seq: int = 128,
                    threads: int = 2) -> dict[str, Any]:
-    """Peak resident memory of a process that loads the model and runs one batch (and GPU memory on CUDA)."""
+    """Peak resident memory of a process that loads the model and runs one batch, and on CUDA the device memory
+    of that process (NVML's per-process figure, or the device's use after minus before the session, as the
+    result's ``device_method`` says)."""
     if device != "cpu":
         try:
             require_provider(device)
         except DeviceUnavailableError as exc:
             return {"available": False, "reason": str(exc)}
     proc = subprocess.run(
-        [sys.executable, "-c", _PROBE, str(folder / ONNX_FILE), device, str(batch), str(seq), str(threads)],
+        [sys.executable, "-c", _PROBE, str(folder / ONNX_FILE), device, str(batch), str(seq), str(threads),
+         str(synthetic_token(folder))],
         capture_output=True, text=True, timeout=600,
     )
     if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit code {proc.returncode}"
-        raise ExportError(f"memory probe of {folder} failed: {tail}")
+        lines = proc.stderr.strip().splitlines()
+        raise ExportError(f"memory probe of {folder} failed: {lines[-1] if lines else f'exit code {proc.returncode}'}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     # the peak over the process's life minus what it held before the session existed
     result["session_mb"] = result["host_peak_mb"] - result["host_before_session_mb"]
@@ -118,5 +144,5 @@ def measure_memory(folder: str | Path, device: str = "cpu", batch: int = 8, seq:
     else:
         host = out["host"]
         out["device"] = {"available": host.get("device_used_mb") is not None, "used_mb": host.get("device_used_mb"),
-                         "reason": host.get("device_reason") or host.get("reason")}
+                         "method": host.get("device_method"), "reason": host.get("device_reason") or host.get("reason")}
     return out

@@ -38,6 +38,7 @@ SCHEMA: dict[str, Any] = {
         "latency": {"type": ["object", "null"]},
         "memory": {"type": ["object", "null"]},
         "environment": {"type": "object"},
+        "notes": {"type": "array", "items": {"type": "string"}},
         "gate": {
             "type": "object",
             "required": ["passed", "checks", "thresholds"],
@@ -98,14 +99,16 @@ def markdown(report: dict[str, Any], checks: list[Check]) -> str:
         "",
         "## Gate",
         "",
-        "| check | value | threshold | result |",
-        "|---|---:|---:|---|",
+        "| check | value | threshold | result | what |",
+        "|---|---:|---:|---|---|",
     ]
     for c in checks:
         lines.append(f"| {c.name} | {_fmt(c.value)} | {c.comparison} {c.threshold:g} | "
-                     f"{'pass' if c.passed else '**FAIL**'} |")
+                     f"{'pass' if c.passed else '**FAIL**'} | {c.detail} |")
     if not checks:
-        lines.append("| (no thresholds set) | | | |")
+        lines.append("| (no thresholds set) | | | | |")
+    for note in report.get("notes") or []:
+        lines += ["", f"Note: {note}."]
     lines += ["", "## Accuracy (ONNX Runtime)", "", "| metric | baseline | candidate |", "|---|---:|---:|"]
     for key, value in acc["baseline"].items():
         lines.append(f"| {key} | {_fmt(value)} | {_fmt(acc['candidate'].get(key))} |")
@@ -114,14 +117,7 @@ def markdown(report: dict[str, Any], checks: list[Check]) -> str:
     latency = report.get("latency")
     if latency:
         lines += ["", f"## Latency ({latency['threads']} threads, {latency['rounds']} interleaved rounds, median ms; "
-                  "plot: latency.png)",
-                  "", "| batch x sequence | baseline p50 | candidate p50 | candidate p90 | ratio | ratio p10-p90 |",
-                  "|---|---:|---:|---:|---:|---|"]
-        for cell in latency["cells"]:
-            b, c = cell["models"]["baseline"], cell["models"]["candidate"]
-            r = cell["ratios"]["candidate"]
-            lines.append(f"| {cell['batch']} x {cell['sequence']} | {b['p50_ms']:.1f} | {c['p50_ms']:.1f} | "
-                         f"{c['p90_ms']:.1f} | {r['p50']:.3f} | {r['p10']:.3f}-{r['p90']:.3f} |")
+                  "plot: latency.png)", "", *latency_table(latency)]
     memory = report.get("memory")
     if memory:
         lines += ["", "## Memory", "", "| | baseline | candidate | ratio |", "|---|---:|---:|---:|"]
@@ -133,10 +129,32 @@ def markdown(report: dict[str, Any], checks: list[Check]) -> str:
         if b["host"].get("available") and c["host"].get("available"):
             hb, hc = b["host"]["session_mb"], c["host"]["session_mb"]
             lines.append(f"| session peak host memory (MB) | {hb:.0f} | {hc:.0f} | {_ratio(hc, hb)} |")
-        device = c.get("device", {})
-        if not device.get("available"):
+        bd, device = b.get("device", {}), c.get("device", {})
+        if device.get("available") and bd.get("available"):
+            lines.append(f"| session device memory (MB) | {bd['used_mb']:.0f} | {device['used_mb']:.0f} | "
+                         f"{_ratio(device['used_mb'], bd['used_mb'])} |")
+            lines += ["", f"Device memory: {device.get('method')}."]
+        elif not device.get("available"):
             lines.append(f"| device memory | unavailable | unavailable | {device.get('reason', '')} |")
     return "\n".join(lines) + "\n"
+
+
+def latency_table(latency: dict[str, Any]) -> list[str]:
+    """Markdown rows of a latency grid: every model's median, and every later model's ratio to the first with the
+    p10-p90 of its per-round ratio."""
+    cells = latency["cells"]
+    names = list(cells[0]["models"])
+    first, others = names[0], names[1:]
+    lines = ["| batch x sequence | " + " | ".join(f"{n} p50 ms" for n in names)
+             + "".join(f" | {n} / {first} | p10-p90" for n in others) + " |",
+             "|---|" + "---:|" * len(names) + "---:|---|" * len(others)]
+    for cell in cells:
+        row = [f"{cell['models'][n]['p50_ms']:.1f}" for n in names]
+        for n in others:
+            r = cell["ratios"][n]
+            row += [f"{r['p50']:.3f}", f"{r['p10']:.3f}-{r['p90']:.3f}"]
+        lines.append(f"| {cell['batch']} x {cell['sequence']} | " + " | ".join(row) + " |")
+    return lines
 
 
 def junit(checks: list[Check], report: dict[str, Any]) -> str:

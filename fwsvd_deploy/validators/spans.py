@@ -8,6 +8,7 @@ SQuAD-style exact match and F1 against every gold answer.
 
 from __future__ import annotations
 
+import logging
 import re
 import string
 from collections import Counter
@@ -89,6 +90,27 @@ def _tag_ids(tags: Sequence[Any], label2id: Mapping[str, int], num_labels: int, 
                 raise DatasetError(f"{source}: tag id {value} does not fit the model's {num_labels} labels")
             out.append(value)
     return out
+
+
+def matching_tag_rows(rows: list[dict[str, Any]], words_col: str, tags_col: str) -> tuple[list[dict[str, Any]], int]:
+    """The rows with one tag per word, and how many others were left out (with a warning that counts them).
+
+    Raises:
+        DatasetError: when no row has as many tags as words.
+    """
+    kept = [r for r in rows if _length(r[words_col]) is not None and _length(r[words_col]) == _length(r[tags_col])]
+    skipped = len(rows) - len(kept)
+    if not kept:
+        raise DatasetError(f"none of {len(rows)} rows has one {tags_col!r} entry per {words_col!r} entry; each row "
+                           "needs a list of words and a list of as many tags")
+    if skipped:
+        logging.getLogger("fwsvd_deploy").warning("%d of %d token-classification rows left out: their %s and %s "
+                                                  "differ in length", skipped, len(rows), words_col, tags_col)
+    return kept, skipped
+
+
+def _length(value: Any) -> int | None:
+    return None if isinstance(value, str) or not hasattr(value, "__len__") else len(value)
 
 
 def evaluate_tokens(folder: Path, rows: list[dict[str, Any]], words_col: str, tags_col: str, config: dict[str, Any],

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import atomic_output_dir, check_output_dir
 from ..config import DataConfig, GateConfig, ValidateConfig
-from ..data import load_splits
+from ..data import load_eval_split
 from ..errors import ConfigError, GateFailedError
-from ..exporters.runtime import ONNX_FILE, make_session, require_provider
+from ..exporters.runtime import ONNX_FILE, make_session, onnx_config, require_provider
 from ..manifest import folder_fingerprint, read_manifest, write_manifest
+from ..modeling import check_sequence_lengths
+from ..outputs import atomic_output_dir, check_output_dir
 from .accuracy import agreement, evaluate_onnx, task_from_outputs
 from .gate import Check, evaluate_gate
 from .latency import environment, measure_latency
@@ -48,7 +49,34 @@ def check_compatible(baseline: Path, candidate: Path, device: str) -> str:
     if sorted(b_out) != sorted(c_out):
         raise ConfigError(f"baseline outputs {sorted(b_out)} differ from candidate outputs {sorted(c_out)}; "
                           "the tasks differ")
+    b_labels, c_labels = _labels(onnx_config(baseline)), _labels(onnx_config(candidate))
+    if len(b_labels) != len(c_labels) or (_named(b_labels) and _named(c_labels) and b_labels != c_labels):
+        raise ConfigError(f"baseline classes {b_labels} differ from candidate classes {c_labels}; the candidate's "
+                          "head must name the same classes in the same order as the baseline's")
     return task_from_outputs(b_out, baseline)
+
+
+def _labels(config: dict[str, Any]) -> list[str]:
+    """Class names by id from a ``config.json`` (transformers' placeholders LABEL_i when it names none)."""
+    id2label = config.get("id2label") or {}
+    if not id2label:
+        return [f"LABEL_{i}" for i in range(int(config.get("num_labels", 0) or 0))]
+    return [str(id2label[k]) for k in sorted(id2label, key=int)]
+
+
+def _named(labels: list[str]) -> bool:
+    return any(not name.startswith("LABEL_") for name in labels)
+
+
+def check_lengths(folders: tuple[Path, ...], data_cfg: DataConfig, cfg: ValidateConfig) -> None:
+    """Sequence lengths the measurements would run against the models' positions, before any of them runs."""
+    lengths: dict[str, Any] = {"max_length": data_cfg.max_length}
+    if cfg.latency:
+        lengths["seq_lens"] = cfg.seq_lens
+    if cfg.memory:
+        lengths["memory_seq"] = cfg.memory_seq
+    for folder in folders:
+        check_sequence_lengths(onnx_config(folder), str(folder), lengths)
 
 
 def validate(
@@ -79,13 +107,14 @@ def validate(
     if gate.max_memory_ratio is not None and not cfg.memory:
         raise ConfigError("gate max_memory_ratio needs memory measurement; enable it or drop the threshold")
     require_provider(cfg.device)
-    check_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite, inputs=[baseline, candidate, data_cfg.dataset, data_cfg.eval_dataset])
     task = check_compatible(baseline, candidate, cfg.device)
+    check_lengths((baseline, candidate), data_cfg, cfg)
     start = time.perf_counter()
     kwargs = {"device": cfg.device, "batch_size": cfg.eval_batch_size, "max_length": data_cfg.max_length,
               "threads": cfg.threads, "progress": progress}
     if task == "text-classification":
-        evaluation = load_splits(data_cfg).eval
+        evaluation = load_eval_split(data_cfg)
         source = evaluation.source
         base_eval = evaluate_onnx(baseline, evaluation, **kwargs)
         cand_eval = evaluate_onnx(candidate, evaluation, **kwargs)
@@ -103,22 +132,24 @@ def validate(
     if cfg.memory:
         results["memory"] = {name: measure_memory(folder, cfg.device, cfg.memory_batch, cfg.memory_seq, cfg.threads)
                              for name, folder in (("baseline", baseline), ("candidate", candidate))}
+    described = {"baseline": _describe(baseline), "candidate": _describe(candidate)}
+    results["fusions"] = _fusions(described)
     checks = evaluate_gate(gate, results)
     passed = all(c.passed for c in checks)
     report = {
         "schema": REPORT_SCHEMA,
         "schema_version": REPORT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "baseline": _describe(baseline),
-        "candidate": _describe(candidate),
+        **described,
         "settings": cfg.to_dict(),
         "data": {**data_cfg.to_dict(), "source": source},
         **results,
         "environment": environment(cfg.device),
         "gate": {"passed": passed, "thresholds": gate.to_dict(), "checks": [c.to_dict() for c in checks]},
+        "notes": _notes(described, cfg),
         "seconds": time.perf_counter() - start,
     }
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, inputs=[baseline, candidate]) as tmp:
         write_reports(tmp, report, checks)
         write_manifest(tmp, {"kind": "validation", "inputs": {"baseline": report["baseline"],
                                                              "candidate": report["candidate"]},
@@ -135,9 +166,9 @@ def _span_accuracy(task: str, baseline: Path, candidate: Path, data_cfg: DataCon
     import numpy as np
 
     from ..data import load_rows
-    from .accuracy import onnx_config
-    from .spans import evaluate_qa, evaluate_tokens
+    from .spans import evaluate_qa, evaluate_tokens, matching_tag_rows
 
+    skipped = 0
     if task == "question-answering":
         if data_cfg.text_pair_column is None:
             raise ConfigError("question answering needs --text-column QUESTION --text-pair-column CONTEXT "
@@ -148,7 +179,8 @@ def _span_accuracy(task: str, baseline: Path, candidate: Path, data_cfg: DataCon
         diffs = np.concatenate([np.abs(x - y) for x, y in zip(b["logits"], c["logits"], strict=True)])
     else:
         columns = [data_cfg.text_column, data_cfg.label_column]
-        rows = load_rows(data_cfg, data_cfg.eval_split, columns, data_cfg.max_eval_samples)
+        rows, skipped = matching_tag_rows(load_rows(data_cfg, data_cfg.eval_split, columns,
+                                                    data_cfg.max_eval_samples), *columns)
         b, c = (evaluate_tokens(f, rows, *columns, onnx_config(f), **kwargs) for f in (baseline, candidate))
         diffs = np.abs(b["logits"].astype(np.float64) - c["logits"].astype(np.float64))
     same = [float(x == y) for x, y in zip(b["predictions"], c["predictions"], strict=True)]
@@ -156,6 +188,8 @@ def _span_accuracy(task: str, baseline: Path, candidate: Path, data_cfg: DataCon
                   "mean_logit_diff": float(diffs.mean())}
     accuracy = {"task": task, "primary_metric": b["primary"], "baseline": b["metrics"], "candidate": c["metrics"],
                 "comparison": comparison, "examples": len(rows)}
+    if task == "token-classification":
+        accuracy["skipped_examples"] = skipped
     return accuracy, f"{data_cfg.dataset}[{data_cfg.eval_split}]"
 
 
@@ -167,5 +201,31 @@ def gate_failure_message(checks: list[Check], out_dir: Path) -> str:
 
 def _describe(folder: Path) -> dict[str, Any]:
     manifest = read_manifest(folder) or {}
+    settings = manifest.get("settings") or {}
     return {"path": str(folder), "fingerprint": folder_fingerprint(folder), "kind": manifest.get("kind"),
-            "fusions": manifest.get("fusions"), "compressed": (manifest.get("input") or {}).get("compressed")}
+            "fusions": manifest.get("fusions"), "compressed": (manifest.get("input") or {}).get("compressed"),
+            "built_for": settings.get("device") if manifest.get("kind") == "onnx-optimized" else None,
+            "fusions_complete": manifest.get("fusions_complete"),
+            "allow_fusion_loss": bool(settings.get("allow_fusion_loss", False))}
+
+
+def _fusions(described: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """Fused-operator counts of both graphs (from their manifests), for the gate; ``None`` when one has none."""
+    base, cand = described["baseline"]["fusions"], described["candidate"]["fusions"]
+    if not base or not cand:
+        return None
+    return {"baseline": base, "candidate": cand, "allowed": described["candidate"]["allow_fusion_loss"]}
+
+
+def _notes(described: dict[str, dict[str, Any]], cfg: ValidateConfig) -> list[str]:
+    """What a reader of the report must know to read its figures right."""
+    notes = []
+    for role, info in described.items():
+        built = info["built_for"]
+        if built is not None and built != "cpu" and cfg.device == "cpu":
+            notes.append(f"the {role} graph was built for {built.upper()} and validated on the CPU execution "
+                         "provider: its latency and memory here do not stand for the target device")
+        if info["fusions_complete"] is False:
+            notes.append(f"the {role} graph lost fused operators against its dense-structured reference; "
+                         "allowed by allow_fusion_loss")
+    return notes
