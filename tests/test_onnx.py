@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 
@@ -10,13 +11,13 @@ import onnx
 import pytest
 import torch
 
-from conftest import ENCODER_CONFIGS, TASK_CLASSES, tiny_encoder
+from conftest import ENCODER_CONFIGS, TASK_CLASSES, export_and_optimise, tiny_encoder
 from fwsvd_deploy import CompressionConfig, compress, save_compressed, save_model
 from fwsvd_deploy.compression.apply import resolve_targets
 from fwsvd_deploy.config import ExportConfig, OptimizeConfig
-from fwsvd_deploy.errors import ConfigError, DeviceUnavailableError, OutputExistsError
+from fwsvd_deploy.errors import ConfigError, DeviceUnavailableError, ExportError, OutputExistsError
 from fwsvd_deploy.exporters import export_onnx, optimize_onnx
-from fwsvd_deploy.exporters.runtime import make_session, parity_inputs, run_session
+from fwsvd_deploy.exporters.runtime import make_session, parity_inputs, parity_report, run_session
 
 VARIANTS = ("baseline", "svd", "fwsvd")
 BERT_FAMILY = ("bert", "roberta", "electra")
@@ -45,18 +46,8 @@ def _model_folder(tmp_path, tokenizer, arch, task, variant):
 def built(tmp_path_factory, tokenizer):
     """Lazily export + optimise each (arch, task, variant) once per module."""
     root = tmp_path_factory.mktemp("onnx")
-    cache = {}
-
-    def get(arch, task, variant):
-        key = (arch, task, variant)
-        if key not in cache:
-            folder = _model_folder(root, tokenizer, arch, task, variant)
-            exported = export_onnx(folder, ExportConfig(task=task), root / f"{folder.name}-onnx")
-            optimized = optimize_onnx(root / f"{folder.name}-onnx", OptimizeConfig(), root / f"{folder.name}-opt")
-            cache[key] = (folder, exported, optimized)
-        return cache[key]
-
-    return get
+    return functools.cache(lambda arch, task, variant: export_and_optimise(
+        _model_folder(root, tokenizer, arch, task, variant), task))
 
 
 @pytest.mark.parametrize(("arch", "task", "variant"),
@@ -218,3 +209,10 @@ def test_timed_sessions_do_not_spin(built):
     path = built("bert", "text-classification", "baseline")[2].onnx_path
     key = "session.intra_op.allow_spinning"
     assert make_session(path, threads=1, spinning=False).get_session_options().get_session_config_entry(key) == "0"
+
+
+def test_a_parity_check_that_compares_nothing_is_an_error(built, tokenizer):
+    _, exported, _ = built("bert", "text-classification", "baseline")
+    session = make_session(exported.onnx_path)
+    with pytest.raises(ExportError, match="nothing was compared"):
+        parity_report(session, tokenizer, lambda inputs, names: {}, ((1, 8),), 1e-4, what="test")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fwsvd_deploy.config import DataConfig
-from fwsvd_deploy.data import TextData, load_text, lm_windows, speeches_split
+from fwsvd_deploy.data import TextData, lm_windows, load_text, speeches_split
 from fwsvd_deploy.errors import DatasetError
 
 
