@@ -203,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Export through optimum-onnx's exporter, then check ONNX Runtime against PyTorch "
                                     "on shapes other than the export's; a mismatch is an error.")
     ex.add_argument("--model", required=True, help="model folder (dense, or written by 'compress'/'finetune')")
-    ex.add_argument("--task", default=default(ExportConfig, "task"), choices=EXPORT_TASKS)
+    ex.add_argument("--task", default=default(ExportConfig, "task"), choices=EXPORT_TASKS,
+                    help="encoders: a task head; causal language models: text-generation-with-past (with the KV "
+                         "cache) or text-generation (default: %(default)s)")
     _add_output_args(ex)
     _add_pickle_arg(ex)
     ex.add_argument("--opset", type=int, default=default(ExportConfig, "opset"),
@@ -400,9 +402,20 @@ def _cmd_export(a: argparse.Namespace) -> int:
     kind = "compressed" if result.compressed else "dense"
     print(f"exported {kind} model for {result.task} (opset {result.opset}) in {result.seconds:.1f} s; parity vs "
           f"PyTorch: max |diff| {result.parity['max_abs_diff']:.2e} <= {cfg.atol:g} on "
-          + ", ".join(f"{r['batch']}x{r['sequence']}" for r in result.parity["shapes"]))
+          + ", ".join(f"{r['batch']}x{r['sequence']}" for r in result.parity["shapes"]) + _decoder_note(result.parity))
     print(f"wrote {result.onnx_path}")
     return EXIT_OK
+
+
+def _decoder_note(parity: dict[str, Any]) -> str:
+    """What a decoder's parity adds: decode steps and greedy generation."""
+    greedy = parity.get("greedy")
+    if greedy is None:
+        return ""
+    same = "identical" if greedy["identical"] else "first differing at " + ", ".join(
+        "-" if f is None else str(f + 1) for f in greedy["first_difference"])
+    return (f" (prefill, then {parity['decode_steps']} decode steps on the returned cache); greedy "
+            f"{greedy['new_tokens']} tokens {same} on {greedy['prompts']} prompts")
 
 
 def _cmd_optimize(a: argparse.Namespace) -> int:
@@ -418,7 +431,13 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
         status = "all kept" if result.fusions_complete else "FEWER than the dense reference (allowed)"
         print(f"fusions vs dense-structured reference: {status} ({result.reference_fusions})")
     if result.parity is not None:
-        print(f"parity vs unoptimised graph: max |diff| {result.parity['max_abs_diff']:.2e}")
+        shapes = result.parity["shapes"]
+        floors = ""
+        if "sqnr_db" in shapes[0]:  # an int8 decoder: the floors it is held to
+            floors = (f"; logits signal-to-noise >= {min(r['sqnr_db'] for r in shapes):.1f} dB, top-1 agreement "
+                      f">= {min(r['agreement'] for r in shapes):.3f}")
+        print(f"parity vs unoptimised graph: max |diff| {result.parity['max_abs_diff']:.2e}{floors}"
+              + _decoder_note(result.parity))
     else:
         print("parity not run: CUDA graphs are checked on a CUDA machine")
     print(f"wrote {result.onnx_path}")

@@ -316,7 +316,8 @@ class FinetuneConfig(_Config):
             raise ConfigError(f"eval_every_epoch={self.eval_every_epoch!r} must be true or false")
 
 
-EXPORT_TASKS = ("text-classification", "token-classification", "question-answering", "feature-extraction")
+EXPORT_TASKS = ("text-classification", "token-classification", "question-answering", "feature-extraction",
+                "text-generation", "text-generation-with-past")
 MIN_OPSET = 14  # scaled-dot-product attention and the exporters' BERT configs need 14
 DEVICES = ("cpu", "cuda")
 RUN_DEVICES = ("cpu", "cuda", "tensorrt")  # where graphs run; graphs are built for cpu or cuda
@@ -338,7 +339,8 @@ class ExportConfig(_Config):
     """PyTorch -> ONNX.
 
     Attributes:
-        task: text-classification, token-classification, question-answering or feature-extraction.
+        task: text-classification, token-classification, question-answering or feature-extraction (encoders);
+            text-generation-with-past (with the KV cache) or text-generation (causal language models).
         opset: ONNX opset; ``None`` takes the exporter's default for the architecture (at least 14).
         external_data: store weights beside ``model.onnx`` (automatic above the 2 GB protobuf limit).
         atol: largest absolute difference allowed between ONNX and PyTorch outputs.
@@ -375,6 +377,11 @@ class OptimizeConfig(_Config):
         int8: dynamic int8 quantisation of the MatMul weights (CPU only).
         atol: largest absolute difference allowed between the optimised and the unoptimised graph (fp32).
         int8_atol: for ``int8``, the largest absolute output difference allowed (int8 weights are lossy).
+        int8_min_sqnr_db: for ``int8`` decoders, the floor on the logits' signal-to-noise ratio
+            ``10 log10(sum ref^2 / sum (int8 - ref)^2)`` over prefills and decode steps (an absolute logit
+            tolerance does not carry across vocabularies and logit scales; the ratio does).
+        int8_min_agreement: for ``int8`` decoders, the floor on the share of those positions whose top-1 next
+            token agrees with the float32 graph's.
         validate_shapes: (batch, sequence) pairs for the parity check.
         allow_fusion_loss: accept a graph with fewer fused operators than its dense-structured reference (an
             error otherwise); the manifest and the validation report say so.
@@ -386,6 +393,8 @@ class OptimizeConfig(_Config):
     int8: bool = False
     atol: float = 1e-3
     int8_atol: float = 0.1
+    int8_min_sqnr_db: float = 20.0
+    int8_min_agreement: float = 0.9
     validate_shapes: tuple[tuple[int, int], ...] = ((3, 23), (1, 41))
     allow_fusion_loss: bool = False
 
@@ -406,6 +415,8 @@ class OptimizeConfig(_Config):
             raise ConfigError("choose fp16 or int8, not both")
         _check_float("atol", self.atol, 0.0, 1e3, low_open=True)
         _check_float("int8_atol", self.int8_atol, 0.0, 1e3, low_open=True)
+        _check_float("int8_min_sqnr_db", self.int8_min_sqnr_db, 0.0, 300.0, low_open=False)
+        _check_float("int8_min_agreement", self.int8_min_agreement, 0.0, 1.0, low_open=False)
         object.__setattr__(self, "validate_shapes", _check_shapes("validate_shapes", self.validate_shapes))
 
 

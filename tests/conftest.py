@@ -14,6 +14,7 @@ import torch  # noqa: E402
 from transformers import (  # noqa: E402
     AlbertConfig,
     AutoModel,
+    AutoModelForCausalLM,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
@@ -33,7 +34,9 @@ from transformers import (  # noqa: E402
     RobertaForSequenceClassification,
 )
 
+from fwsvd_deploy.config import ExportConfig, OptimizeConfig  # noqa: E402
 from fwsvd_deploy.data import TaskData  # noqa: E402
+from fwsvd_deploy.exporters import ExportResult, OptimizeResult, export_onnx, optimize_onnx  # noqa: E402
 from fwsvd_deploy.modeling import embedded_model_dir  # noqa: E402
 
 torch.set_num_threads(2)
@@ -109,6 +112,12 @@ def tiny_encoder(arch: str, task: str, seed: int = 0) -> torch.nn.Module:
     return TASK_CLASSES[task].from_config(config).eval()
 
 
+def export_and_optimise(folder: Path, task: str) -> tuple[Path, ExportResult, OptimizeResult]:
+    """``folder`` exported for ``task`` and optimised for the CPU, beside it (``NAME-onnx``, ``NAME-opt``)."""
+    exported = export_onnx(folder, ExportConfig(task=task), folder.parent / f"{folder.name}-onnx")
+    return folder, exported, optimize_onnx(exported.out_dir, OptimizeConfig(), folder.parent / f"{folder.name}-opt")
+
+
 def tiny_causal_lm(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=128,
@@ -139,6 +148,33 @@ def tiny_decoder(arch: str, seed: int = 0) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(DECODER_CONFIGS[arch]()).eval()
 
 
+# Decoder configs for the export tests (larger than DECODER_CONFIGS): every family the optimiser supports, 2 layers,
+# hidden 64, 4 query heads; the grouped-query families have 2 key/value heads, so k and v are 64 -> 32 (narrower
+# than q). They share the SmolLM2 tokenizer's vocabulary, so generation decodes to real text and padding and
+# end-of-sequence are a decoder's.
+LM_VOCAB = 49152
+_GQA = {"vocab_size": LM_VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+LM_DECODER_CONFIGS = {
+    "llama": lambda: LlamaConfig(**_GQA, tie_word_embeddings=True),
+    "mistral": lambda: MistralConfig(**_GQA),
+    "qwen2": lambda: Qwen2Config(**_GQA),
+    "gpt2": lambda: GPT2Config(vocab_size=LM_VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128),
+    "opt": lambda: OPTConfig(vocab_size=LM_VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64),
+}
+DECODER_FAMILIES = tuple(LM_DECODER_CONFIGS)
+
+
+def lm_decoder(family: str, tokenizer, seed: int = 0) -> torch.nn.Module:
+    """A seeded tiny causal LM of ``family`` whose special tokens are the tokenizer's."""
+    torch.manual_seed(seed)
+    config = LM_DECODER_CONFIGS[family]()
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
 _WORDS_POS = ("great", "wonderful", "moving", "brilliant", "funny", "superb")
 _WORDS_NEG = ("dull", "awful", "boring", "clumsy", "tedious", "bland")
 
@@ -162,6 +198,14 @@ def tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(embedded_model_dir()))
+
+
+@pytest.fixture(scope="session")
+def lm_tokenizer():
+    """The real SmolLM2 tokenizer (from the embedded decoder, converted once and cached)."""
+    from fwsvd_deploy.modeling import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
 
 
 @pytest.fixture()

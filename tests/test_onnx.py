@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 
@@ -10,13 +11,13 @@ import onnx
 import pytest
 import torch
 
-from conftest import ENCODER_CONFIGS, TASK_CLASSES, TOL, snr_db, tiny_encoder
+from conftest import ENCODER_CONFIGS, TASK_CLASSES, TOL, export_and_optimise, snr_db, tiny_encoder
 from fwsvd_deploy import CompressionConfig, compress, save_compressed, save_model
 from fwsvd_deploy.compression.targets import resolve_targets
 from fwsvd_deploy.config import ExportConfig, OptimizeConfig
-from fwsvd_deploy.errors import ConfigError, DeviceUnavailableError, OutputExistsError
+from fwsvd_deploy.errors import ConfigError, DeviceUnavailableError, ExportError, OutputExistsError
 from fwsvd_deploy.exporters import export_onnx, optimize_onnx
-from fwsvd_deploy.exporters.runtime import make_session, parity_inputs, run_session
+from fwsvd_deploy.exporters.runtime import make_session, parity_inputs, parity_report, run_session
 
 VARIANTS = ("baseline", "svd", "fwsvd")
 BERT_FAMILY = ("bert", "roberta", "electra")
@@ -45,18 +46,8 @@ def _model_folder(tmp_path, tokenizer, arch, task, variant):
 def built(tmp_path_factory, tokenizer):
     """Lazily export + optimise each (arch, task, variant) once per module."""
     root = tmp_path_factory.mktemp("onnx")
-    cache = {}
-
-    def get(arch, task, variant):
-        key = (arch, task, variant)
-        if key not in cache:
-            folder = _model_folder(root, tokenizer, arch, task, variant)
-            exported = export_onnx(folder, ExportConfig(task=task), root / f"{folder.name}-onnx")
-            optimized = optimize_onnx(root / f"{folder.name}-onnx", OptimizeConfig(), root / f"{folder.name}-opt")
-            cache[key] = (folder, exported, optimized)
-        return cache[key]
-
-    return get
+    return functools.cache(lambda arch, task, variant: export_and_optimise(
+        _model_folder(root, tokenizer, arch, task, variant), task))
 
 
 @pytest.mark.parametrize(("arch", "task", "variant"),
@@ -231,7 +222,6 @@ def test_parity_fails_on_a_perturbed_graph(built, tmp_path, tokenizer):
     from fwsvd_deploy import load_compressed
     from fwsvd_deploy.errors import ParityError
     from fwsvd_deploy.exporters.onnx import torch_outputs
-    from fwsvd_deploy.exporters.runtime import parity_report
 
     folder, exported, _ = built("bert", "text-classification", "svd")
     model = load_compressed(folder)
@@ -244,7 +234,6 @@ def test_parity_fails_on_a_perturbed_graph(built, tmp_path, tokenizer):
 def test_parity_that_compares_nothing_is_an_error(built, tokenizer):
     """A reference that lacks the graph's outputs (or gives others) cannot pass by comparing nothing."""
     from fwsvd_deploy.errors import ParityError
-    from fwsvd_deploy.exporters.runtime import parity_report
 
     _, exported, _ = built("bert", "text-classification", "baseline")
     session = make_session(exported.onnx_path)
@@ -266,7 +255,6 @@ def test_export_parity_compares_the_outputs_pytorch_gives(built, tmp_path, monke
 
 
 def test_a_factorised_layer_the_restore_cannot_find_fails_the_optimisation(built, tmp_path, monkeypatch):
-    from fwsvd_deploy.errors import ExportError
     from fwsvd_deploy.exporters import optimize as optimize_module
     from fwsvd_deploy.exporters.lowrank import LowRankPair
 
@@ -337,3 +325,10 @@ def test_losing_a_fused_operator_is_an_error_unless_allowed(built, tmp_path, mon
     assert kept.parity["passed"] and not kept.fusions_complete  # the same function, one fusion fewer
     manifest = json.loads((kept.out_dir / "manifest.json").read_text())
     assert manifest["fusions_complete"] is False and manifest["settings"]["allow_fusion_loss"] is True
+
+
+def test_timed_sessions_do_not_spin(built):
+    """Interleaved timing shares the cores between sessions: an idle session's threads must sleep, not spin."""
+    path = built("bert", "text-classification", "baseline")[2].onnx_path
+    key = "session.intra_op.allow_spinning"
+    assert make_session(path, threads=1, spinning=False).get_session_options().get_session_config_entry(key) == "0"

@@ -6,8 +6,9 @@ attention pattern no longer matches, and with it the embedding fusion is lost to
 
 The pass here works around the matcher rather than re-implementing it:
 
-1. :func:`densify` replaces every factorised pair by one MatMul whose weight is the product ``D @ U`` and
-   remembers, by the exact bytes of that product, which pair it came from. The graph now has the dense
+1. :func:`densify` replaces every factorised pair by one MatMul whose weight is the product ``D @ U`` (one Gemm,
+   with the same bias, where the up-projection is a Gemm: a Linear on 2-D input) and remembers, by the exact bytes
+   of that product, which pair it came from. The graph now has the dense
    structure, so ONNX Runtime's own fusions (Attention, EmbedLayerNormalization, SkipLayerNormalization,
    BiasGelu/FastGelu) apply exactly as they do to the baseline.
 2. :func:`restore` puts the factors back: a remaining MatMul whose weight is a known product becomes the two
@@ -108,8 +109,35 @@ def inline_identities(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _const_matmul(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
+    return (node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and len(node.input) == 2
+            and node.input[1] in inits and len(inits[node.input[1]].dims) == 2)
+
+
+def _const_gemm(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], *, transposed: bool = True) -> bool:
+    """``Gemm(x, W, b)`` by a 2-D constant, unscaled: a Linear on 2-D input (OPT's fc1/fc2 run on flattened tokens).
+
+    ``transposed=False`` admits only ``transB=0``, the form :func:`densify` writes.
+    """
+    return (node.op_type == "Gemm" and node.domain in ("", "ai.onnx") and node.input[1] in inits
+            and len(inits[node.input[1]].dims) == 2 and _attr(node, "transA", 0) == 0
+            and _attr(node, "alpha", 1.0) == 1.0 and _attr(node, "beta", 1.0) == 1.0
+            and (transposed or _attr(node, "transB", 0) == 0))
+
+
+def _up_dims(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[int, int]:
+    """``(rank, out)`` of an up-projection's weight, in MatMul orientation."""
+    rows, cols = inits[node.input[1]].dims
+    return (cols, rows) if node.op_type == "Gemm" and _attr(node, "transB", 0) else (rows, cols)
+
+
+def _up_weight(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray:
+    weight = numpy_helper.to_array(inits[node.input[1]])
+    return weight.T if node.op_type == "Gemm" and _attr(node, "transB", 0) else weight
+
+
 def find_pairs(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
-    """``(down_matmul, up_matmul)`` node pairs: MatMul by a 2-D constant feeding only such MatMuls.
+    """``(down_matmul, up)`` node pairs: MatMul by a 2-D constant feeding only MatMuls (or Gemms) by constants.
 
     One down-projection may feed several up-projections (joint q/k/v, exported as one MatMul); each is a
     pair. The factors must save parameters over the dense weights they stand for, together.
@@ -118,19 +146,15 @@ def find_pairs(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.NodePr
     inits = _initializers(graph)
     consumers = _consumers(graph)
     outputs = {o.name for o in graph.output}
-
-    def const_matmul(node: onnx.NodeProto) -> bool:
-        return (node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and len(node.input) == 2
-                and node.input[1] in inits and len(inits[node.input[1]].dims) == 2)
-
     pairs = []
     for node in graph.node:
-        if not const_matmul(node) or node.output[0] in outputs:
+        if not _const_matmul(node, inits) or node.output[0] in outputs:
             continue
         users = consumers.get(node.output[0], [])
-        if not users or not all(const_matmul(u) and u.input[0] == node.output[0] for u in users):
+        if not users or not all((_const_matmul(u, inits) or _const_gemm(u, inits)) and u.input[0] == node.output[0]
+                                for u in users):
             continue
-        (n_in, rank), ups = inits[node.input[1]].dims, [inits[u.input[1]].dims for u in users]
+        (n_in, rank), ups = inits[node.input[1]].dims, [_up_dims(u, inits) for u in users]
         n_out = sum(u[1] for u in ups)
         if all(u[0] == rank for u in ups) and rank * (n_in + n_out) < n_in * n_out:
             pairs.extend((node, u) for u in users)
@@ -150,8 +174,8 @@ def densify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LowRankIndex]:
     products: dict[str, str] = {}
     for down_node, up_node in pairs:
         down = numpy_helper.to_array(inits[down_node.input[1]])
-        up = numpy_helper.to_array(inits[up_node.input[1]])
-        dense = (down.astype(np.float64) @ up.astype(np.float64)).astype(down.dtype)
+        up = _up_weight(up_node, inits)
+        dense = np.ascontiguousarray((down.astype(np.float64) @ up.astype(np.float64)).astype(down.dtype))
         key = _digest(dense)
         name = f"{up_node.input[1]}__lowrank_product"
         if key in products:  # a shared layer (ALBERT) or identical factors: one product serves all uses
@@ -160,7 +184,11 @@ def densify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LowRankIndex]:
             products[key] = name
             graph.initializer.append(numpy_helper.from_array(dense, name))
             index.pairs[key] = LowRankPair(down_node.input[1], up_node.input[1], down, up)
-        merged = helper.make_node("MatMul", [down_node.input[0], name], list(up_node.output), name=up_node.name)
+        # the same operator as the up-projection (a Gemm keeps its bias), on the product in MatMul orientation
+        merged = helper.make_node(up_node.op_type, [down_node.input[0], name, *up_node.input[2:]],
+                                  list(up_node.output), name=up_node.name)
+        if up_node.op_type == "Gemm":
+            merged.attribute.extend(a for a in up_node.attribute if a.name != "transB")
         drop_nodes.add(id(down_node))
         new_nodes[id(up_node)] = merged
         used_factors.update([down_node.input[1], up_node.input[1]])
@@ -316,8 +344,7 @@ def restore(model: onnx.ModelProto, index: LowRankIndex) -> onnx.ModelProto:
             if replacement is not None:
                 out_nodes.extend(replacement)
                 continue
-        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and len(node.input) == 2 \
-                and node.input[1] in inits:
+        if _const_matmul(node, inits) or _const_gemm(node, inits, transposed=False):
             key = _digest(numpy_helper.to_array(inits[node.input[1]]))
             pair = index.pairs.get(key)
             if pair is not None:
@@ -329,8 +356,10 @@ def restore(model: onnx.ModelProto, index: LowRankIndex) -> onnx.ModelProto:
                     mid = reduced[(node.input[0], down)] = build.unique(f"{node.name or 'matmul'}_lowrank")
                     out_nodes.append(helper.make_node("MatMul", [node.input[0], down], [mid],
                                                       name=build.unique(f"{node.name}_down")))
-                out_nodes.append(helper.make_node("MatMul", [mid, up], list(node.output),
-                                                  name=build.unique(f"{node.name}_up")))
+                up_node = helper.make_node(node.op_type, [mid, up, *node.input[2:]], list(node.output),
+                                           name=build.unique(f"{node.name}_up"))
+                up_node.attribute.extend(node.attribute)  # a Gemm's transA/alpha/beta (transB is 0)
+                out_nodes.append(up_node)
                 continue
         out_nodes.append(node)
     del graph.node[:]

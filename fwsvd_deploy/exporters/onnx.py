@@ -19,6 +19,7 @@ from ..manifest import file_sha256, folder_fingerprint, write_manifest
 from ..modeling import load_config, load_tokenizer, pretrained_kwargs, resolve_model
 from ..outputs import atomic_output_dir, check_output_dir
 from ..plan import PLAN_FILE, is_compressed, read_plan
+from .decoder import DECODER_TASKS, CacheLayout, check_not_causal_lm, export_parity, load_for_export
 from .runtime import ONNX_FILE, make_session, parity_report
 
 TASK_HEADS = {
@@ -39,6 +40,7 @@ class ExportResult:
     compressed: bool
     parity: dict[str, Any]
     seconds: float
+    kv_cache: CacheLayout | None = None  # decoders exported with their cache
 
 
 def is_onnx_folder(folder: Path) -> bool:
@@ -113,7 +115,12 @@ def export_onnx(model_dir: str | Path, cfg: ExportConfig, out_dir: str | Path, *
     if not is_compressed(source):
         load_config(str(model_dir))  # a hub id the hub cannot provide, a broken or custom-code config: say so first
     tokenizer = load_tokenizer(str(model_dir))
-    model, compressed = _load_for_task(str(model_dir), source, cfg.task, allow_pickle)
+    decoder = cfg.task in DECODER_TASKS
+    if decoder:
+        model, compressed = load_for_export(source, cfg, tokenizer, str(model_dir), allow_pickle=allow_pickle)
+    else:
+        check_not_causal_lm(load_config(source), cfg.task, str(model_dir))
+        model, compressed = _load_for_task(str(model_dir), source, cfg.task, allow_pickle)
     start = time.perf_counter()
     with atomic_output_dir(out_dir, overwrite, inputs=[source]) as tmp:
         with warnings.catch_warnings():
@@ -140,9 +147,13 @@ def export_onnx(model_dir: str | Path, cfg: ExportConfig, out_dir: str | Path, *
         opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
         if compressed:
             shutil.copy(Path(source) / PLAN_FILE, tmp / "source_compression.json")
-        session = make_session(onnx_path, "cpu")
-        parity = parity_report(session, tokenizer, lambda inputs, names: torch_outputs(model, inputs, names),
-                               cfg.validate_shapes, cfg.atol, what="ONNX vs PyTorch")
+        session = make_session(onnx_path, "cpu", spinning=False)  # PyTorch runs between its calls
+        kv_cache = None
+        if decoder:
+            parity, kv_cache = export_parity(session, model, tokenizer, cfg)
+        else:
+            parity = parity_report(session, tokenizer, lambda inputs, names: torch_outputs(model, inputs, names),
+                                   cfg.validate_shapes, cfg.atol, what="ONNX vs PyTorch")
         seconds = time.perf_counter() - start
         write_manifest(tmp, {
             "kind": "onnx-export",
@@ -152,7 +163,8 @@ def export_onnx(model_dir: str | Path, cfg: ExportConfig, out_dir: str | Path, *
             "settings": cfg.to_dict() | {"opset": opset},
             "artifacts": {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.suffix in (".onnx", ".onnx_data")},
             "parity": parity,
+            "kv_cache": None if kv_cache is None else kv_cache.to_dict(),
             "seconds": seconds,
         })
     out = Path(out_dir)
-    return ExportResult(out, out / ONNX_FILE, cfg.task, opset, compressed, parity, seconds)
+    return ExportResult(out, out / ONNX_FILE, cfg.task, opset, compressed, parity, seconds, kv_cache)

@@ -14,22 +14,39 @@ import onnx
 
 from ..config import OptimizeConfig
 from ..errors import ConfigError, ExportError, FusionLossError, first_line
+from ..families import Family, family_of, optimisable
 from ..manifest import file_sha256, folder_fingerprint, read_manifest, write_manifest
-from ..modeling import load_tokenizer
+from ..modeling import is_causal_lm, load_tokenizer
 from ..outputs import atomic_output_dir, check_output_dir
+from .decoder import check_positions, optimised_parity
 from .lowrank import MS_DOMAIN, densify, find_pairs, inline_identities, restore
-from .runtime import ONNX_FILE, make_session, onnx_config, parity_report, run_session
+from .runtime import ONNX_FILE, make_session, parity_report, run_session
 
-# Fused operators by family; an attention layer may be Attention, MultiHeadAttention or (int8) QAttention.
+# Fused operators by kind; an attention layer may be Attention, MultiHeadAttention, GroupQueryAttention or (int8)
+# QAttention, an embedding layer norm EmbedLayerNormalization or (int8) QEmbedLayerNormalization.
 FUSION_GROUPS = {
-    "attention": ("Attention", "MultiHeadAttention", "QAttention"),
+    "attention": ("Attention", "MultiHeadAttention", "GroupQueryAttention", "QAttention"),
     "embed_layer_norm": ("EmbedLayerNormalization", "QEmbedLayerNormalization"),
-    "skip_layer_norm": ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"),
+    "skip_layer_norm": ("SkipLayerNormalization",),
+    "skip_simplified_layer_norm": ("SkipSimplifiedLayerNormalization",),  # RMSNorm of a residual sum
     "gelu": ("BiasGelu", "FastGelu", "Gelu", "GemmFastGelu"),
     "layer_norm": ("LayerNormalization",),
+    "simplified_layer_norm": ("SimplifiedLayerNormalization",),  # RMSNorm
+    "rotary_embedding": ("RotaryEmbedding",),
 }
-ORT_MODEL_TYPES = {"bert": "bert", "roberta": "bert", "electra": "bert", "albert": "bert", "distilbert": "bert"}
-_COPY_SUFFIXES = (".json", ".txt", ".model")
+# The ONNX Runtime FusionOptions switches whose passes build each kind (bias folding included).
+FUSION_SWITCHES = {
+    "attention": ("enable_attention",),
+    "embed_layer_norm": ("enable_embed_layer_norm",),
+    "skip_layer_norm": ("enable_skip_layer_norm", "enable_bias_skip_layer_norm"),
+    "skip_simplified_layer_norm": ("enable_skip_layer_norm", "enable_bias_skip_layer_norm"),
+    "gelu": ("enable_gelu", "enable_bias_gelu"),
+    "layer_norm": ("enable_layer_norm",),
+    "simplified_layer_norm": ("enable_layer_norm",),
+    "rotary_embedding": ("enable_rotary_embeddings",),
+}
+_PASSES = (*dict.fromkeys(s for switches in FUSION_SWITCHES.values() for s in switches), "enable_qordered_matmul")
+_COPY_SUFFIXES = (".json", ".txt", ".model", ".jinja")
 
 
 @dataclass(frozen=True)
@@ -64,17 +81,72 @@ def operator_counts(model: onnx.ModelProto) -> dict[str, int]:
 
 
 def fusion_counts(model: onnx.ModelProto) -> dict[str, int]:
-    """Fused transformer operators per family (attention, embed_layer_norm, skip_layer_norm, gelu, layer_norm)."""
+    """Fused transformer operators per kind (the keys of :data:`FUSION_GROUPS`)."""
     ops = Counter(n.op_type for n in model.graph.node)
     return {group: sum(ops[o] for o in names) for group, names in FUSION_GROUPS.items()}
 
 
-def _heads_and_hidden(config: dict[str, Any]) -> tuple[int, int]:
-    heads = config.get("num_attention_heads", config.get("n_heads"))
-    hidden = config.get("hidden_size", config.get("dim"))
+def fused_operator_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """The fused operators present, by operator type."""
+    names = {o for group in FUSION_GROUPS.values() for o in group}
+    return dict(sorted(Counter(n.op_type for n in model.graph.node if n.op_type in names).items()))
+
+
+def _read_config(folder: Path) -> Any:
+    from transformers import AutoConfig
+
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{folder} has no config.json; export it with 'fwsvd-deploy export'")
+    try:
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot read {folder / 'config.json'}: {first}") from exc
+
+
+def _family(config: Any) -> Family:
+    family = family_of(config)
+    if family is None or family.ort_model_type is None:
+        raise ConfigError(
+            f"model type {config.model_type!r} cannot be optimised: fwsvd-deploy knows ONNX Runtime's fusions for "
+            f"{', '.join(optimisable())}; compression and export work for it, and its exported graph runs in ONNX "
+            "Runtime as it is"
+        )
+    return family
+
+
+def _heads_and_hidden(config: Any) -> tuple[int, int]:
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
     if not heads or not hidden:
         raise ConfigError("config.json gives no head count / hidden size; cannot optimise")
     return int(heads), int(hidden)
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy in which every ``Constant`` node holding a tensor is an initializer instead.
+
+    ONNX Runtime's fusion passes rescan the node list at almost every step; an exported decoder is about one third
+    ``Constant`` nodes, so this cuts its optimisation time by about as much and changes no fusion (the passes read
+    constants from either place).
+    """
+    copied = onnx.ModelProto()
+    copied.CopyFrom(model)
+    graph = copied.graph
+    outputs = {o.name for o in graph.output}
+    kept = []
+    for node in graph.node:
+        if (node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1
+                and node.attribute[0].name == "value" and node.output[0] not in outputs):
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return copied
 
 
 def load_onnx(folder: Path) -> onnx.ModelProto:
@@ -92,15 +164,20 @@ def load_onnx(folder: Path) -> onnx.ModelProto:
     return model
 
 
-def _fusion_options(cfg: OptimizeConfig, model_type: str) -> Any:
+def _fusion_options(cfg: OptimizeConfig, family: Family) -> Any:
+    """ONNX Runtime's options for the family's model type; with only the passes its ``fusions`` need, if listed."""
     from onnxruntime.transformers.fusion_options import FusionOptions
 
-    options = FusionOptions(ORT_MODEL_TYPES[model_type])
+    options = FusionOptions(family.ort_model_type)
+    if family.fusions is not None:
+        wanted = {switch for kind in family.fusions for switch in FUSION_SWITCHES[kind]}
+        for switch in _PASSES:
+            setattr(options, switch, switch in wanted)
     options.enable_gelu_approximation = cfg.level == "O3"
     return options
 
 
-def _ort_optimize(model: onnx.ModelProto, cfg: OptimizeConfig, model_type: str, heads: int,
+def _ort_optimize(model: onnx.ModelProto, cfg: OptimizeConfig, family: Family, heads: int,
                   hidden: int) -> onnx.ModelProto:
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -108,8 +185,10 @@ def _ort_optimize(model: onnx.ModelProto, cfg: OptimizeConfig, model_type: str, 
     previous = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        optimized = optimize_model(model, model_type=ORT_MODEL_TYPES[model_type], num_heads=heads, hidden_size=hidden,
-                                   optimization_options=_fusion_options(cfg, model_type), opt_level=0,
+        # opt_level 0: ONNX Runtime's own constant folding first would fold the rotary sin/cos subgraph
+        # RotaryEmbedding is matched from
+        optimized = optimize_model(model, model_type=family.ort_model_type, num_heads=heads, hidden_size=hidden,
+                                   optimization_options=_fusion_options(cfg, family), opt_level=0,
                                    use_gpu=cfg.device == "cuda")
         optimized.topological_sort()
         result = optimized.model
@@ -125,8 +204,12 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
                   overwrite: bool = False) -> OptimizeResult:
     """Optimise ``onnx_dir/model.onnx`` for ``cfg.device`` into ``out_dir``, keeping factorised layers factorised.
 
+    A causal LM (``*ForCausalLM`` in ``config.json``) is checked as a decoder: prefills, decode steps on the
+    returned cache and greedy generation (:mod:`.decoder`).
+
     Raises:
-        ConfigError: not an ONNX folder, a truncated file, an unreadable config, an unsupported model type.
+        ConfigError: not an ONNX folder, a truncated file, an unreadable config, a model type without known
+            fusions.
         ModelLoadError: no tokenizer files beside a graph for the CPU (its parity check needs them).
         ExportError: the optimised graph lost its factorisation.
         FusionLossError: it has fewer fused operators than its dense-structured reference, unless
@@ -136,12 +219,13 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
     src = Path(onnx_dir)
     model = load_onnx(src)
     check_output_dir(out_dir, overwrite, inputs=[src])
-    config = onnx_config(src)
-    tokenizer = load_tokenizer(str(src)) if cfg.device == "cpu" else None
-    model_type = config.get("model_type", "")
-    if model_type not in ORT_MODEL_TYPES:
-        raise ConfigError(f"model type {model_type!r} cannot be optimised; supported: {', '.join(ORT_MODEL_TYPES)}")
+    config = _read_config(src)
+    family = _family(config)
     heads, hidden = _heads_and_hidden(config)
+    decoder = is_causal_lm(config)
+    tokenizer = load_tokenizer(str(src)) if cfg.device == "cpu" else None
+    if decoder and tokenizer is not None:
+        check_positions(config, cfg.validate_shapes, tokenizer, str(src))
     start = time.perf_counter()
     pairs = len(find_pairs(inline_identities(model)))
     reference_fusions = None
@@ -149,7 +233,9 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
         optimized = model  # basic rewrites happen when the session loads the graph (see below)
     else:
         dense, index = densify(model)
-        fused = _ort_optimize(dense, cfg, model_type, heads, hidden)
+        if decoder:
+            dense = constants_to_initializers(dense)
+        fused = _ort_optimize(dense, cfg, family, heads, hidden)
         if len(index):
             reference_fusions = fusion_counts(fused)
             optimized = restore(fused, index)
@@ -176,7 +262,8 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
             try:
                 # outputs of contrib operators have no inferred type; they are float32 here
                 quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8,
-                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+                                 use_external_data_format=large)
             except Exception as exc:
                 raise ExportError(f"int8 quantisation failed: {first_line(exc)}") from exc
             quantized.replace(path)
@@ -192,7 +279,9 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
             )
         parity = None
         parity_note = None
-        if tokenizer is not None:
+        if tokenizer is not None and decoder:
+            parity = optimised_parity(src / ONNX_FILE, path, tokenizer, cfg)
+        elif tokenizer is not None:
             reference = make_session(src / ONNX_FILE, "cpu")
             candidate = make_session(path, "cpu")
             parity = parity_report(
@@ -209,13 +298,16 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
             "kind": "onnx-optimized",
             "input": {"path": str(src), "fingerprint": folder_fingerprint(src),
                       "export": upstream.get("settings"), "compressed": upstream.get("input", {}).get("compressed")},
-            "settings": cfg.to_dict() | {"model_type": model_type, "num_heads": heads, "hidden_size": hidden},
+            "settings": cfg.to_dict() | {"model_type": config.model_type, "ort_model_type": family.ort_model_type,
+                                         "num_heads": heads, "hidden_size": hidden},
             "low_rank_layers": pairs,
             "fusions": fusions,
+            "fused_operators": fused_operator_counts(optimized),
             "reference_fusions": reference_fusions,
             "fusions_complete": result.fusions_complete,
             "allow_fusion_loss": cfg.allow_fusion_loss,
             "operators": result.operators,
+            "kv_cache": upstream.get("kv_cache"),
             "artifacts": {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.suffix in (".onnx", ".onnx_data")},
             "parity": parity,
             "parity_note": parity_note,

@@ -1,0 +1,80 @@
+"""The real decoder: SmolLM2-135M (the embedded GGUF, converted once), exported with its KV cache and optimised,
+dense and plain-SVD compressed (keep 0.8): parity, the fused operators of both, int8 on the low rank, optimum's
+``ORTModelForCausalLM``. Several minutes on 2 cores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fwsvd_deploy import CompressionConfig, compress, load_tokenizer, save_model
+from fwsvd_deploy.config import ExportConfig, OptimizeConfig
+from fwsvd_deploy.exporters import export_onnx, optimize_onnx
+from fwsvd_deploy.exporters.decoder import GREEDY_TOKENS
+from fwsvd_deploy.modeling import EMBEDDED_DECODER, load_causal_lm
+
+pytestmark = pytest.mark.slow
+
+TASK = "text-generation-with-past"
+LAYERS = 30
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smollm2")
+    model = load_causal_lm(EMBEDDED_DECODER)
+    report = compress(model, CompressionConfig(method="svd", ratio=0.8))
+    save_model(model, root / "svd", load_tokenizer(EMBEDDED_DECODER), report=report)
+    graphs = {}
+    for name, source in (("baseline", EMBEDDED_DECODER), ("svd", root / "svd")):
+        exported = export_onnx(source, ExportConfig(task=TASK), root / f"{name}-onnx")
+        graphs[name] = (exported, optimize_onnx(exported.out_dir, OptimizeConfig(), root / f"{name}-opt"))
+    return root, graphs
+
+
+def test_export_matches_pytorch_and_answers_paris(smollm2):
+    _, graphs = smollm2
+    exported = graphs["baseline"][0]
+    assert exported.parity["passed"] and exported.parity["max_abs_diff"] <= ExportConfig().atol
+    assert exported.parity["greedy"]["identical"]
+    assert exported.parity["greedy"]["text"][0].lstrip().startswith("Paris")  # "The capital of France is"
+    cache = exported.kv_cache
+    assert (cache.num_layers, cache.num_kv_heads, cache.head_dim) == (LAYERS, 3, 64)  # 9 query heads, 3 kv heads
+    assert cache.bytes_per_token == 2 * LAYERS * 3 * 64 * 4
+
+
+def test_compressed_graph_carries_every_fused_operator_of_the_baseline(smollm2):
+    _, graphs = smollm2
+    base, comp = graphs["baseline"][1], graphs["svd"][1]
+    assert {k: v for k, v in base.fusions.items() if v} == {
+        "rotary_embedding": 2 * LAYERS, "skip_simplified_layer_norm": 2 * LAYERS, "simplified_layer_norm": 1}
+    assert comp.fusions == base.fusions and comp.reference_fusions == base.fusions
+    assert comp.low_rank_layers == 7 * LAYERS and base.low_rank_layers == 0
+    for exported, optimized in graphs.values():
+        assert exported.parity["passed"] and optimized.parity["passed"]
+        assert optimized.parity["greedy"]["identical"] and optimized.parity["max_abs_diff"] <= OptimizeConfig().atol
+
+
+def test_int8_stacked_on_the_low_rank_holds_its_floors(smollm2):
+    root, graphs = smollm2
+    exported, fp32 = graphs["svd"]
+    result = optimize_onnx(exported.out_dir, OptimizeConfig(int8=True), root / "svd-int8")
+    cfg = OptimizeConfig()
+    assert result.parity["passed"] and result.fusions == fp32.fusions
+    assert all(r["sqnr_db"] >= cfg.int8_min_sqnr_db and r["agreement"] >= cfg.int8_min_agreement
+               for r in result.parity["shapes"])
+
+
+def test_optimum_generates_from_the_optimised_folder(smollm2):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    _, graphs = smollm2
+    folder = graphs["baseline"][1].out_dir
+    tokenizer = load_tokenizer(str(folder))
+    prompt = tokenizer(["The capital of France is"], return_tensors="pt")
+    settings = {"max_new_tokens": GREEDY_TOKENS, "do_sample": False}
+    got = ORTModelForCausalLM.from_pretrained(folder).generate(**prompt, **settings)
+    with torch.no_grad():
+        want = load_causal_lm(EMBEDDED_DECODER).generate(**prompt, **settings)
+    assert torch.equal(got, want)
+    assert tokenizer.decode(got[0, prompt["input_ids"].shape[1]:]).lstrip().startswith("Paris")
