@@ -7,8 +7,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..config import GateConfig
+from ..errors import ConfigError
+from .decoder import CAUSAL_LM_TASK
+from .perplexity import PARITY_RTOL
 
 _OPS = {"<=": operator.le, ">=": operator.ge}
+# thresholds that only make sense for one kind of task; the others apply to every task
+ENCODER_THRESHOLDS = ("max_accuracy_drop", "max_latency_ratio", "max_logit_diff")
+CAUSAL_LM_THRESHOLDS = ("max_perplexity_ratio", "max_decode_latency_ratio", "max_prefill_latency_ratio")
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,22 @@ def _check(name: str, value: float | None, comparison: str, threshold: float, de
     # A figure that could not be measured fails its check: a gate fails closed.
     passed = value is not None and bool(_OPS[comparison](value, threshold))
     return Check(name, value, threshold, comparison, passed, detail)
+
+
+def check_thresholds_apply(gate: GateConfig, task: str) -> None:
+    """Refuse a threshold set for another kind of task than the models' (it would never be checked).
+
+    Raises:
+        ConfigError: naming the thresholds, the task and the ones that do apply.
+    """
+    causal = task == CAUSAL_LM_TASK
+    foreign = ENCODER_THRESHOLDS if causal else CAUSAL_LM_THRESHOLDS
+    wrong = [name for name in foreign if getattr(gate, name) is not None]
+    if wrong:
+        kind = "a causal language model" if causal else f"a {task} model"
+        own = CAUSAL_LM_THRESHOLDS if causal else ENCODER_THRESHOLDS
+        raise ConfigError(f"gate {', '.join(wrong)} does not apply to {kind}; drop it and use "
+                          f"{', '.join(own)}, min_agreement or max_memory_ratio")
 
 
 def evaluate_gate(gate: GateConfig, results: dict[str, Any]) -> list[Check]:
@@ -61,4 +83,31 @@ def evaluate_gate(gate: GateConfig, results: dict[str, Any]) -> list[Check]:
         b, c = mem.get("baseline", {}).get("disk_bytes"), mem.get("candidate", {}).get("disk_bytes")
         ratio = None if not b or c is None else c / b
         checks.append(_check("memory_ratio", ratio, "<=", gate.max_memory_ratio, "candidate/baseline size on disk"))
+    if acc.get("task") == CAUSAL_LM_TASK:
+        checks += _causal_lm_checks(gate, results)
+    return checks
+
+
+def _causal_lm_checks(gate: GateConfig, results: dict[str, Any]) -> list[Check]:
+    acc = results["accuracy"]
+    checks = []
+    if gate.max_perplexity_ratio is not None:
+        base, cand = acc["baseline"].get("perplexity"), acc["candidate"].get("perplexity")
+        ratio = None if base is None or cand is None else cand / base
+        checks.append(_check("perplexity_ratio", ratio, "<=", gate.max_perplexity_ratio,
+                             f"candidate/baseline perplexity through ONNX Runtime: {cand} / {base}"))
+    cells = (results.get("generation") or {}).get("cells") or []
+    for phase, threshold, what in (("decode", gate.max_decode_latency_ratio, "per-token decode time"),
+                                   ("prefill", gate.max_prefill_latency_ratio, "prefill time")):
+        if threshold is None:
+            continue
+        ratios = [c["ratios"]["candidate"][phase]["p50"] for c in cells if "candidate" in c["ratios"]]
+        worst = max(ratios) if ratios else None
+        where = f" (worst at batch {cells[ratios.index(worst)]['batch']})" if ratios else ""
+        checks.append(_check(f"{phase}_latency_ratio", worst, "<=", threshold,
+                             f"candidate/baseline median {what} with the KV cache, worst batch size{where}"))
+    # ONNX Runtime against PyTorch for the same model: set by giving the PyTorch folders, always checked then
+    for role, parity in (acc.get("pytorch") or {}).items():
+        checks.append(_check(f"onnx_vs_pytorch_perplexity_{role}", parity.get("relative_diff"), "<=", PARITY_RTOL,
+                             f"|ONNX Runtime - PyTorch| / PyTorch perplexity of the {role} ({parity.get('model')})"))
     return checks

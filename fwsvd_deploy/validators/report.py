@@ -7,6 +7,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+from .decoder import CAUSAL_LM_TASK
 from .gate import Check
 
 REPORT_SCHEMA = "fwsvd-deploy/validation-report"
@@ -36,6 +37,7 @@ SCHEMA: dict[str, Any] = {
             },
         },
         "latency": {"type": ["object", "null"]},
+        "generation": {"type": ["object", "null"]},
         "memory": {"type": ["object", "null"]},
         "environment": {"type": "object"},
         "gate": {
@@ -72,6 +74,10 @@ def write_reports(folder: Path, report: dict[str, Any], checks: list[Check]) -> 
         from .plots import latency_plot
 
         latency_plot(report["latency"], folder / "latency.png")
+    if report.get("generation"):
+        from .plots import generation_plot
+
+        generation_plot(report["generation"], folder / "generation.png")
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -89,11 +95,13 @@ def _ratio(a: float | None, b: float | None) -> str:
 def markdown(report: dict[str, Any], checks: list[Check]) -> str:
     gate = "PASSED" if report["gate"]["passed"] else "FAILED"
     acc = report["accuracy"]
+    causal = acc.get("task") == CAUSAL_LM_TASK
+    examples = f"{acc['examples']} " + (f"windows of {acc['windows']['length']} tokens" if causal else "examples")
     lines = [
         f"# Validation: {gate}",
         "",
         f"Baseline `{report['baseline']['path']}` vs candidate `{report['candidate']['path']}` on "
-        f"{acc['examples']} examples of {report.get('data', {}).get('source', 'the evaluation split')}, "
+        f"{examples} of {report.get('data', {}).get('source', 'the evaluation split')}, "
         f"{report['settings']['device']} execution provider.",
         "",
         "## Gate",
@@ -106,11 +114,12 @@ def markdown(report: dict[str, Any], checks: list[Check]) -> str:
                      f"{'pass' if c.passed else '**FAIL**'} |")
     if not checks:
         lines.append("| (no thresholds set) | | | |")
-    lines += ["", "## Accuracy (ONNX Runtime)", "", "| metric | baseline | candidate |", "|---|---:|---:|"]
-    for key, value in acc["baseline"].items():
-        lines.append(f"| {key} | {_fmt(value)} | {_fmt(acc['candidate'].get(key))} |")
-    for key, value in acc["comparison"].items():
-        lines.append(f"| {key} | | {_fmt(value, 6)} |")
+    if causal:
+        from .causal_lm import markdown_sections
+
+        lines += markdown_sections(report)
+    else:
+        lines += _accuracy_lines(acc)
     latency = report.get("latency")
     if latency:
         lines += ["", f"## Latency ({latency['threads']} threads, {latency['rounds']} interleaved rounds, median ms; "
@@ -133,10 +142,26 @@ def markdown(report: dict[str, Any], checks: list[Check]) -> str:
         if b["host"].get("available") and c["host"].get("available"):
             hb, hc = b["host"]["session_mb"], c["host"]["session_mb"]
             lines.append(f"| session peak host memory (MB) | {hb:.0f} | {hc:.0f} | {_ratio(hc, hb)} |")
+        if "kv_cache_bytes_per_token" in b:
+            kb, kc = b["kv_cache_bytes_per_token"], c["kv_cache_bytes_per_token"]
+            lines.append(f"| KV-cache bytes per token | {kb:,} | {kc:,} | {_ratio(kc, kb)} |")
         device = c.get("device", {})
         if not device.get("available"):
             lines.append(f"| device memory | unavailable | unavailable | {device.get('reason', '')} |")
+        if "probe" in b:
+            p = b["probe"]
+            lines += ["", f"Session peak memory: loading the model, a prefill of {p['prompt_tokens']} tokens at batch "
+                      f"{p['batch']}, then {p['new_tokens']} decode steps."]
     return "\n".join(lines) + "\n"
+
+
+def _accuracy_lines(acc: dict[str, Any]) -> list[str]:
+    lines = ["", "## Accuracy (ONNX Runtime)", "", "| metric | baseline | candidate |", "|---|---:|---:|"]
+    for key, value in acc["baseline"].items():
+        lines.append(f"| {key} | {_fmt(value)} | {_fmt(acc['candidate'].get(key))} |")
+    for key, value in acc["comparison"].items():
+        lines.append(f"| {key} | | {_fmt(value, 6)} |")
+    return lines
 
 
 def junit(checks: list[Check], report: dict[str, Any]) -> str:
