@@ -39,6 +39,9 @@ TOL = {
     "reload": 0.0,  # save -> load must give bit-identical logits
     "fisher_sum": 1e-4,  # the same sums accumulated in another order / process layout (relative)
     "moment": 1e-5,  # input statistics: float32 products per batch against a float64 reference (relative)
+    "perplexity_reduction": 1e-5,  # our token-weighted perplexity vs transformers' own loss, same logits (relative)
+    "onnx_vs_torch_perplexity": 1e-5,  # ONNX Runtime vs PyTorch perplexity, same fp32 weights (relative)
+    "kv_cache_logits": 1e-4,  # one graph's decode-with-cache logits vs its full forward at the same positions
 }
 
 VOCAB = 30522  # the embedded MiniLM tokenizer's vocabulary; all tiny models share it
@@ -119,6 +122,15 @@ def tiny_decoder(arch: str, seed: int = 0) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(DECODER_CONFIGS[arch]()).eval()
+
+
+def export_decoder(model: torch.nn.Module, tokenizer, out: Path, task: str = "text-generation-with-past") -> Path:
+    """A decoder exported by optimum-onnx as it ships (fp32, KV cache), with the tokenizer beside the graph."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    onnx_export_from_model(model, str(out), task=task, do_validation=False, device="cpu")
+    tokenizer.save_pretrained(out)
+    return out
 
 
 _WORDS_POS = ("great", "wonderful", "moving", "brilliant", "funny", "superb")
