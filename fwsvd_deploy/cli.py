@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     va = sub.add_parser("validate", help="compare a candidate ONNX model with its baseline and apply the gate",
                         description="Accuracy (ONNX Runtime), latency and memory of both models on the same data, "
-                                    "provider and machine; exit 0 when every check passes, 1 when the gate fails.")
+                                    "provider and machine (causal LMs: perplexity, greedy agreement and generation "
+                                    "speed with the KV cache); exit 0 when every check passes, 1 when the gate fails.")
     va.add_argument("--baseline", required=True, help="optimised baseline ONNX folder")
     va.add_argument("--candidate", required=True, help="optimised candidate ONNX folder")
     va.add_argument("--baseline-model", default=None,

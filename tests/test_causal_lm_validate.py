@@ -269,6 +269,11 @@ def test_bench_refuses_mixed_kinds_and_too_long_generations(lm, capsys):
     assert "give models of one kind" in capsys.readouterr().err
     assert main(["bench", "--model", str(lm["base"]), "--prompt-len", str(POSITIONS), "--new-tokens", "1"]) == 2
     assert f"more than the {POSITIONS}" in capsys.readouterr().err
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert main(["bench", "--model", str(lm["base"]), "--prompt-len", "8", "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
 
 
 # --- the gate's decisions on hand-built figures ---------------------------------------------------------------------

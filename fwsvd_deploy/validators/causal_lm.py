@@ -66,19 +66,19 @@ def causal_lm_results(
 
     length = windows.shape[1]
     batch = min(len(windows), window_batch(cfg.eval_batch_size, length, graphs["baseline"].vocab))
-    measured = onnx_perplexity(sessions, windows, batch, progress=progress)
-    metrics = measured["metrics"]
-    parity = None
-    if torch_specs:
+    reference = {}
+    if torch_specs:  # first: a folder that does not load fails in seconds, not after the ONNX passes
         from ..modeling import load_causal_lm
 
-        parity = {}
         for role, spec in torch_specs.items():
             model = load_causal_lm(spec)
-            reference = torch_perplexity(model, windows, batch, progress=progress)["perplexity"]
+            reference[role] = torch_perplexity(model, windows, batch, progress=progress)["perplexity"]
             del model
-            parity[role] = {"model": spec, "perplexity": reference, "onnx_perplexity": metrics[role]["perplexity"],
-                            "relative_diff": relative_difference(metrics[role]["perplexity"], reference)}
+    measured = onnx_perplexity(sessions, windows, batch, progress=progress)
+    metrics = measured["metrics"]
+    parity = {role: {"model": torch_specs[role], "perplexity": ppl, "onnx_perplexity": metrics[role]["perplexity"],
+                     "relative_diff": relative_difference(metrics[role]["perplexity"], ppl)}
+              for role, ppl in reference.items()} or None
     accuracy = {
         "task": CAUSAL_LM_TASK, "primary_metric": "perplexity", "baseline": metrics["baseline"],
         "candidate": metrics["candidate"],
