@@ -21,10 +21,11 @@ from fwsvd_deploy.config import DataConfig, ExportConfig, GateConfig, ValidateCo
 from fwsvd_deploy.errors import ConfigError
 from fwsvd_deploy.exporters import export_onnx
 from fwsvd_deploy.exporters.runtime import ONNX_FILE, make_session
+from fwsvd_deploy.training import evaluate_lm
 from fwsvd_deploy.validators.decoder import CAUSAL_LM_TASK, DecoderGraph
 from fwsvd_deploy.validators.gate import check_thresholds_apply, evaluate_gate
 from fwsvd_deploy.validators.generation import Generation, generation_tokens
-from fwsvd_deploy.validators.perplexity import PARITY_RTOL, token_scores, torch_perplexity
+from fwsvd_deploy.validators.perplexity import PARITY_RTOL, Tally, score_batch
 from fwsvd_deploy.validators.report import SCHEMA
 from fwsvd_deploy.validators.validate import validate
 
@@ -79,24 +80,28 @@ def _report(folder):
 # --- the arithmetic -------------------------------------------------------------------------------------------------
 
 
-def test_token_scores_on_hand_built_logits():
+def test_scores_on_hand_built_logits():
     ids = np.array([[3, 1, 2, 0]])
     uniform = np.zeros((1, 4, 5), dtype=np.float32)
-    nll, _ = token_scores(uniform, ids)
-    assert nll.shape == (1, 3) and np.allclose(nll, math.log(5), rtol=0, atol=TOL["identity"])
+    nll, tokens, _ = score_batch(uniform, ids)
+    assert tokens == 3 and nll == pytest.approx(3 * math.log(5), rel=TOL["identity"])
     sharp = np.full((1, 4, 5), -30.0, dtype=np.float32)
     sharp[0, np.arange(3), ids[0, 1:]] = 30.0  # position t puts all its mass on token t + 1
-    nll, predicted = token_scores(sharp, ids)
-    assert (predicted == ids[:, 1:]).all() and nll.max() < 1e-20
+    nll, _, predicted = score_batch(sharp, ids)
+    assert (predicted == ids[:, 1:]).all() and nll < 1e-20
     sharp[0, 0] = sharp[0, 1]  # position 0 now predicts token 2; its target is 1
-    nll, predicted = token_scores(sharp, ids)
-    assert predicted[0, 0] == 2 and nll[0, 0] == pytest.approx(60.0, rel=TOL["identity"])
+    nll, _, predicted = score_batch(sharp, ids)
+    assert predicted[0, 0] == 2 and nll == pytest.approx(60.0, rel=TOL["identity"])
+    tally = Tally()
+    tally.add(nll, 3, predicted, ids)
+    assert tally.metrics() == {"perplexity": math.exp(20.0), "nll": 20.0, "next_token_accuracy": 2 / 3}
 
 
 def test_perplexity_is_transformers_loss_token_weighted():
+    """The definition validate applies to PyTorch (and, through the same reduction, to ONNX Runtime's logits)."""
     model = tiny_decoder("llama")
     windows = np.random.default_rng(0).integers(0, VOCAB, size=(3, 16))
-    ours = torch_perplexity(model, windows, batch=2)["perplexity"]
+    ours = evaluate_lm(model, torch.from_numpy(windows), batch_size=2).metrics["perplexity"]
     with torch.no_grad():
         losses = [float(model(input_ids=torch.from_numpy(w[None]), labels=torch.from_numpy(w[None])).loss)
                   for w in windows]

@@ -19,7 +19,7 @@ from ..modeling import load_tokenizer
 from .decoder import CAUSAL_LM_TASK, DecoderGraph, architectures, check_lengths, check_same_interface
 from .generation import generation_table, measure_generation
 from .memory import decoder_probe, measure_memory
-from .perplexity import onnx_perplexity, relative_difference, torch_perplexity, window_batch
+from .perplexity import onnx_perplexity, relative_difference, window_batch
 
 
 def causal_lm_results(
@@ -68,11 +68,15 @@ def causal_lm_results(
     batch = min(len(windows), window_batch(cfg.eval_batch_size, length, graphs["baseline"].vocab))
     reference = {}
     if torch_specs:  # first: a folder that does not load fails in seconds, not after the ONNX passes
+        import torch
+
         from ..modeling import load_causal_lm
+        from ..training import evaluate_lm
 
         for role, spec in torch_specs.items():
             model = load_causal_lm(spec)
-            reference[role] = torch_perplexity(model, windows, batch, progress=progress)["perplexity"]
+            evaluation = evaluate_lm(model, torch.from_numpy(windows), batch_size=batch, progress=progress)
+            reference[role] = evaluation.metrics["perplexity"]
             del model
     measured = onnx_perplexity(sessions, windows, batch, progress=progress)
     metrics = measured["metrics"]

@@ -1,11 +1,12 @@
-"""Perplexity of causal language models on token windows, through ONNX Runtime or PyTorch, and the greedy
-next-token agreement of two models.
+"""Perplexity of causal language models on token windows through ONNX Runtime, and the greedy next-token agreement
+of two models.
 
 Every window of ``L`` tokens scores its ``L - 1`` next tokens (position ``t`` predicts token ``t + 1``); windows do not
 overlap (the stride is the window), so no token is scored twice and none sees context from the window before.
-Perplexity is ``exp`` of the mean negative log-likelihood over all scored tokens (token-weighted). ONNX Runtime and
-PyTorch logits go through the same reduction (:func:`token_scores`, log-sum-exp accumulated in float64), so their
-perplexities differ only by the models' logits.
+Perplexity is ``exp`` of the mean negative log-likelihood over all scored tokens (token-weighted). ONNX Runtime's
+logits go through :func:`~fwsvd_deploy.losses.next_token_nll`, the reduction
+:func:`~fwsvd_deploy.training.evaluate_lm` applies to PyTorch's, so the two perplexities differ only by the models'
+logits.
 """
 
 from __future__ import annotations
@@ -31,27 +32,22 @@ def window_batch(requested: int, length: int, vocab: int) -> int:
     return max(1, min(requested, LOGITS_BUDGET // (length * vocab * 4)))
 
 
-def token_scores(logits: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Negative log-likelihood of each next token and the greedy prediction at each scored position.
+def score_batch(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int, np.ndarray]:
+    """Summed negative log-likelihood of the next tokens, their number, and the greedy prediction at each.
 
     Args:
         logits: ``(batch, length, vocab)``.
         ids: ``(batch, length)`` the windows' tokens.
 
     Returns:
-        ``nll`` (float64) and ``predicted`` token ids, both ``(batch, length - 1)``.
+        ``(nll, tokens, predicted)``; ``predicted`` is ``(batch, length - 1)``.
     """
-    batch, length = ids.shape
-    scored = logits[:, :-1]
-    predicted = scored.argmax(-1)
-    nll = np.empty((batch, length - 1), dtype=np.float64)
-    rows = np.arange(length - 1)
-    for i in range(batch):
-        x = scored[i].astype(np.float32, copy=False)
-        top = x.max(-1)
-        lse = np.log(np.exp(x - top[:, None]).sum(-1, dtype=np.float64)) + top
-        nll[i] = lse - x[rows, ids[i, 1:]]
-    return nll, predicted
+    import torch
+
+    from ..losses import next_token_nll
+
+    nll, tokens = next_token_nll(torch.from_numpy(logits), torch.from_numpy(ids))
+    return nll, tokens, logits[:, :-1].argmax(-1)
 
 
 @dataclass
@@ -62,9 +58,9 @@ class Tally:
     tokens: int = 0
     correct: int = 0
 
-    def add(self, nll: np.ndarray, predicted: np.ndarray, ids: np.ndarray) -> None:
-        self.nll += float(nll.sum())
-        self.tokens += nll.size
+    def add(self, nll: float, tokens: int, predicted: np.ndarray, ids: np.ndarray) -> None:
+        self.nll += nll
+        self.tokens += tokens
         self.correct += int((predicted == ids[:, 1:]).sum())
 
     def metrics(self) -> dict[str, float]:
@@ -97,8 +93,8 @@ def onnx_perplexity(models: Mapping[str, tuple[Any, DecoderGraph]], windows: np.
         reference = None
         for name, (session, graph) in models.items():
             logits = session.run(["logits"], graph.prefill_feed(ids))[0]
-            nll, predicted = token_scores(logits, ids)
-            tallies[name].add(nll, predicted, ids)
+            nll, tokens, predicted = score_batch(logits, ids)
+            tallies[name].add(nll, tokens, predicted, ids)
             if reference is None:
                 reference = predicted
             else:
@@ -106,19 +102,6 @@ def onnx_perplexity(models: Mapping[str, tuple[Any, DecoderGraph]], windows: np.
     scored = tallies[next(iter(models))].tokens
     return {"metrics": {name: t.metrics() for name, t in tallies.items()},
             "agreement": {name: n / scored for name, n in same.items()}}
-
-
-def torch_perplexity(model: Any, windows: np.ndarray, batch: int, *, progress: bool | None = None) -> dict[str, float]:
-    """Perplexity of a PyTorch causal LM on the same windows, through the same reduction as :func:`onnx_perplexity`."""
-    import torch
-
-    tally = Tally()
-    with torch.inference_mode():
-        for ids in _batches(windows, batch, progress, "Perplexity (PyTorch)"):
-            tokens = torch.from_numpy(ids)
-            logits = model(input_ids=tokens, attention_mask=torch.ones_like(tokens), use_cache=False).logits
-            tally.add(*token_scores(logits.float().numpy(), ids), ids)
-    return tally.metrics()
 
 
 def relative_difference(value: float, reference: float) -> float:
