@@ -37,7 +37,18 @@ SCHEMA: dict[str, Any] = {
             },
         },
         "latency": {"type": ["object", "null"]},
-        "generation": {"type": ["object", "null"]},
+        "generation": {
+            "type": ["object", "null"],
+            "required": ["prompt_tokens", "new_tokens", "threads", "rounds", "cells"],
+            "properties": {"cells": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["batch", "models", "ratios"],
+                "properties": {"models": {"type": "object", "additionalProperties": {
+                    "type": "object",
+                    "required": ["prefill", "decode", "decode_per_round", "prefill_tokens_per_s",
+                                 "decode_tokens_per_s"],
+                }}},
+            }}},
+        },
         "memory": {"type": ["object", "null"]},
         "environment": {"type": "object"},
         "gate": {
