@@ -399,6 +399,7 @@ def _cmd_validate(a: argparse.Namespace) -> int:
 
 
 def _print_validation(result: Any) -> None:
+    from .validators.report import check_value
     from .validators.validate import gate_failure_message
 
     acc = result.report["accuracy"]
@@ -414,7 +415,7 @@ def _print_validation(result: Any) -> None:
     else:
         print(line)
     for c in result.checks:
-        value = "n/a" if c.value is None else f"{c.value:.4f}"
+        value = check_value(c.value)
         print(f"  {'PASS' if c.passed else 'FAIL'} {c.name} = {value} ({c.comparison} {c.threshold:g})")
     if result.passed:
         print(f"gate passed; report: {result.out_dir / 'report.md'}")

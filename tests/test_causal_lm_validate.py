@@ -349,3 +349,10 @@ def test_smollm2_perplexity_through_onnx_runtime_agrees_with_pytorch(tmp_path):
     assert 5 < acc["baseline"]["perplexity"] < 100  # a real language model on real speeches (uniform: 49152)
     assert acc["pytorch"]["baseline"]["relative_diff"] <= TOL["onnx_vs_torch_perplexity"]
     assert acc["comparison"]["agreement"] == 1.0 and result.passed
+
+
+def test_small_check_values_keep_their_digits():
+    from fwsvd_deploy.validators.report import check_value
+
+    assert [check_value(v) for v in (None, 0.0, 3.34e-8, 0.8939, 12.5)] == ["n/a", "0.0000", "3.34e-08", "0.8939",
+                                                                           "12.5000"]

@@ -67,7 +67,7 @@ class Generation:
         return prefill_ms, decode_ms
 
     def run(self, keep_logits: bool = False) -> tuple[float, list[float], list[np.ndarray]]:
-        """Prefill and decode times; with ``keep_logits``, each decode step's logits too (copied after timing)."""
+        """Prefill and decode times; with ``keep_logits`` (CPU), each decode step's logits too, copied after timing."""
         prefill_ms, out = self._run(self.prefill)
         decode_ms, logits = [], []
         for step in self.steps:

@@ -99,6 +99,13 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def check_value(value: float | None) -> str:
+    """A check's figure for people: four decimals, or three significant digits below 0.001 (parity, logit diffs)."""
+    if value is not None and value and abs(value) < 1e-3:
+        return f"{value:.3g}"
+    return _fmt(None if value is None else float(value))
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return "n/a" if a is None or not b else f"{a / b:.3f}"
 
@@ -121,7 +128,7 @@ def markdown(report: dict[str, Any], checks: list[Check]) -> str:
         "|---|---:|---:|---|",
     ]
     for c in checks:
-        lines.append(f"| {c.name} | {_fmt(c.value)} | {c.comparison} {c.threshold:g} | "
+        lines.append(f"| {c.name} | {check_value(c.value)} | {c.comparison} {c.threshold:g} | "
                      f"{'pass' if c.passed else '**FAIL**'} |")
     if not checks:
         lines.append("| (no thresholds set) | | | |")
