@@ -309,7 +309,7 @@ def test_gate_decisions(gate, results, expected):
     assert {c.name: c.passed for c in checks} == expected
     if "decode_latency_ratio" in expected and results["generation"]:
         detail = next(c.detail for c in checks if c.name == "decode_latency_ratio")
-        assert "worst at batch 8" in detail
+        assert "the worst batch size (8 of 1, 8)" in detail
 
 
 @pytest.mark.parametrize(("task", "threshold", "refused"), [

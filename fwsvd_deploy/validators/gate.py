@@ -63,8 +63,9 @@ def evaluate_gate(gate: GateConfig, results: dict[str, Any]) -> list[Check]:
         checks.append(_check("accuracy_drop", drop, "<=", gate.max_accuracy_drop,
                              f"{metric}: baseline {base} - candidate {cand}, in points"))
     if gate.min_agreement is not None:
-        checks.append(_check("agreement", acc.get("comparison", {}).get("agreement"), ">=", gate.min_agreement,
-                             "share of examples with the same predicted class"))
+        what = ("share of scored positions with the same greedy next token" if acc.get("task") == CAUSAL_LM_TASK
+                else "share of examples with the same predicted class")
+        checks.append(_check("agreement", acc.get("comparison", {}).get("agreement"), ">=", gate.min_agreement, what))
     if gate.max_logit_diff is not None:
         checks.append(_check("max_logit_diff", acc.get("comparison", {}).get("max_logit_diff"), "<=",
                              gate.max_logit_diff, "largest |baseline - candidate| logit"))
@@ -97,15 +98,16 @@ def _causal_lm_checks(gate: GateConfig, results: dict[str, Any]) -> list[Check]:
         checks.append(_check("perplexity_ratio", ratio, "<=", gate.max_perplexity_ratio,
                              f"candidate/baseline perplexity through ONNX Runtime: {cand} / {base}"))
     cells = (results.get("generation") or {}).get("cells") or []
-    for phase, threshold, what in (("decode", gate.max_decode_latency_ratio, "per-token decode time"),
-                                   ("prefill", gate.max_prefill_latency_ratio, "prefill time")):
+    for phase, threshold, what in (("decode", gate.max_decode_latency_ratio, "per-token decode time with the KV cache"),
+                                   ("prefill", gate.max_prefill_latency_ratio, "prefill time of the prompt")):
         if threshold is None:
             continue
         ratios = [c["ratios"]["candidate"][phase]["p50"] for c in cells if "candidate" in c["ratios"]]
         worst = max(ratios) if ratios else None
-        where = f" (worst at batch {cells[ratios.index(worst)]['batch']})" if ratios else ""
+        where = (f", the worst batch size ({cells[ratios.index(worst)]['batch']} of "
+                 f"{', '.join(str(c['batch']) for c in cells)})" if ratios else "")
         checks.append(_check(f"{phase}_latency_ratio", worst, "<=", threshold,
-                             f"candidate/baseline median {what} with the KV cache, worst batch size{where}"))
+                             f"candidate/baseline median {what}{where}"))
     # ONNX Runtime against PyTorch for the same model: set by giving the PyTorch folders, always checked then
     for role, parity in (acc.get("pytorch") or {}).items():
         checks.append(_check(f"onnx_vs_pytorch_perplexity_{role}", parity.get("relative_diff"), "<=", PARITY_RTOL,
