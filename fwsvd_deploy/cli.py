@@ -232,24 +232,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     va = sub.add_parser("validate", help="compare a candidate ONNX model with its baseline and apply the gate",
                         description="Accuracy (ONNX Runtime), latency and memory of both models on the same data, "
-                                    "provider and machine; exit 0 when every check passes, 1 when the gate fails.")
+                                    "provider and machine (causal LMs: perplexity, greedy agreement and generation "
+                                    "speed with the KV cache); exit 0 when every check passes, 1 when the gate fails.")
     va.add_argument("--baseline", required=True, help="optimised baseline ONNX folder")
     va.add_argument("--candidate", required=True, help="optimised candidate ONNX folder")
+    va.add_argument("--baseline-model", default=None,
+                    help="causal LMs: the PyTorch folder the baseline graph was exported from; its perplexity "
+                         "through ONNX Runtime must agree with PyTorch's to 0.1%%")
+    va.add_argument("--candidate-model", default=None,
+                    help="causal LMs: the PyTorch folder (dense or written by 'compress') of the candidate graph")
     _add_output_args(va)
     _add_measure_args(va)
     g = va.add_argument_group("gate (a threshold left out is not checked)")
-    g.add_argument("--max-accuracy-drop", type=float, default=default(GateConfig, "max_accuracy_drop"),
-                   help="points, 0 to 100 (default: %(default)s)")
-    g.add_argument("--min-agreement", type=float, default=default(GateConfig, "min_agreement"), help="(0, 1]")
+    g.add_argument("--max-accuracy-drop", type=float, default=None,
+                   help=f"points, 0 to 100 (default: {default(GateConfig, 'max_accuracy_drop')} for encoder tasks; "
+                        "causal LMs have no accuracy)")
+    g.add_argument("--min-agreement", type=float, default=default(GateConfig, "min_agreement"),
+                   help="(0, 1]: share of examples with the same class (causal LMs: the same greedy next token)")
     g.add_argument("--max-latency-ratio", type=float, default=default(GateConfig, "max_latency_ratio"))
     g.add_argument("--max-memory-ratio", type=float, default=default(GateConfig, "max_memory_ratio"))
     g.add_argument("--max-logit-diff", type=float, default=default(GateConfig, "max_logit_diff"))
+    g.add_argument("--max-perplexity-ratio", type=float, default=default(GateConfig, "max_perplexity_ratio"),
+                   help="causal LMs: candidate/baseline perplexity")
+    g.add_argument("--max-decode-latency-ratio", type=float, default=default(GateConfig, "max_decode_latency_ratio"),
+                   help="causal LMs: per-token decode time with the KV cache, candidate/baseline")
+    g.add_argument("--max-prefill-latency-ratio", type=float,
+                   default=default(GateConfig, "max_prefill_latency_ratio"),
+                   help="causal LMs: prefill time of the prompt, candidate/baseline")
     g.add_argument("--no-latency", action="store_true", help="skip latency measurement")
     g.add_argument("--no-memory", action="store_true", help="skip memory measurement")
     _add_data_args(va, default(ValidateConfig, "eval_batch_size"))
 
     be = sub.add_parser("bench", help="latency of ONNX models, interleaved in one process",
-                        description="Latency grid of one or more ONNX folders; ratios are against the first.")
+                        description="Latency grid of one or more ONNX folders (causal LMs: prefill and per-token "
+                                    "decode time with the KV cache); ratios are against the first.")
     be.add_argument("--model", action="append", required=True, help="ONNX folder (repeat; the first is the reference)")
     be.add_argument("--out", default=None, help="write bench.json and bench.md into this folder")
     be.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
@@ -306,6 +322,13 @@ def _add_measure_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rounds", type=int, default=default(ValidateConfig, "rounds"),
                    help="interleaved rounds per grid cell (default: %(default)s)")
     g.add_argument("--warmup", type=int, default=default(ValidateConfig, "warmup"))
+    g = p.add_argument_group("generation (causal LMs; replaces the batch x sequence grid)")
+    g.add_argument("--prompt-len", type=int, default=default(ValidateConfig, "prompt_len"),
+                   help="prompt tokens per row (default: %(default)s)")
+    g.add_argument("--new-tokens", type=int, default=default(ValidateConfig, "new_tokens"),
+                   help="decode steps timed (default: %(default)s)")
+    g.add_argument("--gen-batch-sizes", default=_csv(default(ValidateConfig, "gen_batch_sizes")),
+                   help="batch sizes of the timed generation (default: %(default)s)")
 
 
 def _int_list(flag: str, value: str) -> tuple[int, ...]:
@@ -317,7 +340,9 @@ def _int_list(flag: str, value: str) -> tuple[int, ...]:
 
 def _validate_config(a: argparse.Namespace, **extra: Any) -> ValidateConfig:
     return ValidateConfig(device=a.device, threads=a.threads, batch_sizes=_int_list("--batch-sizes", a.batch_sizes),
-                          seq_lens=_int_list("--seq-lens", a.seq_lens), rounds=a.rounds, warmup=a.warmup, **extra)
+                          seq_lens=_int_list("--seq-lens", a.seq_lens), rounds=a.rounds, warmup=a.warmup,
+                          prompt_len=a.prompt_len, new_tokens=a.new_tokens,
+                          gen_batch_sizes=_int_list("--gen-batch-sizes", a.gen_batch_sizes), **extra)
 
 
 def _progress(a: argparse.Namespace) -> bool | None:
@@ -446,20 +471,30 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
 
 def _cmd_validate(a: argparse.Namespace) -> int:
     cfg = _validate_config(a, latency=not a.no_latency, memory=not a.no_memory, eval_batch_size=a.eval_batch_size)
-    gate = GateConfig(max_accuracy_drop=a.max_accuracy_drop, min_agreement=a.min_agreement,
+    from .validators.decoder import is_causal_lm_folder
+
+    drop = a.max_accuracy_drop
+    if drop is None and not is_causal_lm_folder(a.baseline):
+        drop = default(GateConfig, "max_accuracy_drop")
+    gate = GateConfig(max_accuracy_drop=drop, min_agreement=a.min_agreement,
                       max_latency_ratio=a.max_latency_ratio, max_memory_ratio=a.max_memory_ratio,
-                      max_logit_diff=a.max_logit_diff)
+                      max_logit_diff=a.max_logit_diff, max_perplexity_ratio=a.max_perplexity_ratio,
+                      max_decode_latency_ratio=a.max_decode_latency_ratio,
+                      max_prefill_latency_ratio=a.max_prefill_latency_ratio)
     data = _data_config(a, batch_size=default(DataConfig, "batch_size"))
     from .validators.validate import validate
 
     result = validate(a.baseline, a.candidate, data, cfg, gate, a.out, overwrite=a.overwrite,
-                      progress=_progress(a), raise_on_failure=False)
+                      progress=_progress(a), raise_on_failure=False,
+                      pytorch_models={"baseline": a.baseline_model, "candidate": a.candidate_model})
     return _print_validation(result)
 
 
 def _print_validation(result: Any) -> int:
     """Print the gate's checks; the exit code is 1 exactly when a check failed."""
     from .errors import EXIT_GATE_FAILED
+    from .validators.decoder import CAUSAL_LM_TASK
+    from .validators.report import check_value
     from .validators.validate import gate_failure_message
 
     acc = result.report["accuracy"]
@@ -468,9 +503,14 @@ def _print_validation(result: Any) -> int:
             f"{acc['examples']} examples")
     if "agreement" in acc["comparison"]:
         line += f"; agreement {acc['comparison']['agreement']:.4f}"
-    print(line)
+    if acc.get("task") == CAUSAL_LM_TASK:
+        from .validators.causal_lm import summary_lines
+
+        print("\n".join(summary_lines(result.report)))
+    else:
+        print(line)
     for c in result.checks:
-        value = "n/a" if c.value is None else f"{c.value:.4f}"
+        value = check_value(c.value)
         print(f"  {'PASS' if c.passed else 'FAIL'} {c.name} = {value} ({c.comparison} {c.threshold:g})")
     for note in result.report.get("notes") or []:
         print(f"  note: {note}")
@@ -501,12 +541,24 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     for path in names.values():  # before minutes of measuring, not after
         if not (Path(path) / ONNX_FILE).is_file():
             raise ConfigError(f"{path} has no {ONNX_FILE}; give folders written by 'fwsvd-deploy export/optimize'")
-        check_sequence_lengths(onnx_config(Path(path)), path, {"--seq-lens": cfg.seq_lens})
+    decoders = _bench_decoders(a.model, cfg)
+    if not decoders:
+        for path in names.values():
+            check_sequence_lengths(onnx_config(Path(path)), path, {"--seq-lens": cfg.seq_lens})
     if a.out:
         check_output_dir(a.out, a.overwrite, inputs=names.values())
-    result = measure_latency(names, device=cfg.device, batch_sizes=cfg.batch_sizes, seq_lens=cfg.seq_lens,
-                             threads=cfg.threads, warmup=cfg.warmup, rounds=cfg.rounds, progress=_progress(a))
-    table = "\n".join(latency_table(result)) + "\n"
+    if decoders:
+        from .validators.generation import generation_table, measure_generation
+
+        result = measure_generation(names, device=cfg.device, batch_sizes=cfg.gen_batch_sizes,
+                                    prompt_len=cfg.prompt_len, new_tokens=cfg.new_tokens, threads=cfg.threads,
+                                    warmup=cfg.warmup, rounds=cfg.rounds, progress=_progress(a))
+        lines = generation_table(result)
+    else:
+        result = measure_latency(names, device=cfg.device, batch_sizes=cfg.batch_sizes, seq_lens=cfg.seq_lens,
+                                 threads=cfg.threads, warmup=cfg.warmup, rounds=cfg.rounds, progress=_progress(a))
+        lines = latency_table(result)
+    table = "\n".join(lines) + "\n"
     print(table, end="")
     if a.out:
         with atomic_output_dir(a.out, overwrite=a.overwrite, inputs=names.values()) as tmp:
@@ -514,6 +566,22 @@ def _cmd_bench(a: argparse.Namespace) -> int:
             (tmp / "bench.md").write_text(table)
         print(f"wrote {a.out}")
     return EXIT_OK
+
+
+def _bench_decoders(folders: list[str], cfg: ValidateConfig) -> bool:
+    """Whether ``bench`` times generation (causal LMs, prompt plus new tokens checked) or the encoder grid."""
+    from pathlib import Path
+
+    from .validators.decoder import check_lengths, is_causal_lm_folder
+
+    causal = [is_causal_lm_folder(f) for f in folders]
+    if any(causal) and not all(causal):
+        raise ConfigError("bench times encoders on a batch x sequence grid and causal language models by generation; "
+                          f"give models of one kind ({', '.join(f for f, c in zip(folders, causal, strict=True) if c)} "
+                          "are causal LMs)")
+    for folder in folders if all(causal) else []:
+        check_lengths(Path(folder), prompt_len=cfg.prompt_len, new_tokens=cfg.new_tokens)
+    return all(causal)
 
 
 def _cmd_run(a: argparse.Namespace) -> int:

@@ -428,10 +428,19 @@ class GateConfig(_Config):
 
     Attributes:
         max_accuracy_drop: baseline minus candidate primary metric, in percentage points, ``[0, 100]``.
-        min_agreement: fraction of examples on which both models predict the same class, ``(0, 1]``.
+        min_agreement: fraction of examples on which both models predict the same class (causal LMs: positions
+            with the same greedy next token), ``(0, 1]``.
         max_latency_ratio: candidate/baseline median latency, in every cell of the latency grid, ``> 0``.
         max_memory_ratio: candidate/baseline model size on disk, ``> 0``.
         max_logit_diff: largest absolute logit difference between the two models, ``>= 0``.
+        max_perplexity_ratio: candidate/baseline perplexity (causal language models), ``> 0``.
+        max_decode_latency_ratio: candidate/baseline per-token decode time with the KV cache, at every generation
+            batch size (causal language models), ``> 0``.
+        max_prefill_latency_ratio: candidate/baseline prefill time of the prompt, at every generation batch size
+            (causal language models), ``> 0``.
+
+    ``max_accuracy_drop``, ``max_latency_ratio`` and ``max_logit_diff`` apply to encoder tasks, the three above to
+    causal language models; ``min_agreement`` and ``max_memory_ratio`` to both.
     """
 
     max_accuracy_drop: float | None = 1.0
@@ -439,6 +448,9 @@ class GateConfig(_Config):
     max_latency_ratio: float | None = None
     max_memory_ratio: float | None = None
     max_logit_diff: float | None = None
+    max_perplexity_ratio: float | None = None
+    max_decode_latency_ratio: float | None = None
+    max_prefill_latency_ratio: float | None = None
 
     def __post_init__(self) -> None:
         _check_float("max_accuracy_drop", self.max_accuracy_drop, 0.0, 100.0, low_open=False, optional=True)
@@ -446,6 +458,8 @@ class GateConfig(_Config):
         _check_float("max_latency_ratio", self.max_latency_ratio, 0.0, 1e6, low_open=True, optional=True)
         _check_float("max_memory_ratio", self.max_memory_ratio, 0.0, 1e6, low_open=True, optional=True)
         _check_float("max_logit_diff", self.max_logit_diff, 0.0, 1e9, low_open=False, optional=True)
+        for name in ("max_perplexity_ratio", "max_decode_latency_ratio", "max_prefill_latency_ratio"):
+            _check_float(name, getattr(self, name), 0.0, 1e6, low_open=True, optional=True)
 
 
 def _check_int_list(name: str, values: Any) -> tuple[int, ...]:
@@ -472,6 +486,9 @@ class ValidateConfig(_Config):
         latency: measure latency (skip for accuracy-only gates).
         memory: measure memory.
         split: the split the accuracy is measured on; ``None`` uses the data's ``eval_split``.
+        prompt_len / new_tokens: a causal language model's timed generation: a prefill of ``prompt_len`` tokens, then
+            ``new_tokens`` decode steps with the KV cache (also the memory probe's, at ``memory_batch``).
+        gen_batch_sizes: the batch sizes the generation is timed at.
     """
 
     device: str = "cpu"
@@ -486,9 +503,15 @@ class ValidateConfig(_Config):
     latency: bool = True
     memory: bool = True
     split: str | None = None
+    prompt_len: int = 128
+    new_tokens: int = 32
+    gen_batch_sizes: tuple[int, ...] = (1, 8)
 
     def __post_init__(self) -> None:
         _check_choice("device", self.device, RUN_DEVICES)
+        _check_int("prompt_len", self.prompt_len, 1)
+        _check_int("new_tokens", self.new_tokens, 1)
+        object.__setattr__(self, "gen_batch_sizes", _check_int_list("gen_batch_sizes", self.gen_batch_sizes))
         if self.split is not None and (not isinstance(self.split, str) or not self.split):
             raise ConfigError(f"split={self.split!r} must be a split name or null (the data's eval_split)")
         _check_int("threads", self.threads, 1)
@@ -506,6 +529,7 @@ class ValidateConfig(_Config):
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["batch_sizes"], out["seq_lens"] = list(self.batch_sizes), list(self.seq_lens)
+        out["gen_batch_sizes"] = list(self.gen_batch_sizes)
         return out
 
 

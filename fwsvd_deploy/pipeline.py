@@ -396,7 +396,7 @@ STAGE_PACKAGES: dict[str, tuple[str, ...]] = {
 # against them instead (see _still_valid).
 _CHECK_ONLY = {
     "export": {"atol", "validate_shapes"},
-    "optimize": {"atol", "int8_atol", "validate_shapes", "allow_fusion_loss"},
+    "optimize": {"atol", "int8_atol", "int8_min_sqnr_db", "int8_min_agreement", "validate_shapes", "allow_fusion_loss"},
 }
 # DataConfig fields a stage's artifact does not depend on: the inference batch size; and, for compression
 # (which evaluates nothing inside the pipeline), the evaluation split and its cap.

@@ -53,6 +53,9 @@ TOL = {
     "optimised_graph": 1e-3,  # fused vs unfused graph, float32 (OptimizeConfig's default atol)
     "int8_snr_db": 15.0,  # lossy: dynamic int8 weights against the float32 graph (tiny untrained models: ~20 dB)
     "fp16_snr_db": 40.0,  # lossy: float16 weights (CUDA) against float32 on the CPU
+    "perplexity_reduction": 1e-5,  # our token-weighted perplexity vs transformers' own loss, same logits (relative)
+    "onnx_vs_torch_perplexity": 1e-5,  # ONNX Runtime vs PyTorch perplexity, same fp32 weights (relative)
+    "kv_cache_logits": 1e-4,  # one graph's decode-with-cache logits vs its full forward at the same positions
 }
 
 
@@ -173,6 +176,13 @@ def lm_decoder(family: str, tokenizer, seed: int = 0) -> torch.nn.Module:
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
     return AutoModelForCausalLM.from_config(config).eval()
+def export_decoder(model: torch.nn.Module, tokenizer, out: Path, task: str = "text-generation-with-past") -> Path:
+    """A decoder exported by optimum-onnx as it ships (fp32, KV cache), with the tokenizer beside the graph."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    onnx_export_from_model(model, str(out), task=task, do_validation=False, device="cpu")
+    tokenizer.save_pretrained(out)
+    return out
 
 
 _WORDS_POS = ("great", "wonderful", "moving", "brilliant", "funny", "superb")

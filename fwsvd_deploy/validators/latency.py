@@ -6,10 +6,9 @@ import os
 import platform
 import sys
 import time
-from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -17,6 +16,8 @@ from ..errors import ConfigError, first_line
 from ..exporters.runtime import GPU_DEVICES, ONNX_FILE, make_session, onnx_config
 from ..manifest import package_versions
 from ..progress import progress_bar
+
+T = TypeVar("T")
 
 
 def vocab_size(folder: str | Path) -> int:
@@ -82,6 +83,37 @@ class _Runner:
             self.session.run(None, self.feed)
 
 
+def _timed(run: Callable[[], Any]) -> Callable[[], float]:
+    def timed() -> float:
+        start = time.perf_counter()
+        run()
+        return (time.perf_counter() - start) * 1000
+
+    return timed
+
+
+def interleaved_rounds(runners: Mapping[str, Callable[[], T]], warmup: int, rounds: int) -> dict[str, list[T]]:
+    """Call every runner ``warmup`` times untimed, then once per round for ``rounds`` rounds, each round running
+    every model in turn, the order alternating (ABBA...) so that neither model always runs on the other's warm
+    caches. Returns what each call returned, by runner and round."""
+    for _ in range(warmup):
+        for run in runners.values():
+            run()
+    results: dict[str, list[T]] = {name: [] for name in runners}
+    order = list(runners.items())
+    for i in range(rounds):
+        for name, run in (order if i % 2 == 0 else order[::-1]):
+            results[name].append(run())
+    return results
+
+
+def round_ratio(model_ms: Sequence[float], reference_ms: Sequence[float]) -> dict[str, float]:
+    """Ratio of two models' medians (``p50``), and the 10th/90th percentiles of the per-round ratio."""
+    per_round = np.asarray(model_ms) / np.asarray(reference_ms)
+    return {"p50": float(np.median(model_ms) / np.median(reference_ms)),
+            "p10": float(np.percentile(per_round, 10)), "p90": float(np.percentile(per_round, 90))}
+
+
 def summarize(ms: Sequence[float]) -> dict[str, float]:
     a = np.asarray(ms, dtype=np.float64)
     return {"mean_ms": float(a.mean()), "p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
@@ -115,24 +147,11 @@ def measure_latency(
     cells = []
     grid = [(b, s) for b in batch_sizes for s in seq_lens]
     for batch, seq in progress_bar(grid, progress=progress, desc="Latency", unit="shape"):
-        runners = {n: _Runner(s, synthetic_inputs(s, batch, seq, vocab=vocab), device) for n, s in sessions.items()}
-        for _ in range(warmup):
-            for run in runners.values():
-                run()
-        times: dict[str, list[float]] = defaultdict(list)
-        order = list(runners.items())
-        for i in range(rounds):
-            # alternate the order (ABBA...) so that neither model always runs on the other's warm caches
-            for name, run in (order if i % 2 == 0 else order[::-1]):
-                start = time.perf_counter()
-                run()
-                times[name].append((time.perf_counter() - start) * 1000)
+        runners = {n: _timed(_Runner(s, synthetic_inputs(s, batch, seq, vocab=vocab), device))
+                   for n, s in sessions.items()}
+        times = interleaved_rounds(runners, warmup, rounds)
         base = names[0]
-        ratios = {}
-        for name in names[1:]:
-            per_round = np.asarray(times[name]) / np.asarray(times[base])
-            ratios[name] = {"p50": float(np.median(times[name]) / np.median(times[base])),
-                            "p10": float(np.percentile(per_round, 10)), "p90": float(np.percentile(per_round, 90))}
+        ratios = {name: round_ratio(times[name], times[base]) for name in names[1:]}
         cells.append({"batch": batch, "sequence": seq, "models": {n: summarize(times[n]) for n in names},
                       "throughput_per_s": {n: batch * 1000.0 / float(np.median(times[n])) for n in names},
                       "ratios": ratios})

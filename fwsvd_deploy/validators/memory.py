@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from ..errors import DeviceUnavailableError, ExportError
@@ -21,6 +22,8 @@ import numpy as np
 import onnxruntime as ort
 path, device, batch, seq, threads, token = (sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]),
                                             int(sys.argv[5]), int(sys.argv[6]))
+# a decoder: {"past": {input: [kv_heads, head_dim, dtype]}, "new_tokens": N} -- an empty past, then N decode steps
+decoder = json.loads(sys.argv[7]) if len(sys.argv) > 7 else {"past": {}, "new_tokens": 0}
 def status_mb(field):
     # VmHWM/VmRSS belong to this process image; getrusage's ru_maxrss would inherit the parent's peak at fork
     for line in open("/proc/self/status"):
@@ -64,13 +67,29 @@ session = ort.InferenceSession(path, options, providers=providers)
 loaded = rss_peak_mb()
 feed = {}
 for inp in session.get_inputs():
-    if inp.name == "input_ids":
+    if inp.name in decoder["past"]:
+        heads, head_dim, dtype = decoder["past"][inp.name]
+        feed[inp.name] = np.zeros((batch, heads, 0, head_dim), dtype=dtype)
+    elif inp.name == "input_ids":
         feed[inp.name] = np.full((batch, seq), token, dtype=np.int64)
     elif inp.name == "attention_mask":
         feed[inp.name] = np.ones((batch, seq), dtype=np.int64)
+    elif inp.name == "position_ids" and decoder["past"]:
+        feed[inp.name] = np.tile(np.arange(seq, dtype=np.int64), (batch, 1))
     else:
         feed[inp.name] = np.zeros((batch, seq), dtype=np.int64)
-session.run(None, feed)
+names = [o.name for o in session.get_outputs()]
+outputs = session.run(names, feed)
+for step in range(decoder["new_tokens"]):
+    present = dict(zip(names, outputs))
+    length = seq + step + 1
+    feed = {"input_ids": np.full((batch, 1), token, dtype=np.int64),
+            "attention_mask": np.ones((batch, length), dtype=np.int64)}
+    if "position_ids" in [i.name for i in session.get_inputs()]:
+        feed["position_ids"] = np.full((batch, 1), length - 1, dtype=np.int64)
+    for name in decoder["past"]:
+        feed[name] = present["present." + name[len("past_key_values."):]]
+    outputs = session.run(names, feed)
 out = {"host_peak_mb": rss_peak_mb(), "host_before_session_mb": before, "host_after_load_mb": loaded}
 if device != "cpu":
     try:
@@ -107,10 +126,14 @@ def parameter_count(folder: Path) -> int:
 
 
 def session_memory(folder: Path, device: str = "cpu", batch: int = 8, seq: int = 128,
-                   threads: int = 2) -> dict[str, Any]:
+                   threads: int = 2, decoder: dict[str, Any] | None = None) -> dict[str, Any]:
     """Peak resident memory of a process that loads the model and runs one batch, and on CUDA the device memory
     of that process (NVML's per-process figure, or the device's use after minus before the session, as the
-    result's ``device_method`` says)."""
+    result's ``device_method`` says).
+
+    ``decoder`` (see :func:`decoder_probe`) makes the batch a prefill of ``seq`` tokens with an empty past followed by
+    decode steps that grow the KV cache.
+    """
     if device != "cpu":
         try:
             require_provider(device)
@@ -118,7 +141,7 @@ def session_memory(folder: Path, device: str = "cpu", batch: int = 8, seq: int =
             return {"available": False, "reason": str(exc)}
     proc = subprocess.run(
         [sys.executable, "-c", _PROBE, str(folder / ONNX_FILE), device, str(batch), str(seq), str(threads),
-         str(synthetic_token(folder))],
+         str(synthetic_token(folder)), *([json.dumps(decoder)] if decoder else [])],
         capture_output=True, text=True, timeout=600,
     )
     if proc.returncode != 0:
@@ -131,13 +154,21 @@ def session_memory(folder: Path, device: str = "cpu", batch: int = 8, seq: int =
     return result
 
 
+def decoder_probe(graph: Any, new_tokens: int) -> dict[str, Any]:
+    """The memory probe's description of a decoder graph (:class:`~.decoder.DecoderGraph`) and its decode steps."""
+    dtype = np.dtype(graph.dtype).name
+    return {"past": {name: [h, d, dtype] for name, h, d in zip(graph.past, graph.kv_heads, graph.head_dim,
+                                                                strict=True)},
+            "new_tokens": new_tokens}
+
+
 def measure_memory(folder: str | Path, device: str = "cpu", batch: int = 8, seq: int = 128,
-                   threads: int = 2) -> dict[str, Any]:
+                   threads: int = 2, decoder: dict[str, Any] | None = None) -> dict[str, Any]:
     folder = Path(folder)
     out: dict[str, Any] = {
         "disk_bytes": disk_bytes(folder),
         "parameters": parameter_count(folder),
-        "host": session_memory(folder, device, batch, seq, threads),
+        "host": session_memory(folder, device, batch, seq, threads, decoder),
     }
     if device == "cpu":
         out["device"] = {"available": False, "reason": "CPU execution provider: no device memory"}

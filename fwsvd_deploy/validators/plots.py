@@ -40,6 +40,33 @@ def latency_plot(latency: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def generation_plot(generation: dict[str, Any], path: Path) -> Path:
+    """Prefill time and per-token decode time per batch size, one bar per model (bar to p90)."""
+    plt = _pyplot()
+    cells = generation["cells"]
+    names = list(cells[0]["models"])
+    fig, axes = plt.subplots(1, 2, figsize=(max(7, 2.4 * len(cells)), 4))
+    width = 0.8 / len(names)
+    for ax, phase, label, stat in ((axes[0], "prefill", f"prefill of {generation['prompt_tokens']} tokens", "p50_ms"),
+                                   (axes[1], "decode", "decode, per token", "mean_ms")):
+        for i, name in enumerate(names):
+            mid = [c["models"][name][phase][stat] for c in cells]
+            hi = [max(0.0, c["models"][name][phase]["p90_ms"] - m) for c, m in zip(cells, mid, strict=True)]
+            xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(cells))]
+            ax.bar(xs, mid, width, yerr=[[0] * len(hi), hi], capsize=2, label=name)
+        ax.set_xticks(range(len(cells)), [str(c["batch"]) for c in cells])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(f"{'median' if stat == 'p50_ms' else 'mean'} ms (bar to p90)")
+        ax.set_title(label)
+        ax.legend()
+    fig.suptitle(f"Generation with the KV cache: {generation['device']} execution provider, "
+                 f"{generation['threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def search_plot(trials: list[dict[str, Any]], max_accuracy_drop: float | None, path: Path) -> Path:
     """The task's main metric and the worst latency ratio against the kept fraction, with the gate's drop line."""
     plt = _pyplot()

@@ -7,6 +7,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+from .decoder import CAUSAL_LM_TASK
 from .gate import Check
 
 REPORT_SCHEMA = "fwsvd-deploy/validation-report"
@@ -36,6 +37,18 @@ SCHEMA: dict[str, Any] = {
             },
         },
         "latency": {"type": ["object", "null"]},
+        "generation": {
+            "type": ["object", "null"],
+            "required": ["prompt_tokens", "new_tokens", "threads", "rounds", "cells"],
+            "properties": {"cells": {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["batch", "models", "ratios"],
+                "properties": {"models": {"type": "object", "additionalProperties": {
+                    "type": "object",
+                    "required": ["prefill", "decode", "decode_per_round", "prefill_tokens_per_s",
+                                 "decode_tokens_per_s"],
+                }}},
+            }}},
+        },
         "memory": {"type": ["object", "null"]},
         "environment": {"type": "object"},
         "notes": {"type": "array", "items": {"type": "string"}},
@@ -73,6 +86,10 @@ def write_reports(folder: Path, report: dict[str, Any], checks: list[Check]) -> 
         from .plots import latency_plot
 
         latency_plot(report["latency"], folder / "latency.png")
+    if report.get("generation"):
+        from .plots import generation_plot
+
+        generation_plot(report["generation"], folder / "generation.png")
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -83,6 +100,13 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def check_value(value: float | None) -> str:
+    """A check's figure for people: four decimals, or three significant digits below 0.001 (parity, logit diffs)."""
+    if value is not None and value and abs(value) < 1e-3:
+        return f"{value:.3g}"
+    return _fmt(None if value is None else float(value))
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return "n/a" if a is None or not b else f"{a / b:.3f}"
 
@@ -90,11 +114,13 @@ def _ratio(a: float | None, b: float | None) -> str:
 def markdown(report: dict[str, Any], checks: list[Check]) -> str:
     gate = "PASSED" if report["gate"]["passed"] else "FAILED"
     acc = report["accuracy"]
+    causal = acc.get("task") == CAUSAL_LM_TASK
+    examples = f"{acc['examples']} " + (f"windows of {acc['windows']['length']} tokens" if causal else "examples")
     lines = [
         f"# Validation: {gate}",
         "",
         f"Baseline `{report['baseline']['path']}` vs candidate `{report['candidate']['path']}` on "
-        f"{acc['examples']} examples of {report.get('data', {}).get('source', 'the evaluation split')}, "
+        f"{examples} of {report.get('data', {}).get('source', 'the evaluation split')}, "
         f"{report['settings']['device']} execution provider.",
         "",
         "## Gate",
@@ -103,17 +129,18 @@ def markdown(report: dict[str, Any], checks: list[Check]) -> str:
         "|---|---:|---:|---|---|",
     ]
     for c in checks:
-        lines.append(f"| {c.name} | {_fmt(c.value)} | {c.comparison} {c.threshold:g} | "
+        lines.append(f"| {c.name} | {check_value(c.value)} | {c.comparison} {c.threshold:g} | "
                      f"{'pass' if c.passed else '**FAIL**'} | {c.detail} |")
     if not checks:
         lines.append("| (no thresholds set) | | | | |")
     for note in report.get("notes") or []:
         lines += ["", f"Note: {note}."]
-    lines += ["", "## Accuracy (ONNX Runtime)", "", "| metric | baseline | candidate |", "|---|---:|---:|"]
-    for key, value in acc["baseline"].items():
-        lines.append(f"| {key} | {_fmt(value)} | {_fmt(acc['candidate'].get(key))} |")
-    for key, value in acc["comparison"].items():
-        lines.append(f"| {key} | | {_fmt(value, 6)} |")
+    if causal:
+        from .causal_lm import markdown_sections
+
+        lines += markdown_sections(report)
+    else:
+        lines += _accuracy_lines(acc)
     latency = report.get("latency")
     if latency:
         lines += ["", f"## Latency ({latency['threads']} threads, {latency['rounds']} interleaved rounds, median ms; "
@@ -129,6 +156,9 @@ def markdown(report: dict[str, Any], checks: list[Check]) -> str:
         if b["host"].get("available") and c["host"].get("available"):
             hb, hc = b["host"]["session_mb"], c["host"]["session_mb"]
             lines.append(f"| session peak host memory (MB) | {hb:.0f} | {hc:.0f} | {_ratio(hc, hb)} |")
+        if "kv_cache_bytes_per_token" in b:
+            kb, kc = b["kv_cache_bytes_per_token"], c["kv_cache_bytes_per_token"]
+            lines.append(f"| KV-cache bytes per token | {kb:,} | {kc:,} | {_ratio(kc, kb)} |")
         bd, device = b.get("device", {}), c.get("device", {})
         if device.get("available") and bd.get("available"):
             lines.append(f"| session device memory (MB) | {bd['used_mb']:.0f} | {device['used_mb']:.0f} | "
@@ -136,6 +166,10 @@ def markdown(report: dict[str, Any], checks: list[Check]) -> str:
             lines += ["", f"Device memory: {device.get('method')}."]
         elif not device.get("available"):
             lines.append(f"| device memory | unavailable | unavailable | {device.get('reason', '')} |")
+        if "probe" in b:
+            p = b["probe"]
+            lines += ["", f"Session peak memory: loading the model, a prefill of {p['prompt_tokens']} tokens at batch "
+                      f"{p['batch']}, then {p['new_tokens']} decode steps."]
     return "\n".join(lines) + "\n"
 
 
@@ -154,6 +188,15 @@ def latency_table(latency: dict[str, Any]) -> list[str]:
             r = cell["ratios"][n]
             row += [f"{r['p50']:.3f}", f"{r['p10']:.3f}-{r['p90']:.3f}"]
         lines.append(f"| {cell['batch']} x {cell['sequence']} | " + " | ".join(row) + " |")
+    return lines
+
+
+def _accuracy_lines(acc: dict[str, Any]) -> list[str]:
+    lines = ["", "## Accuracy (ONNX Runtime)", "", "| metric | baseline | candidate |", "|---|---:|---:|"]
+    for key, value in acc["baseline"].items():
+        lines.append(f"| {key} | {_fmt(value)} | {_fmt(acc['candidate'].get(key))} |")
+    for key, value in acc["comparison"].items():
+        lines.append(f"| {key} | | {_fmt(value, 6)} |")
     return lines
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,9 @@ from ..manifest import folder_fingerprint, read_manifest, write_manifest
 from ..modeling import check_sequence_lengths
 from ..outputs import atomic_output_dir, check_output_dir
 from .accuracy import agreement, evaluate_onnx, task_from_outputs
-from .gate import Check, evaluate_gate
+from .causal_lm import causal_lm_results, check_no_pytorch_models
+from .decoder import CAUSAL_LM_TASK, check_pair_roles
+from .gate import Check, check_thresholds_apply, evaluate_gate
 from .latency import environment, measure_latency
 from .memory import measure_memory
 from .report import REPORT_SCHEMA, REPORT_VERSION, write_reports
@@ -38,10 +41,16 @@ def _signature(folder: Path, device: str) -> tuple[list[str], dict[str, list[Any
 
 
 def check_compatible(baseline: Path, candidate: Path, device: str) -> str:
-    """Both models must take the same inputs and give the same outputs; returns their task."""
+    """Both models must take the same inputs and give the same outputs; returns their task.
+
+    Causal language models are recognised by their ``config.json``; their graphs are compared when they are opened
+    (see :func:`~.causal_lm.causal_lm_results`).
+    """
     for folder in (baseline, candidate):
         if not (folder / ONNX_FILE).is_file():
             raise ConfigError(f"{folder} has no {ONNX_FILE}; give folders written by 'fwsvd-deploy export/optimize'")
+    if check_pair_roles(baseline, candidate):
+        return CAUSAL_LM_TASK
     b_in, b_out = _signature(baseline, device)
     c_in, c_out = _signature(candidate, device)
     if sorted(b_in) != sorted(c_in):
@@ -90,48 +99,39 @@ def validate(
     overwrite: bool = False,
     progress: bool | None = None,
     raise_on_failure: bool = True,
+    pytorch_models: Mapping[str, str | Path | None] | None = None,
 ) -> ValidationResult:
     """Measure both models, evaluate the gate, write report.json / report.md / junit.xml / manifest.json.
 
     The report is written whether the gate passes or not; then a failed gate raises :class:`GateFailedError`
-    (exit code 1) naming every failed check, unless ``raise_on_failure`` is false.
+    (exit code 1) naming every failed check, unless ``raise_on_failure`` is false. For causal language models,
+    ``pytorch_models`` (``baseline``/``candidate`` -> the PyTorch folder each graph was exported from) adds the
+    ONNX-vs-PyTorch perplexity check.
 
     Raises:
         DeviceUnavailableError: ``cfg.device == 'cuda'`` without CUDA.
-        ConfigError: incompatible models.
+        ConfigError: incompatible models, or a threshold for another kind of task.
         GateFailedError: a check failed.
     """
     baseline, candidate = Path(baseline), Path(candidate)
-    if gate.max_latency_ratio is not None and not cfg.latency:
-        raise ConfigError("gate max_latency_ratio needs latency measurement; enable it or drop the threshold")
+    for name in ("max_latency_ratio", "max_decode_latency_ratio", "max_prefill_latency_ratio"):
+        if getattr(gate, name) is not None and not cfg.latency:
+            raise ConfigError(f"gate {name} needs latency measurement; enable it or drop the threshold")
     if gate.max_memory_ratio is not None and not cfg.memory:
         raise ConfigError("gate max_memory_ratio needs memory measurement; enable it or drop the threshold")
     require_provider(cfg.device)
     check_output_dir(out_dir, overwrite, inputs=[baseline, candidate, data_cfg.dataset, data_cfg.eval_dataset])
     task = check_compatible(baseline, candidate, cfg.device)
-    check_lengths((baseline, candidate), data_cfg, cfg)
+    check_thresholds_apply(gate, task)
+    if task != CAUSAL_LM_TASK:
+        check_no_pytorch_models(pytorch_models, task)
+        check_lengths((baseline, candidate), data_cfg, cfg)
     start = time.perf_counter()
-    kwargs = {"device": cfg.device, "batch_size": cfg.eval_batch_size, "max_length": data_cfg.max_length,
-              "threads": cfg.threads, "progress": progress}
-    if task == "text-classification":
-        evaluation = load_eval_split(data_cfg)
-        source = evaluation.source
-        base_eval = evaluate_onnx(baseline, evaluation, **kwargs)
-        cand_eval = evaluate_onnx(candidate, evaluation, **kwargs)
-        accuracy = {"task": task, "primary_metric": "accuracy" if base_eval.kind == "classification" else "pearson",
-                    "baseline": base_eval.metrics, "candidate": cand_eval.metrics,
-                    "comparison": agreement(base_eval, cand_eval), "examples": base_eval.num_examples}
+    if task == CAUSAL_LM_TASK:
+        results, source = causal_lm_results({"baseline": baseline, "candidate": candidate}, data_cfg, cfg,
+                                             pytorch_models=pytorch_models, progress=progress)
     else:
-        accuracy, source = _span_accuracy(task, baseline, candidate, data_cfg, kwargs)
-    results: dict[str, Any] = {"accuracy": accuracy, "latency": None, "memory": None}
-    if cfg.latency:
-        results["latency"] = measure_latency({"baseline": baseline, "candidate": candidate}, device=cfg.device,
-                                             batch_sizes=cfg.batch_sizes, seq_lens=cfg.seq_lens,
-                                             threads=cfg.threads, warmup=cfg.warmup, rounds=cfg.rounds,
-                                             progress=progress)
-    if cfg.memory:
-        results["memory"] = {name: measure_memory(folder, cfg.device, cfg.memory_batch, cfg.memory_seq, cfg.threads)
-                             for name, folder in (("baseline", baseline), ("candidate", candidate))}
+        results, source = _encoder_results(task, baseline, candidate, data_cfg, cfg, progress)
     described = {"baseline": _describe(baseline), "candidate": _describe(candidate)}
     results["fusions"] = _fusions(described)
     checks = evaluate_gate(gate, results)
@@ -158,6 +158,33 @@ def validate(
     if not passed and raise_on_failure:
         raise GateFailedError(gate_failure_message(checks, Path(out_dir)))
     return result
+
+
+def _encoder_results(task: str, baseline: Path, candidate: Path, data_cfg: DataConfig, cfg: ValidateConfig,
+                     progress: bool | None) -> tuple[dict[str, Any], str]:
+    """Accuracy, latency grid and memory of two encoder models, and the evaluation data's source."""
+    kwargs = {"device": cfg.device, "batch_size": cfg.eval_batch_size, "max_length": data_cfg.max_length,
+              "threads": cfg.threads, "progress": progress}
+    if task == "text-classification":
+        evaluation = load_eval_split(data_cfg)
+        source = evaluation.source
+        base_eval = evaluate_onnx(baseline, evaluation, **kwargs)
+        cand_eval = evaluate_onnx(candidate, evaluation, **kwargs)
+        accuracy = {"task": task, "primary_metric": "accuracy" if base_eval.kind == "classification" else "pearson",
+                    "baseline": base_eval.metrics, "candidate": cand_eval.metrics,
+                    "comparison": agreement(base_eval, cand_eval), "examples": base_eval.num_examples}
+    else:
+        accuracy, source = _span_accuracy(task, baseline, candidate, data_cfg, kwargs)
+    results: dict[str, Any] = {"accuracy": accuracy, "latency": None, "memory": None}
+    if cfg.latency:
+        results["latency"] = measure_latency({"baseline": baseline, "candidate": candidate}, device=cfg.device,
+                                             batch_sizes=cfg.batch_sizes, seq_lens=cfg.seq_lens,
+                                             threads=cfg.threads, warmup=cfg.warmup, rounds=cfg.rounds,
+                                             progress=progress)
+    if cfg.memory:
+        results["memory"] = {name: measure_memory(folder, cfg.device, cfg.memory_batch, cfg.memory_seq, cfg.threads)
+                             for name, folder in (("baseline", baseline), ("candidate", candidate))}
+    return results, source
 
 
 def _span_accuracy(task: str, baseline: Path, candidate: Path, data_cfg: DataConfig,

@@ -1,0 +1,161 @@
+"""Generation speed of decoder ONNX models with the KV cache, measured together: same process, same tokens,
+interleaved rounds.
+
+One generation is a prefill of ``prompt_len`` tokens per row (empty past), then ``new_tokens`` decode steps of one
+token per row, each fed the previous step's presents as its past. Each call is timed on its own. The tokens are
+fixed in advance (seeded, within the vocabulary) rather than chosen by argmax, so both models do exactly the same
+work whatever they predict. Inputs and the KV cache stay in ONNX Runtime's own tensors (I/O binding) on every
+device: on CUDA every step's inputs are placed on the device before timing and the cache never leaves it; on CPU
+no cache is copied into or out of NumPy between steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..exporters.runtime import GPU_DEVICES, ONNX_FILE, make_session
+from ..progress import progress_bar
+from .decoder import DecoderGraph
+from .latency import environment, interleaved_rounds, round_ratio, summarize
+
+
+def generation_tokens(vocab: int, batch: int, length: int, seed: int = 0) -> np.ndarray:
+    """Seeded token ids ``(batch, length)`` in the vocabulary's ordinary range (above the first 100 special ids)."""
+    low = min(100, vocab - 1)
+    return np.random.default_rng(seed).integers(low, vocab, size=(batch, length), dtype=np.int64)
+
+
+class Generation:
+    """One generation of fixed tokens, callable repeatedly; returns ``(prefill_ms, [decode_ms, ...])``."""
+
+    def __init__(self, session: Any, graph: DecoderGraph, tokens: np.ndarray, prompt_len: int, device: str) -> None:
+        import onnxruntime as ort
+
+        self.session = session
+        self.graph = graph
+        self.device = "cuda" if device in GPU_DEVICES else "cpu"
+        self.outputs = [o.name for o in session.get_outputs()]
+
+        def place(feed: dict[str, np.ndarray]) -> dict[str, Any]:
+            return {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), self.device, 0)
+                    for k, v in feed.items()}
+
+        self.prefill = place(graph.prefill_feed(tokens[:, :prompt_len]))
+        self.steps = [place(graph.step_inputs(tokens[:, t:t + 1], t)) for t in range(prompt_len, tokens.shape[1])]
+
+    def _run(self, feed: Mapping[str, Any]) -> tuple[float, list[Any]]:
+        import time
+
+        binding = self.session.io_binding()
+        for name, value in feed.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in self.outputs:
+            binding.bind_output(name, self.device)
+        start = time.perf_counter()
+        self.session.run_with_iobinding(binding)
+        if self.device != "cpu":
+            binding.synchronize_outputs()
+        ms = (time.perf_counter() - start) * 1000
+        return ms, binding.get_outputs()
+
+    def __call__(self) -> tuple[float, list[float]]:
+        prefill_ms, decode_ms, _ = self.run()
+        return prefill_ms, decode_ms
+
+    def run(self, keep_logits: bool = False) -> tuple[float, list[float], list[np.ndarray]]:
+        """Prefill and decode times; with ``keep_logits`` (CPU), each decode step's logits too, copied after timing."""
+        prefill_ms, out = self._run(self.prefill)
+        decode_ms, logits = [], []
+        for step in self.steps:
+            values = dict(zip(self.outputs, out, strict=True))
+            past = {p: values[q] for p, q in zip(self.graph.past, self.graph.presents, strict=True)}
+            ms, out = self._run({**step, **past})
+            decode_ms.append(ms)
+            if keep_logits:
+                logits.append(out[self.outputs.index("logits")].numpy())
+        return prefill_ms, decode_ms, logits
+
+
+def measure_generation(
+    models: Mapping[str, str | Path],
+    *,
+    device: str = "cpu",
+    batch_sizes: Sequence[int] = (1, 8),
+    prompt_len: int = 128,
+    new_tokens: int = 32,
+    threads: int | None = 2,
+    warmup: int = 2,
+    rounds: int = 10,
+    progress: bool | None = None,
+    sessions: Mapping[str, tuple[Any, DecoderGraph]] | None = None,
+) -> dict[str, Any]:
+    """Time a generation of every model at every batch size, interleaved round by round, the order alternating.
+
+    Sessions run with intra-op spinning off and fixed threads (see :func:`~.latency.measure_latency`).
+
+    Args:
+        models: name -> ONNX folder; ratios are against the first.
+        sessions: name -> (session, graph) already open for these folders (made here when ``None``).
+
+    Returns:
+        ``{"cells": [{batch, models: {name: {prefill, decode, decode_per_round, prefill_tokens_per_s,
+        decode_tokens_per_s}}, ratios: {name: {prefill, decode}}}], ...}``. ``prefill`` summarises the prefill
+        call over rounds; ``decode`` every decode call of every round (its ``mean_ms`` and ``p90_ms`` are the
+        per-token decode time); ``decode_per_round`` the mean decode call of each round. Ratios are of medians
+        over rounds (``decode``: of ``decode_per_round``), with the 10th/90th percentiles of the per-round ratio.
+    """
+    if sessions is None:
+        sessions = {}
+        for name, folder in models.items():
+            session = make_session(Path(folder) / ONNX_FILE, device, threads=threads, spinning=False)
+            sessions[name] = (session, DecoderGraph.from_session(session, Path(folder)))
+    names = list(models)
+    cells = []
+    for batch in progress_bar(batch_sizes, progress=progress, desc="Generation", unit="batch size"):
+        runners = {}
+        for name in names:
+            session, graph = sessions[name]
+            tokens = generation_tokens(graph.vocab, batch, prompt_len + new_tokens)
+            runners[name] = Generation(session, graph, tokens, prompt_len, device)
+        runs = interleaved_rounds(runners, warmup, rounds)
+        per_model, prefill, per_round = {}, {}, {}
+        for name in names:
+            prefill[name] = [p for p, _ in runs[name]]
+            per_round[name] = [float(np.mean(d)) for _, d in runs[name]]
+            decode = summarize([ms for _, d in runs[name] for ms in d])
+            per_model[name] = {
+                "prefill": summarize(prefill[name]), "decode": decode,
+                "decode_per_round": summarize(per_round[name]),
+                "prefill_tokens_per_s": batch * prompt_len * 1000.0 / float(np.median(prefill[name])),
+                "decode_tokens_per_s": batch * 1000.0 / decode["mean_ms"],
+            }
+        base = names[0]
+        ratios = {name: {"prefill": round_ratio(prefill[name], prefill[base]),
+                         "decode": round_ratio(per_round[name], per_round[base])} for name in names[1:]}
+        cells.append({"batch": batch, "models": per_model, "ratios": ratios})
+    return {"device": device, "threads": threads, "warmup": warmup, "rounds": rounds, "prompt_tokens": prompt_len,
+            "new_tokens": new_tokens, "cells": cells, "environment": environment(device)}
+
+
+def generation_table(generation: dict[str, Any]) -> list[str]:
+    """Markdown rows: prefill and per-token decode time and throughput per model and batch size, and the ratios."""
+    names = list(generation["cells"][0]["models"])
+    first = names[0]
+    lines = ["| batch | model | prefill p50 ms | prefill tok/s | decode mean ms/token | decode p90 ms/token | "
+             f"decode tok/s | prefill / {first} | decode / {first} |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for cell in generation["cells"]:
+        for name in names:
+            m = cell["models"][name]
+            r = cell["ratios"].get(name)
+            ratio = ("| | " if r is None else
+                     f"| {r['prefill']['p50']:.3f} ({r['prefill']['p10']:.3f}-{r['prefill']['p90']:.3f}) "
+                     f"| {r['decode']['p50']:.3f} ({r['decode']['p10']:.3f}-{r['decode']['p90']:.3f}) ")
+            lines.append(f"| {cell['batch']} | {name} | {m['prefill']['p50_ms']:.1f} | {m['prefill_tokens_per_s']:.0f} "
+                         f"| {m['decode']['mean_ms']:.2f} | {m['decode']['p90_ms']:.2f} | "
+                         f"{m['decode_tokens_per_s']:.1f} {ratio}|")
+    return lines
