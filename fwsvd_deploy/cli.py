@@ -28,6 +28,7 @@ from .config import (
     FISHER_ESTIMATORS,
     LEVELS,
     METHODS,
+    PIPELINE_TASKS,
     QKV_MODES,
     RUN_DEVICES,
     TRAINABLE,
@@ -276,7 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Tomatoes), reuse cached stages, write the report, exit 1 if the gate fails. "
                                     "A folder an earlier run or search wrote is reused (its stages are the cache); "
                                     "any other non-empty folder needs --overwrite.")
-    rn.add_argument("--config", default=None, help="pipeline YAML (default: the embedded default)")
+    rn.add_argument("--config", default=None, help="pipeline YAML (default: the embedded default of --task)")
+    rn.add_argument("--task", default=None, choices=PIPELINE_TASKS,
+                    help="without --config: text-classification (the embedded MiniLM, the default) or causal-lm "
+                         "(the embedded SmolLM2-135M on the built-in speeches); with it, must match its task")
     rn.add_argument("--out", default="runs/pipeline", help="output folder (default: %(default)s)")
     rn.add_argument("--overwrite", action="store_true", help="replace a non-empty folder that no run wrote")
     rn.add_argument("--dry-run", action="store_true", help="print the resolved configuration and stop")
@@ -286,10 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Bisect the kept fraction between --low and --high; every trial is a pipeline run "
                                     "sharing the cached baseline and one Fisher pass. The best candidate is copied to "
                                     "OUT/best; exit 1 when no ratio passes.")
-    se.add_argument("--config", default=None, help="pipeline YAML (default: the embedded default)")
+    se.add_argument("--config", default=None, help="pipeline YAML (default: the embedded default of --task)")
+    se.add_argument("--task", default=None, choices=PIPELINE_TASKS,
+                    help="without --config: text-classification (the embedded MiniLM, the default) or causal-lm "
+                         "(the embedded SmolLM2-135M on the built-in speeches); with it, must match its task")
     se.add_argument("--out", default="runs/search", help="output folder (default: %(default)s)")
     se.add_argument("--overwrite", action="store_true", help="replace a non-empty folder that no run wrote")
     se.add_argument("--max-accuracy-drop", type=float, default=None, help="override the gate's threshold (points)")
+    se.add_argument("--max-perplexity-ratio", type=float, default=None,
+                    help="causal LMs: override the gate's perplexity threshold (candidate/baseline)")
     se.add_argument("--low", type=float, default=default(SearchConfig, "low"),
                     help="smallest kept fraction tried (default: %(default)s)")
     se.add_argument("--high", type=float, default=default(SearchConfig, "high"),
@@ -350,7 +359,12 @@ def _progress(a: argparse.Namespace) -> bool | None:
 
 
 def _pipeline_config(a: argparse.Namespace) -> PipelineConfig:
-    return PipelineConfig.from_yaml(a.config) if a.config else PipelineConfig()
+    if not a.config:
+        return PipelineConfig.for_task(a.task or default(PipelineConfig, "task"))
+    cfg = PipelineConfig.from_yaml(a.config)
+    if a.task is not None and a.task != cfg.task:
+        raise ConfigError(f"--task {a.task} differs from task: {cfg.task} in {a.config}; drop --task or edit the file")
+    return cfg
 
 
 def _cmd_finetune(a: argparse.Namespace) -> int:
@@ -604,6 +618,8 @@ def _cmd_search(a: argparse.Namespace) -> int:
     search = SearchConfig(low=a.low, high=a.high, steps=a.steps)
     if a.max_accuracy_drop is not None:
         cfg = dataclasses.replace(cfg, gate=dataclasses.replace(cfg.gate, max_accuracy_drop=a.max_accuracy_drop))
+    if a.max_perplexity_ratio is not None:
+        cfg = dataclasses.replace(cfg, gate=dataclasses.replace(cfg.gate, max_perplexity_ratio=a.max_perplexity_ratio))
     from .errors import EXIT_GATE_FAILED
     from .pipeline import search_ratio
 

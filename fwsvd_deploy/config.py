@@ -579,46 +579,116 @@ class SearchConfig(_Config):
 _EXCLUSIVE: dict[str, tuple[tuple[str, ...], ...]] = {"compression": (("rank", "ratio"),)}
 
 _SECTIONS = {
-    "data": DataConfig, "finetune": StageSwitch, "fisher": FisherConfig, "compression": CompressionConfig,
+    "data": DataConfig, "finetune": StageSwitch, "calibration": CalibrationConfig, "compression": CompressionConfig,
     "recovery": StageSwitch, "export": ExportConfig, "optimize": OptimizeConfig, "validate": ValidateConfig,
     "gate": GateConfig,
 }
+_SECTION_ALIASES = {"fisher": "calibration"}  # earlier names, still read
+PIPELINE_TASKS = ("text-classification", "causal-lm")
+EMBEDDED_ENCODER_NAME = "all-MiniLM-L6-v2"
+EMBEDDED_DECODER_NAME = "smollm2-135m"
+
+
+def pipeline_defaults(task: str) -> dict[str, Any]:
+    """The sections a pipeline of ``task`` starts from; a YAML file overrides them key by key.
+
+    ``text-classification``: the embedded MiniLM fine-tuned on Rotten Tomatoes, FWSVD at half the weights, recovery
+    fine-tuning, gated on accuracy, latency and size. ``causal-lm``: the embedded SmolLM2-135M on the built-in
+    convention speeches in windows of 256 tokens, ``svd-llm`` keeping 80% of the block weights, exported with the KV
+    cache, gated on perplexity, per-token decode time and size; recovery is off by default (enable it with
+    ``recovery: {enabled: true}``).
+    """
+    _check_choice("task", task, PIPELINE_TASKS)
+    if task == "causal-lm":
+        return {
+            "model": EMBEDDED_DECODER_NAME,
+            "data": DataConfig(dataset="speeches", max_length=256, max_eval_samples=40),
+            "finetune": StageSwitch(False, FinetuneConfig(epochs=1)),
+            "calibration": CalibrationConfig(),
+            "compression": CompressionConfig(method="svd-llm", ratio=0.8),
+            "recovery": StageSwitch(False, FinetuneConfig(max_steps=200, eval_steps=50, batch_size=8,
+                                                          learning_rate=1e-4, trainable="factors")),
+            "export": ExportConfig(task="text-generation-with-past"),
+            "optimize": OptimizeConfig(),
+            "validate": ValidateConfig(split="test", eval_batch_size=8),
+            "gate": GateConfig(max_accuracy_drop=None, max_perplexity_ratio=1.25, max_decode_latency_ratio=1.0,
+                               max_memory_ratio=0.9),
+        }
+    return {
+        "model": EMBEDDED_ENCODER_NAME,
+        "data": DataConfig(max_length=64, max_train_samples=3000),
+        "finetune": StageSwitch(True, FinetuneConfig(epochs=1)),
+        "calibration": CalibrationConfig(),
+        "compression": CompressionConfig(ratio=0.5),
+        "recovery": StageSwitch(True, FinetuneConfig(epochs=1)),
+        "export": ExportConfig(),
+        "optimize": OptimizeConfig(),
+        "validate": ValidateConfig(split="test"),
+        "gate": GateConfig(max_accuracy_drop=1.0, max_latency_ratio=1.0, max_memory_ratio=0.9),
+    }
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
     """Everything ``fwsvd-deploy run`` does, one section per stage; unknown keys are rejected at every level.
 
-    ``model`` is the starting model (folder, hub id or the embedded ``all-MiniLM-L6-v2``). With
-    ``finetune.enabled`` it is fine-tuned first; ``recovery.enabled`` fine-tunes the compressed model.
+    ``task`` picks the defaults (:func:`pipeline_defaults`): ``text-classification`` for encoders, ``causal-lm`` for
+    decoder language models. ``model`` is the starting model (folder, hub id, GGUF file, or the embedded
+    ``all-MiniLM-L6-v2`` / ``smollm2-135m``). With ``finetune.enabled`` it is fine-tuned first;
+    ``recovery.enabled`` fine-tunes the compressed model. The section ``calibration`` was called ``fisher``
+    before; both names are read.
     """
 
-    model: str = "all-MiniLM-L6-v2"
-    data: DataConfig = field(default_factory=lambda: DataConfig(max_length=64, max_train_samples=3000))
-    finetune: StageSwitch = field(default_factory=lambda: StageSwitch(True, FinetuneConfig(epochs=1)))
-    fisher: FisherConfig = field(default_factory=FisherConfig)
-    compression: CompressionConfig = field(default_factory=lambda: CompressionConfig(ratio=0.5))
-    recovery: StageSwitch = field(default_factory=lambda: StageSwitch(True, FinetuneConfig(epochs=1)))
+    task: str = "text-classification"
+    model: str = EMBEDDED_ENCODER_NAME
+    data: DataConfig = field(default_factory=lambda: pipeline_defaults("text-classification")["data"])
+    finetune: StageSwitch = field(default_factory=lambda: pipeline_defaults("text-classification")["finetune"])
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    compression: CompressionConfig = field(
+        default_factory=lambda: pipeline_defaults("text-classification")["compression"])
+    recovery: StageSwitch = field(default_factory=lambda: pipeline_defaults("text-classification")["recovery"])
     export: ExportConfig = field(default_factory=ExportConfig)
     optimize: OptimizeConfig = field(default_factory=OptimizeConfig)
     validate: ValidateConfig = field(default_factory=lambda: ValidateConfig(split="test"))
-    gate: GateConfig = field(default_factory=lambda: GateConfig(max_accuracy_drop=1.0, max_latency_ratio=1.0,
-                                                                max_memory_ratio=0.9))
+    gate: GateConfig = field(default_factory=lambda: pipeline_defaults("text-classification")["gate"])
 
     def __post_init__(self) -> None:
+        _check_choice("task", self.task, PIPELINE_TASKS)
         if not isinstance(self.model, str) or not self.model:
-            raise ConfigError(f"model={self.model!r} must be a model folder, hub id or all-MiniLM-L6-v2")
+            raise ConfigError(f"model={self.model!r} must be a model folder, hub id, GGUF file, "
+                              f"{EMBEDDED_ENCODER_NAME} or {EMBEDDED_DECODER_NAME}")
+        decoder_export = self.export.task.startswith("text-generation")
+        if (self.task == "causal-lm") != decoder_export:
+            want = "text-generation-with-past" if self.task == "causal-lm" else "an encoder task"
+            raise ConfigError(f"export.task={self.export.task!r} does not fit task={self.task!r}; use {want}")
+
+    @property
+    def fisher(self) -> CalibrationConfig:
+        """The calibration section under its earlier name."""
+        return self.calibration
+
+    @classmethod
+    def for_task(cls, task: str) -> PipelineConfig:
+        """The defaults of ``task`` (see :func:`pipeline_defaults`)."""
+        return cls(task=task, **pipeline_defaults(task))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> PipelineConfig:
         data = dict(data or {})
-        allowed = {"model", *_SECTIONS}
+        for old, new in _SECTION_ALIASES.items():
+            if old in data:
+                if new in data:
+                    raise ConfigError(f"give the section {new!r} or its earlier name {old!r}, not both")
+                data[new] = data.pop(old)
+        allowed = {"task", "model", *_SECTIONS}
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise ConfigError(f"unknown key(s) {', '.join(unknown)} in the pipeline config; allowed: "
                               f"{', '.join(sorted(allowed))}")
-        defaults = cls()
-        kwargs: dict[str, Any] = {}
+        task = data.get("task", "text-classification")
+        _check_choice("task", task, PIPELINE_TASKS)
+        defaults = pipeline_defaults(task)
+        kwargs: dict[str, Any] = {"task": task, **defaults}
         if "model" in data:
             kwargs["model"] = data["model"]
         for name, section in _SECTIONS.items():
@@ -628,7 +698,7 @@ class PipelineConfig:
             if value is not None and not isinstance(value, Mapping):
                 raise ConfigError(f"section {name!r} must be a mapping, got {type(value).__name__}")
             given = dict(value or {})
-            merged = {**getattr(defaults, name).to_dict(), **given}
+            merged = {**defaults[name].to_dict(), **given}
             for group in _EXCLUSIVE.get(name, ()):  # a key given replaces the default of the others in its group
                 if any(merged.get(k) is not None for k in group if k in given):
                     merged.update({k: None for k in group if k not in given})
@@ -656,7 +726,7 @@ class PipelineConfig:
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"model": self.model}
+        out: dict[str, Any] = {"task": self.task, "model": self.model}
         for name in _SECTIONS:
             section = getattr(self, name).to_dict()
             out[name] = {k: (list(map(list, v)) if k == "validate_shapes" else v) for k, v in section.items()}

@@ -27,7 +27,6 @@ from .config import (
     CompressionConfig,
     DataConfig,
     FinetuneConfig,
-    FisherConfig,
     PipelineConfig,
     SearchConfig,
 )
@@ -430,8 +429,8 @@ def _without(settings: Mapping[str, Any], unused: set[str]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k not in unused}
 
 
-def _fisher_settings(cfg: FisherConfig) -> dict[str, Any]:
-    """Fisher settings that change the statistics: the batch size only for ``batch_mean``."""
+def _calibration_settings(cfg: CalibrationConfig) -> dict[str, Any]:
+    """Calibration settings that change the statistics: the batch size only for ``batch_mean`` Fisher."""
     unused = {"cache_dir"} | ({"batch_size"} if cfg.estimator == "per_example" else set())
     return _without(cfg.to_dict(), unused)
 
@@ -505,14 +504,28 @@ def check_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, overwrite: bool 
                            reuse=is_run_folder(out_dir))
     for device in {cfg.validate.device, cfg.optimize.device} - {"cpu"}:
         require_provider(device)
-    check_sequence_lengths(load_config(cfg.model), cfg.model, {"data.max_length": cfg.data.max_length,
-                                                               "validate.seq_lens": cfg.validate.seq_lens,
-                                                               "validate.memory_seq": cfg.validate.memory_seq})
+    config = load_config(cfg.model)
+    causal = cfg.task == "causal-lm"
+    if is_causal_lm(config) != causal:
+        kind, task = (("a causal language model", "causal-lm") if is_causal_lm(config)
+                      else ("not a causal language model", "text-classification"))
+        raise ConfigError(f"{cfg.model} is {kind}; set task: {task} in the pipeline config (it picks the data, "
+                          "export task and gate that fit)")
+    lengths: dict[str, Any] = {"data.max_length": cfg.data.max_length}
+    if causal:
+        lengths["validate.prompt_len + validate.new_tokens"] = cfg.validate.prompt_len + cfg.validate.new_tokens
+    else:
+        lengths |= {"validate.seq_lens": cfg.validate.seq_lens, "validate.memory_seq": cfg.validate.memory_seq}
+    check_sequence_lengths(config, cfg.model, lengths)
     check_model_input(cfg.model, cfg.data, allow_compressed=False)
-    if cfg.compression.needs_fisher:
-        check_cache_dir(cfg.fisher.cache_dir)
-    load_splits(cfg.data)
-    load_eval_split(_validation_data(cfg))
+    if cfg.compression.statistics:
+        check_cache_dir(cfg.calibration.cache_dir)
+    if causal:
+        load_text(cfg.data, cfg.data.train_split)
+        load_text(_validation_data(cfg), _validation_data(cfg).eval_split)
+    else:
+        load_splits(cfg.data)
+        load_eval_split(_validation_data(cfg))
     return out
 
 
@@ -610,17 +623,17 @@ def run_stages(cfg: PipelineConfig, out: Path, *, force: bool = False, progress:
             cfg.model, data, cfg.finetune.settings, f, overwrite=o, progress=progress))
     else:
         baseline_model, baseline_key = Path(resolve_model(cfg.model)), source_key
-    if cfg.fisher.cache_dir is not None:
-        fisher_cfg = cfg.fisher
-    else:  # the pipeline's own Fisher cache, shared by every ratio; --force empties it
+    if cfg.calibration.cache_dir is not None:
+        calibration = cfg.calibration
+    else:  # the pipeline's own statistics cache, shared by every ratio; --force empties it
         if force:
-            shutil.rmtree(stages_dir / "fisher", ignore_errors=True)
-        fisher_cfg = replace(cfg.fisher, cache_dir=str(stages_dir / "fisher"))
+            shutil.rmtree(stages_dir / "calibration", ignore_errors=True)
+        calibration = replace(cfg.calibration, cache_dir=str(stages_dir / "calibration"))
     candidate_key = stage_key("compress", baseline_key, _without(data.to_dict(), _DATA_UNUSED["compress"]),
-                              _fisher_settings(cfg.fisher) if cfg.compression.needs_fisher else None,
+                              _calibration_settings(cfg.calibration) if cfg.compression.statistics else None,
                               cfg.compression.to_dict())
     candidate_model = stage("compress", "compress", candidate_key, lambda f, o: run_compress(
-        str(baseline_model), data, fisher_cfg, cfg.compression, f, evaluate_model=False, overwrite=o,
+        str(baseline_model), data, calibration, cfg.compression, f, evaluate_model=False, overwrite=o,
         progress=progress))
     if cfg.recovery.enabled:
         candidate_key = stage_key("finetune", candidate_key, _without(data.to_dict(), _DATA_UNUSED["finetune"]),
@@ -640,8 +653,10 @@ def run_stages(cfg: PipelineConfig, out: Path, *, force: bool = False, progress:
     log("[validate] running")
     began = time.perf_counter()
     report = report_dir if report_dir is not None else out / "report"
+    # causal LMs: the PyTorch folders too, so the gate checks ONNX Runtime's perplexity against PyTorch's
+    pytorch = {"baseline": baseline_model, "candidate": candidate_model} if cfg.task == "causal-lm" else None
     result = validate(folders["baseline"], folders["candidate"], _validation_data(cfg), cfg.validate, cfg.gate,
-                      report, overwrite=True, progress=progress, raise_on_failure=False)
+                      report, overwrite=True, progress=progress, raise_on_failure=False, pytorch_models=pytorch)
     records.append(StageRecord("validate", report, False, time.perf_counter() - began))
     return PipelineResult(out, records, result, time.perf_counter() - start, folders["candidate"])
 
@@ -675,7 +690,7 @@ class SearchResult:
     seconds: float
 
 
-ACCURACY_CHECKS = frozenset({"accuracy_drop", "agreement", "max_logit_diff"})
+ACCURACY_CHECKS = frozenset({"accuracy_drop", "agreement", "max_logit_diff", "perplexity_ratio"})
 
 
 def search_ratio(cfg: PipelineConfig, out_dir: str | Path, search: SearchConfig | None = None, *,

@@ -282,7 +282,7 @@ def test_pipeline_runs_and_reuses_cached_stages(trained, tmp_path, capsys, monke
     assert main(["--quiet", "run", "--config", str(config), "--out", str(run)]) == 0
     first = capsys.readouterr().out
     assert "0 of 7 stages from cache" in first and "gate passed" in first
-    stages = sorted(p.name for p in (run / "stages").iterdir() if p.name != "fisher")
+    stages = sorted(p.name for p in (run / "stages").iterdir() if p.name != "calibration")
     assert all(verify_manifest(run / "stages" / name) is None for name in stages)  # compress, recovery too
     assert {json.loads((run / "stages" / n / "manifest.json").read_text())["kind"] for n in stages} == {
         "compress", "recovery", "onnx-export", "onnx-optimized"}

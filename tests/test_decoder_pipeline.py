@@ -1,0 +1,101 @@
+"""The pipeline for causal language models: its defaults, its checks, and one cached run end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import lm_decoder
+from fwsvd_deploy import save_model
+from fwsvd_deploy.cli import main
+from fwsvd_deploy.config import PipelineConfig
+from fwsvd_deploy.errors import ConfigError
+
+
+def test_the_task_picks_the_defaults():
+    cfg = PipelineConfig.from_dict({"task": "causal-lm"})
+    assert cfg == PipelineConfig.for_task("causal-lm")
+    assert cfg.model == "smollm2-135m" and cfg.data.dataset == "speeches" and cfg.compression.method == "svd-llm"
+    assert cfg.export.task == "text-generation-with-past" and cfg.gate.max_accuracy_drop is None
+    assert cfg.gate.max_perplexity_ratio is not None and not cfg.recovery.enabled
+    assert PipelineConfig.from_dict(cfg.to_dict()) == cfg  # the printed config reproduces itself
+    encoder = PipelineConfig.from_dict({})
+    assert encoder == PipelineConfig() and encoder.task == "text-classification" and encoder.export.task == (
+        "text-classification")
+    # a key given keeps the task's other defaults
+    tuned = PipelineConfig.from_dict({"task": "causal-lm", "gate": {"max_perplexity_ratio": 2.0}})
+    assert tuned.gate.max_perplexity_ratio == 2.0 and tuned.gate.max_memory_ratio == cfg.gate.max_memory_ratio
+
+
+def test_the_calibration_section_keeps_its_earlier_name():
+    assert PipelineConfig.from_dict({"fisher": {"num_samples": 16}}).calibration.num_samples == 16
+    with pytest.raises(ConfigError, match="not both"):
+        PipelineConfig.from_dict({"fisher": {}, "calibration": {}})
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"task": "causal-lm", "export": {"task": "text-classification"}}, "does not fit task='causal-lm'"),
+    ({"export": {"task": "text-generation-with-past"}}, "does not fit task='text-classification'"),
+    ({"task": "speech"}, "task='speech'"),
+])
+def test_contradictions_are_refused(data, match):
+    with pytest.raises(ConfigError, match=match):
+        PipelineConfig.from_dict(data)
+
+
+def _config(tmp_path, model, text, **gate):
+    cfg = {
+        "task": "causal-lm", "model": str(model),
+        "data": {"dataset": str(text), "max_length": 32, "max_eval_samples": 8},
+        "calibration": {"num_samples": 8, "batch_size": 4},
+        "compression": {"ratio": 0.6},
+        "export": {"validate_shapes": [[2, 12]]},
+        "optimize": {"validate_shapes": [[2, 12]]},
+        "validate": {"prompt_len": 12, "new_tokens": 4, "gen_batch_sizes": [1], "rounds": 2, "warmup": 1,
+                     "eval_batch_size": 4, "memory_batch": 1},
+        "gate": {"max_perplexity_ratio": 1000.0, "max_memory_ratio": 1.0, "max_decode_latency_ratio": None,
+                 **gate},
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_a_decoder_pipeline_runs_and_reuses_its_stages(tmp_path, lm_tokenizer, toy_text, capsys):
+    model = tmp_path / "llama"
+    save_model(lm_decoder("llama", lm_tokenizer), model, lm_tokenizer)
+    run = tmp_path / "run"
+    code = main(["--quiet", "run", "--config", str(_config(tmp_path, model, toy_text)), "--out", str(run)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "0 of 6 stages from cache" in out and "gate passed" in out
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert report["accuracy"]["task"] == "text-generation-with-past"
+    names = {c["name"]: c for c in report["gate"]["checks"]}
+    # the PyTorch folders are passed along, so ONNX Runtime is held to PyTorch's perplexity for both models
+    assert {"perplexity_ratio", "memory_ratio", "onnx_vs_pytorch_perplexity_baseline",
+            "onnx_vs_pytorch_perplexity_candidate"} <= set(names)
+    assert all(c["passed"] for c in names.values())
+    compressed = next(p for p in (run / "stages").iterdir() if p.name.startswith("compress-"))
+    plan = json.loads((compressed / "compression.json").read_text())
+    assert plan["task"] == "causal-lm" and plan["compression"]["method"] == "svd-llm"
+    assert plan["calibration"]["kinds"] == ["inputs"] and plan["calibration"]["num_examples"] == 8
+    # a stricter perplexity threshold re-runs only the validation, and fails the gate with exit 1
+    strict = _config(tmp_path, model, toy_text, max_perplexity_ratio=1e-3)
+    assert main(["--quiet", "run", "--config", str(strict), "--out", str(run)]) == 1
+    out, err = capsys.readouterr()
+    assert "5 of 6 stages from cache" in out and "perplexity_ratio" in err
+
+
+def test_a_task_that_does_not_fit_the_model_is_refused_before_any_work(tmp_path, tiny_llama_dir, toy_text, capsys):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"model": str(tiny_llama_dir), "data": {"dataset": str(toy_text)}}))
+    assert main(["run", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is a causal language model; set task: causal-lm" in err
+    assert not (tmp_path / "o").exists()
+    assert main(["run", "--task", "causal-lm", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert "--task causal-lm differs from task: text-classification" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
