@@ -13,20 +13,23 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     ".checkpoint": ("load_compressed", "save_compressed", "save_model"),
-    ".compression": ("CompressionReport", "FisherResult", "LayerReport", "LowRankLinear", "collect_fisher",
-                     "compress", "resolve_targets"),
-    ".config": ("CompressionConfig", "DataConfig", "FinetuneConfig", "FisherConfig"),
-    ".data": ("TaskData", "TaskSplits", "load_splits"),
+    ".compression": ("CalibrationStats", "CompressionReport", "FisherResult", "LayerReport", "LowRankLinear",
+                     "collect_fisher", "collect_statistics", "compress", "resolve_targets"),
+    ".config": ("CalibrationConfig", "CompressionConfig", "DataConfig", "FinetuneConfig", "FisherConfig",
+                "PipelineConfig"),
+    ".data": ("TaskData", "TaskSplits", "TextData", "lm_windows", "load_splits", "load_text", "window_batches"),
     ".errors": ("AlreadyCompressedError", "ConfigError", "DatasetError", "FisherError", "FwsvdError",
                 "GateFailedError", "ModelLoadError", "NoTargetModulesError", "OutputExistsError",
                 "UnsupportedModuleError"),
-    ".modeling": ("load_classifier", "load_tokenizer"),
-    ".training": ("EvalResult", "FinetuneResult", "evaluate", "finetune"),
+    ".modeling": ("load_causal_lm", "load_classifier", "load_tokenizer"),
+    ".training": ("EvalResult", "FinetuneResult", "evaluate", "evaluate_lm", "finetune", "finetune_lm"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = [
     "AlreadyCompressedError",
+    "CalibrationConfig",
+    "CalibrationStats",
     "CompressionConfig",
     "CompressionReport",
     "ConfigError",
@@ -45,35 +48,53 @@ __all__ = [
     "ModelLoadError",
     "NoTargetModulesError",
     "OutputExistsError",
+    "PipelineConfig",
     "TaskData",
     "TaskSplits",
+    "TextData",
     "UnsupportedModuleError",
     "collect_fisher",
+    "collect_statistics",
     "compress",
     "evaluate",
+    "evaluate_lm",
     "finetune",
+    "finetune_lm",
+    "lm_windows",
+    "load_causal_lm",
     "load_classifier",
     "load_compressed",
     "load_splits",
+    "load_text",
     "load_tokenizer",
     "resolve_targets",
     "save_compressed",
     "save_model",
+    "window_batches",
 ]
 
 if TYPE_CHECKING:
     from .checkpoint import load_compressed, save_compressed, save_model
     from .compression import (
+        CalibrationStats,
         CompressionReport,
         FisherResult,
         LayerReport,
         LowRankLinear,
         collect_fisher,
+        collect_statistics,
         compress,
         resolve_targets,
     )
-    from .config import CompressionConfig, DataConfig, FinetuneConfig, FisherConfig
-    from .data import TaskData, TaskSplits, load_splits
+    from .config import (
+        CalibrationConfig,
+        CompressionConfig,
+        DataConfig,
+        FinetuneConfig,
+        FisherConfig,
+        PipelineConfig,
+    )
+    from .data import TaskData, TaskSplits, TextData, lm_windows, load_splits, load_text, window_batches
     from .errors import (
         AlreadyCompressedError,
         ConfigError,
@@ -86,8 +107,8 @@ if TYPE_CHECKING:
         OutputExistsError,
         UnsupportedModuleError,
     )
-    from .modeling import load_classifier, load_tokenizer
-    from .training import EvalResult, FinetuneResult, evaluate, finetune
+    from .modeling import load_causal_lm, load_classifier, load_tokenizer
+    from .training import EvalResult, FinetuneResult, evaluate, evaluate_lm, finetune, finetune_lm
 
 
 def __getattr__(name: str) -> Any:

@@ -99,3 +99,13 @@ def test_a_task_that_does_not_fit_the_model_is_refused_before_any_work(tmp_path,
     assert main(["run", "--task", "causal-lm", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
     assert "--task causal-lm differs from task: text-classification" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_shipped_decoder_pipeline_is_the_documented_default():
+    from pathlib import Path
+
+    shipped = PipelineConfig.from_yaml(Path(__file__).resolve().parents[1] / "examples" / "smollm2.yaml")
+    # the file spells the defaults out; 64 windows is what num_samples=None takes for a causal LM
+    assert shipped.calibration.num_samples == 64
+    assert shipped == PipelineConfig.for_task("causal-lm").__class__.from_dict(
+        {**PipelineConfig.for_task("causal-lm").to_dict(), "calibration": {"num_samples": 64}})
