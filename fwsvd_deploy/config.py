@@ -585,6 +585,10 @@ _SECTIONS = {
 }
 _SECTION_ALIASES = {"fisher": "calibration"}  # earlier names, still read
 PIPELINE_TASKS = ("text-classification", "causal-lm")
+# ONNX Runtime vs PyTorch logits of a real decoder: float32 differences grow with depth and with the logits' scale
+# (the dense SmolLM2-135M, 30 layers: 6e-5; compressed with svd-llm at keep 0.8: 1.4e-4), so the decoder pipeline
+# allows 1e-3; greedy generation must still be token-identical and perplexity agree to 0.1%.
+DECODER_EXPORT_ATOL = 1e-3
 EMBEDDED_ENCODER_NAME = "all-MiniLM-L6-v2"
 EMBEDDED_DECODER_NAME = "smollm2-135m"
 
@@ -608,7 +612,7 @@ def pipeline_defaults(task: str) -> dict[str, Any]:
             "compression": CompressionConfig(method="svd-llm", ratio=0.8),
             "recovery": StageSwitch(False, FinetuneConfig(max_steps=200, eval_steps=50, batch_size=8,
                                                           learning_rate=1e-4, trainable="factors")),
-            "export": ExportConfig(task="text-generation-with-past"),
+            "export": ExportConfig(task="text-generation-with-past", atol=DECODER_EXPORT_ATOL),
             "optimize": OptimizeConfig(),
             "validate": ValidateConfig(split="test", eval_batch_size=8),
             "gate": GateConfig(max_accuracy_drop=None, max_perplexity_ratio=1.25, max_decode_latency_ratio=1.0,

@@ -162,7 +162,8 @@ def resolve_model(spec: str) -> str:
         return str(path)
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
     if looks_like_path:
-        raise ModelLoadError(f"model folder {spec} does not exist")
+        what = "GGUF file" if spec.lower().endswith(".gguf") else "model folder"
+        raise ModelLoadError(f"{what} {spec} does not exist")
     return spec
 
 

@@ -172,10 +172,14 @@ def run_finetune(
     check_output_dir(out_dir, overwrite, inputs=[source, *_data_inputs(data_cfg)])
     config = check_model_input(model_spec, data_cfg, allow_compressed=True, allow_pickle=allow_pickle)
     compressed = is_compressed(source)
+    if ft_cfg.trainable == "factors" and not compressed:
+        raise ConfigError(f"--trainable factors trains the factorised layers of a compressed model; {model_spec} has "
+                          "none (give a folder written by 'compress', or --trainable all)")
     if is_causal_lm(config):
         train_text, eval_text = _lm_texts(data_cfg)
-        model = load_causal_lm(model_spec, allow_pickle=allow_pickle)
         tokenizer = load_tokenizer(model_spec)
+        _check_windows(train_text, eval_text, tokenizer, data_cfg)
+        model = load_causal_lm(model_spec, allow_pickle=allow_pickle)
         train_windows = lm_windows(train_text, tokenizer, data_cfg.max_length, count=data_cfg.max_train_samples,
                                    seed=data_cfg.seed)
         eval_windows = lm_windows(eval_text, tokenizer, data_cfg.max_length, count=data_cfg.max_eval_samples,
@@ -227,6 +231,16 @@ def _lm_texts(data_cfg: DataConfig) -> tuple[TextData, TextData]:
     return load_text(data_cfg, data_cfg.train_split), load_text(data_cfg, data_cfg.eval_split)
 
 
+def _check_windows(train: TextData, evaluation: TextData, tokenizer: Any, data_cfg: DataConfig) -> None:
+    """Both splits hold at least one window of ``max_length`` tokens: said before the model loads.
+
+    Raises:
+        DatasetError: from :func:`lm_windows`, naming the split and its token count.
+    """
+    for text in (train, evaluation):
+        lm_windows(text, tokenizer, data_cfg.max_length, count=1, seed=data_cfg.seed)
+
+
 def calibrate(model: Any, tokenizer: Any, comp_cfg: CompressionConfig, cal_cfg: CalibrationConfig,
               data_cfg: DataConfig, train: TaskData | TextData, *, targets: list[Any] | None = None,
               progress: bool | None = None) -> CalibrationStats | None:
@@ -263,9 +277,16 @@ def _evaluate_any(model: Any, tokenizer: Any, evaluation: TaskData | TextData, d
 
 
 def _check_rank_saves(model: nn.Module, comp_cfg: CompressionConfig) -> list[Any]:
-    """The layers to factorise, resolved before any statistics; refuses a fixed rank that would save nothing."""
+    """The layers to factorise, resolved before any statistics; refuses a fixed rank that would save nothing and
+    ``loss`` allocation floors that exceed the budget (both depend on the layers' shapes alone)."""
+    from .compression.ranks import loss_floors, starting_ranks
+
     targets = resolve_targets(model, comp_cfg.target_modules, comp_cfg.exclude_modules)
     units = plan_units(targets, comp_cfg.qkv)
+    if comp_cfg.allocation == "loss" and comp_cfg.ratio is not None:
+        shapes = {u.name: u.shape for u in units}
+        starting_ranks(shapes, comp_cfg.ratio, comp_cfg.rank_multiple,
+                       loss_floors(shapes, comp_cfg.ratio, comp_cfg.min_rank_fraction))
     if comp_cfg.rank is not None and not comp_cfg.rank_overrides:
         best = max(units, key=lambda u: max_saving_rank(u.shape))
         if comp_cfg.rank > max_saving_rank(best.shape):
@@ -300,8 +321,9 @@ def run_compress(
     causal = is_causal_lm(config)
     if causal:
         train, evaluation = _lm_texts(data_cfg)
-        model = load_causal_lm(model_spec, allow_compressed=False, allow_pickle=allow_pickle)
         tokenizer = load_tokenizer(model_spec)
+        _check_windows(train, evaluation, tokenizer, data_cfg)
+        model = load_causal_lm(model_spec, allow_compressed=False, allow_pickle=allow_pickle)
     else:
         if comp_cfg.needs_fisher and data_cfg.dataset == BUILTIN_SPEECHES:
             raise DatasetError(f"method {comp_cfg.method!r} takes Fisher from a classifier's task loss, which needs "

@@ -1,14 +1,29 @@
 """The real decoder: SmolLM2-135M (the embedded GGUF, converted once), exported with its KV cache and optimised,
-dense and plain-SVD compressed (keep 0.8): parity, the fused operators of both, int8 on the low rank, optimum's
-``ORTModelForCausalLM``. Several minutes on 2 cores."""
+dense and compressed with svd-llm (keep 0.8, calibrated on 8 windows): parity, the fused operators of both, int8 on
+the low rank, optimum's ``ORTModelForCausalLM``. Several minutes on 2 cores.
+
+The compressed model is a working one on purpose: plain SVD at keep 0.8 wrecks SmolLM2 (perplexity above 10^7 on the
+speeches, measured), and the float32 logits of a wrecked model differ between ONNX Runtime and PyTorch by more than
+the parity tolerance while their perplexities agree to 1e-5 (relative)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fwsvd_deploy import CompressionConfig, compress, load_tokenizer, save_model
-from fwsvd_deploy.config import ExportConfig, OptimizeConfig
+from fwsvd_deploy import (
+    CompressionConfig,
+    DataConfig,
+    collect_statistics,
+    compress,
+    lm_windows,
+    load_text,
+    load_tokenizer,
+    resolve_targets,
+    save_model,
+    window_batches,
+)
+from fwsvd_deploy.config import DECODER_EXPORT_ATOL, ExportConfig, OptimizeConfig
 from fwsvd_deploy.exporters import export_onnx, optimize_onnx
 from fwsvd_deploy.exporters.decoder import GREEDY_TOKENS
 from fwsvd_deploy.modeling import EMBEDDED_DECODER, load_causal_lm
@@ -22,12 +37,15 @@ LAYERS = 30
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm2")
-    model = load_causal_lm(EMBEDDED_DECODER)
-    report = compress(model, CompressionConfig(method="svd", ratio=0.8))
-    save_model(model, root / "svd", load_tokenizer(EMBEDDED_DECODER), report=report)
+    model, tokenizer = load_causal_lm(EMBEDDED_DECODER), load_tokenizer(EMBEDDED_DECODER)
+    windows = lm_windows(load_text(DataConfig(dataset="speeches"), "train"), tokenizer, 256, count=8)
+    stats = collect_statistics(model, window_batches(windows, 4), resolve_targets(model), kinds=("inputs",),
+                               progress=False)
+    report = compress(model, CompressionConfig(method="svd-llm", ratio=0.8), stats)
+    save_model(model, root / "svd", tokenizer, report=report)
     graphs = {}
     for name, source in (("baseline", EMBEDDED_DECODER), ("svd", root / "svd")):
-        exported = export_onnx(source, ExportConfig(task=TASK), root / f"{name}-onnx")
+        exported = export_onnx(source, ExportConfig(task=TASK, atol=DECODER_EXPORT_ATOL), root / f"{name}-onnx")
         graphs[name] = (exported, optimize_onnx(exported.out_dir, OptimizeConfig(), root / f"{name}-opt"))
     return root, graphs
 
@@ -35,6 +53,7 @@ def smollm2(tmp_path_factory):
 def test_export_matches_pytorch_and_answers_paris(smollm2):
     _, graphs = smollm2
     exported = graphs["baseline"][0]
+    # the dense graph holds the encoders' tolerance; the compressed one the decoder pipeline's (see config.py)
     assert exported.parity["passed"] and exported.parity["max_abs_diff"] <= ExportConfig().atol
     assert exported.parity["greedy"]["identical"]
     assert exported.parity["greedy"]["text"][0].lstrip().startswith("Paris")  # "The capital of France is"
@@ -55,14 +74,16 @@ def test_compressed_graph_carries_every_fused_operator_of_the_baseline(smollm2):
         assert optimized.parity["greedy"]["identical"] and optimized.parity["max_abs_diff"] <= OptimizeConfig().atol
 
 
-def test_int8_stacked_on_the_low_rank_holds_its_floors(smollm2):
-    root, graphs = smollm2
-    exported, fp32 = graphs["svd"]
-    result = optimize_onnx(exported.out_dir, OptimizeConfig(int8=True), root / "svd-int8")
-    cfg = OptimizeConfig()
-    assert result.parity["passed"] and result.fusions == fp32.fusions
-    assert all(r["sqnr_db"] >= cfg.int8_min_sqnr_db and r["agreement"] >= cfg.int8_min_agreement
-               for r in result.parity["shapes"])
+def test_int8_on_whitened_factors_is_refused_by_its_floors(smollm2, tmp_path):
+    """Dynamic int8 (per-tensor weight scales) on svd-llm's factors loses the logits (measured: 1.1 dB against the
+    20 dB floor): the down-projection ``V^T L^-1`` carries the inverse of the input scales in its rows. The floors
+    refuse the graph and nothing is written."""
+    from fwsvd_deploy.errors import ParityError
+
+    exported, _ = smollm2[1]["svd"]
+    with pytest.raises(ParityError, match="int8 vs float32 ONNX parity failed: .*signal-to-noise"):
+        optimize_onnx(exported.out_dir, OptimizeConfig(int8=True), tmp_path / "svd-int8")
+    assert not (tmp_path / "svd-int8").exists()
 
 
 def test_optimum_generates_from_the_optimised_folder(smollm2):

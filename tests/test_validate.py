@@ -412,7 +412,7 @@ def test_search_keeps_the_best_candidate(trained, tmp_path, capsys):
     best = json.loads((tmp_path / "s" / "best" / "manifest.json").read_text())
     assert best["input"]["compressed"] is True
     # one Fisher pass served every trial
-    assert len(list((tmp_path / "s" / "stages" / "fisher").glob("*.safetensors"))) == 1
+    assert len(list((tmp_path / "s" / "stages" / "calibration").glob("*.safetensors"))) == 1
 
 
 @pytest.mark.parametrize("metric", ["accuracy", "pearson"])

@@ -23,7 +23,7 @@ from .factorize import (
     warn_rank_deficient,
 )
 from .layers import LowRankLinear
-from .ranks import fixed_ranks, greedy_ranks, uniform_ranks, uniform_shares
+from .ranks import fixed_ranks, greedy_ranks, loss_floors, uniform_ranks
 from .report import CompressionReport, LayerReport
 from .svd import max_saving_rank, output_error, relative_error
 from .targets import SUPPORTED_TYPES, Target, Unit, plan_units, resolve_targets
@@ -142,8 +142,7 @@ def _allocate(units: list[Unit], cfg: CompressionConfig, decomps: Mapping[str, A
         gains = {u.name: allocation_gains(decomps[u.name], cfg, unit_stats[u.name]) for u in units}
         floors = None
         if cfg.allocation == "loss":
-            shares = uniform_shares(shapes, cfg.ratio)  # type: ignore[arg-type]
-            floors = {name: max(1, int(cfg.min_rank_fraction * share)) for name, share in shares.items()}
+            floors = loss_floors(shapes, cfg.ratio, cfg.min_rank_fraction)  # type: ignore[arg-type]
         ranks = greedy_ranks(shapes, gains, cfg.ratio, cfg.rank_multiple, floors)  # type: ignore[arg-type]
     _apply_overrides(ranks, units, cfg.rank_overrides)
     return ranks

@@ -54,23 +54,17 @@ def _cap(m: int, n: int, multiple: int) -> int:
     return max_saving_rank((m, n)) // multiple * multiple
 
 
-def greedy_ranks(
-    shapes: Mapping[str, Shape],
-    gains: Mapping[str, torch.Tensor],
-    ratio: float,
-    multiple: int = 1,
-    floors: Mapping[str, int] | None = None,
-) -> dict[str, int | None]:
-    """Spend ``ratio * sum(m * n)`` parameters where error falls most per parameter.
+def loss_floors(shapes: Mapping[str, Shape], ratio: float, fraction: float) -> dict[str, int]:
+    """``loss`` allocation's floor per layer: ``fraction`` of its uniform rank, at least 1."""
+    return {name: max(1, int(fraction * share)) for name, share in uniform_shares(shapes, ratio).items()}
 
-    Every layer starts at its floor (``floors[name]`` rounded up to a multiple of ``multiple``; ``multiple`` without
-    floors). ``gains[name][k]`` is the error removed by going from rank ``k`` to ``k + 1``; a step adds ``multiple``
-    to the rank, removes the sum of those gains and costs ``multiple * (m + n)`` parameters. Steps are taken in
-    order of gain per parameter while they fit the budget, up to the largest rank that still saves parameters.
-    Layers where no such rank exists stay dense (``None``) and are charged in full.
+
+def starting_ranks(shapes: Mapping[str, Shape], ratio: float, multiple: int = 1,
+                   floors: Mapping[str, int] | None = None) -> dict[str, int | None]:
+    """Where the greedy allocation starts: each layer at its floor rounded up to ``multiple`` (``None``: dense).
 
     Raises:
-        ConfigError: when the floors alone exceed the budget.
+        ConfigError: when the floors alone exceed the budget of ``ratio * sum(m * n)`` parameters.
     """
     ranks: dict[str, int | None] = {}
     budget = ratio * sum(m * n for m, n in shapes.values())
@@ -89,6 +83,31 @@ def greedy_ranks(
             f"the floor ranks alone keep {spent:,} parameters, more than the budget of {budget:,.0f} "
             f"(ratio {ratio}); lower min_rank_fraction or raise the ratio"
         )
+    return ranks
+
+
+def greedy_ranks(
+    shapes: Mapping[str, Shape],
+    gains: Mapping[str, torch.Tensor],
+    ratio: float,
+    multiple: int = 1,
+    floors: Mapping[str, int] | None = None,
+) -> dict[str, int | None]:
+    """Spend ``ratio * sum(m * n)`` parameters where error falls most per parameter.
+
+    Every layer starts at its floor (``floors[name]`` rounded up to a multiple of ``multiple``; ``multiple`` without
+    floors). ``gains[name][k]`` is the error removed by going from rank ``k`` to ``k + 1``; a step adds ``multiple``
+    to the rank, removes the sum of those gains and costs ``multiple * (m + n)`` parameters. Steps are taken in
+    order of gain per parameter while they fit the budget, up to the largest rank that still saves parameters.
+    Layers where no such rank exists stay dense (``None``) and are charged in full.
+
+    Raises:
+        ConfigError: when the floors alone exceed the budget.
+    """
+    ranks = starting_ranks(shapes, ratio, multiple, floors)
+    budget = ratio * sum(m * n for m, n in shapes.values())
+    spent = sum(m * n if ranks[name] is None else low_rank_params((m, n), ranks[name])  # type: ignore[arg-type]
+                for name, (m, n) in shapes.items())
     heap: list[tuple[float, int, str]] = []
     order = {name: i for i, name in enumerate(shapes)}
     for name, rank in ranks.items():
