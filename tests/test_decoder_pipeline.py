@@ -109,3 +109,20 @@ def test_the_shipped_decoder_pipeline_is_the_documented_default():
     assert shipped.calibration.num_samples == 64
     assert shipped == PipelineConfig.for_task("causal-lm").__class__.from_dict(
         {**PipelineConfig.for_task("causal-lm").to_dict(), "calibration": {"num_samples": 64}})
+
+
+def test_search_follows_the_perplexity_ratio(tmp_path, lm_tokenizer, toy_text, capsys):
+    model = tmp_path / "llama"
+    save_model(lm_decoder("llama", lm_tokenizer), model, lm_tokenizer)
+    config = _config(tmp_path, model, toy_text)
+    out = tmp_path / "s"
+    code = main(["--quiet", "search", "--config", str(config), "--out", str(out), "--low", "0.3", "--high", "0.7",
+                 "--steps", "1", "--max-perplexity-ratio", "1e-3"])
+    captured = capsys.readouterr()
+    assert code == 1 and "no kept fraction in [0.3, 0.7] passes the gate" in captured.err
+    summary = json.loads((out / "search-summary" / "search.json").read_text())
+    # the high end fails the perplexity check, so the bisection stops there; the metric is the perplexity
+    assert [t["ratio"] for t in summary["trials"]] == [0.7] and summary["best_ratio"] is None
+    trial = summary["trials"][0]
+    assert trial["metric"] == "perplexity" and trial["failed_checks"] == ["perplexity_ratio"]
+    assert summary["gate"]["max_perplexity_ratio"] == 1e-3
