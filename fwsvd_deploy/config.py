@@ -598,8 +598,8 @@ def pipeline_defaults(task: str) -> dict[str, Any]:
 
     ``text-classification``: the embedded MiniLM fine-tuned on Rotten Tomatoes, FWSVD at half the weights, recovery
     fine-tuning, gated on accuracy, latency and size. ``causal-lm``: the embedded SmolLM2-135M on the built-in
-    convention speeches in windows of 256 tokens, ``svd-llm`` keeping 80% of the block weights, exported with the KV
-    cache, gated on perplexity, per-token decode time and size; recovery is off by default (enable it with
+    convention speeches in windows of 256 tokens, ``fisher-whitened`` with ``loss`` allocation keeping 80% of the
+    block weights, exported with the KV cache, gated on perplexity, per-token decode time and size; recovery is off by default (enable it with
     ``recovery: {enabled: true}``).
     """
     _check_choice("task", task, PIPELINE_TASKS)
@@ -609,7 +609,9 @@ def pipeline_defaults(task: str) -> dict[str, Any]:
             "data": DataConfig(dataset="speeches", max_length=256, max_eval_samples=40),
             "finetune": StageSwitch(False, FinetuneConfig(epochs=1)),
             "calibration": CalibrationConfig(),
-            "compression": CompressionConfig(method="svd-llm", ratio=0.8),
+            # measured best on SmolLM2 at keep 0.8 and 0.6 (README, benchmarks/lm.py): Fisher rows x whitening with
+            # the loss-aware allocation
+            "compression": CompressionConfig(method="fisher-whitened", ratio=0.8, allocation="loss"),
             "recovery": StageSwitch(False, FinetuneConfig(max_steps=200, eval_steps=50, batch_size=8,
                                                           learning_rate=1e-4, trainable="factors")),
             "export": ExportConfig(task="text-generation-with-past", atol=DECODER_EXPORT_ATOL),

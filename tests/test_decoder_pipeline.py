@@ -17,8 +17,9 @@ from fwsvd_deploy.errors import ConfigError
 def test_the_task_picks_the_defaults():
     cfg = PipelineConfig.from_dict({"task": "causal-lm"})
     assert cfg == PipelineConfig.for_task("causal-lm")
-    assert cfg.model == "smollm2-135m" and cfg.data.dataset == "speeches" and cfg.compression.method == "svd-llm"
-    assert cfg.export.task == "text-generation-with-past" and cfg.gate.max_accuracy_drop is None
+    assert cfg.model == "smollm2-135m" and cfg.data.dataset == "speeches" and cfg.compression.method == "fisher-whitened"
+    assert cfg.compression.allocation == "loss" and cfg.export.task == "text-generation-with-past"
+    assert cfg.gate.max_accuracy_drop is None
     assert cfg.gate.max_perplexity_ratio is not None and not cfg.recovery.enabled
     assert PipelineConfig.from_dict(cfg.to_dict()) == cfg  # the printed config reproduces itself
     encoder = PipelineConfig.from_dict({})
@@ -80,8 +81,8 @@ def test_a_decoder_pipeline_runs_and_reuses_its_stages(tmp_path, lm_tokenizer, t
     assert all(c["passed"] for c in names.values())
     compressed = next(p for p in (run / "stages").iterdir() if p.name.startswith("compress-"))
     plan = json.loads((compressed / "compression.json").read_text())
-    assert plan["task"] == "causal-lm" and plan["compression"]["method"] == "svd-llm"
-    assert plan["calibration"]["kinds"] == ["inputs"] and plan["calibration"]["num_examples"] == 8
+    assert plan["task"] == "causal-lm" and plan["compression"]["method"] == "fisher-whitened"
+    assert plan["calibration"]["kinds"] == ["fisher", "inputs"] and plan["calibration"]["num_examples"] == 8
     # a stricter perplexity threshold re-runs only the validation, and fails the gate with exit 1
     strict = _config(tmp_path, model, toy_text, max_perplexity_ratio=1e-3)
     assert main(["--quiet", "run", "--config", str(strict), "--out", str(run)]) == 1
