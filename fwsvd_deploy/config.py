@@ -599,8 +599,8 @@ def pipeline_defaults(task: str) -> dict[str, Any]:
     ``text-classification``: the embedded MiniLM fine-tuned on Rotten Tomatoes, FWSVD at half the weights, recovery
     fine-tuning, gated on accuracy, latency and size. ``causal-lm``: the embedded SmolLM2-135M on the built-in
     convention speeches in windows of 256 tokens, ``fisher-whitened`` with ``loss`` allocation keeping 80% of the
-    block weights, exported with the KV cache, gated on perplexity, per-token decode time and size; recovery is off by default (enable it with
-    ``recovery: {enabled: true}``).
+    block weights, exported with the KV cache, gated on perplexity, per-token decode time and size; recovery is off
+    by default (enable it with ``recovery: {enabled: true}``).
     """
     _check_choice("task", task, PIPELINE_TASKS)
     if task == "causal-lm":
