@@ -277,12 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Tomatoes), reuse cached stages, write the report, exit 1 if the gate fails. "
                                     "A folder an earlier run or search wrote is reused (its stages are the cache); "
                                     "any other non-empty folder needs --overwrite.")
-    rn.add_argument("--config", default=None, help="pipeline YAML (default: the embedded default of --task)")
-    rn.add_argument("--task", default=None, choices=PIPELINE_TASKS,
-                    help="without --config: text-classification (the embedded MiniLM, the default) or causal-lm "
-                         "(the embedded SmolLM2-135M on the built-in speeches); with it, must match its task")
-    rn.add_argument("--out", default="runs/pipeline", help="output folder (default: %(default)s)")
-    rn.add_argument("--overwrite", action="store_true", help="replace a non-empty folder that no run wrote")
+    _add_pipeline_args(rn, "runs/pipeline")
     rn.add_argument("--dry-run", action="store_true", help="print the resolved configuration and stop")
     rn.add_argument("--force", action="store_true", help="recompute every stage")
 
@@ -290,12 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Bisect the kept fraction between --low and --high; every trial is a pipeline run "
                                     "sharing the cached baseline and one Fisher pass. The best candidate is copied to "
                                     "OUT/best; exit 1 when no ratio passes.")
-    se.add_argument("--config", default=None, help="pipeline YAML (default: the embedded default of --task)")
-    se.add_argument("--task", default=None, choices=PIPELINE_TASKS,
-                    help="without --config: text-classification (the embedded MiniLM, the default) or causal-lm "
-                         "(the embedded SmolLM2-135M on the built-in speeches); with it, must match its task")
-    se.add_argument("--out", default="runs/search", help="output folder (default: %(default)s)")
-    se.add_argument("--overwrite", action="store_true", help="replace a non-empty folder that no run wrote")
+    _add_pipeline_args(se, "runs/search")
     se.add_argument("--max-accuracy-drop", type=float, default=None, help="override the gate's threshold (points)")
     se.add_argument("--max-perplexity-ratio", type=float, default=None,
                     help="causal LMs: override the gate's perplexity threshold (candidate/baseline)")
@@ -307,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bisection steps after the two ends (default: %(default)s)")
     se.add_argument("--force", action="store_true", help="recompute every stage")
     return parser
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser, default_out: str) -> None:
+    p.add_argument("--config", default=None, help="pipeline YAML (default: the embedded default of --task)")
+    p.add_argument("--task", default=None, choices=PIPELINE_TASKS,
+                   help="without --config: text-classification (the embedded MiniLM, the default) or causal-lm "
+                        "(the embedded SmolLM2-135M on the built-in speeches); with it, must match its task")
+    p.add_argument("--out", default=default_out, help="output folder (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty folder that no run wrote")
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
