@@ -71,6 +71,25 @@ def test_padding_tokens_are_excluded(tokenizer):
         torch.testing.assert_close(moment, b.second_moment[group], rtol=TOL["moment"], atol=TOL["moment"])
 
 
+def test_padding_is_excluded_where_a_layer_sees_the_batch_flattened():
+    """OPT runs its MLP on (batch * tokens, features): the padding rows are dropped there too."""
+    model = tiny_decoder("opt")
+    targets = resolve_targets(model)
+    ids = _windows(4)
+    lengths = [16, 9, 12, 5]
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, :n] = 1
+    padded = [{"input_ids": ids, "attention_mask": mask}]
+    alone = [{"input_ids": ids[i:i + 1, :n], "attention_mask": mask[i:i + 1, :n]} for i, n in enumerate(lengths)]
+    a = collect_statistics(model, padded, targets, kinds=("inputs",), progress=False)
+    b = collect_statistics(model, alone, targets, kinds=("inputs",), progress=False)
+    assert "model.decoder.layers.0.fc1" in a.second_moment
+    for group, moment in a.second_moment.items():
+        assert a.tokens[group] == b.tokens[group] == sum(lengths)
+        torch.testing.assert_close(moment, b.second_moment[group], rtol=TOL["moment"], atol=TOL["moment"])
+
+
 def test_fisher_and_inputs_in_one_pass_equal_separate_passes(tokenizer):
     model = tiny_model("bert")
     targets = resolve_targets(model)
@@ -112,6 +131,39 @@ def test_causal_lm_fisher_from_windows_needs_no_labels():
     stats = collect_statistics(model, window_batches(_windows(4), 2), resolve_targets(model), kinds=("fisher",),
                                progress=False)
     assert stats.num_examples == 4 and all(torch.isfinite(f).all() and f.sum() > 0 for f in stats.fisher.values())
+
+
+def _loop_window_fisher(model, windows, targets):
+    """Reference: ordinary autograd on the weights, one backward per window."""
+    from fwsvd_deploy.losses import per_example_losses
+
+    sums = {t.name: torch.zeros_like(t.module.weight) for t in targets}
+    for batch in window_batches(windows, 1):
+        model.zero_grad()
+        per_example_losses(model, batch, "causal_lm").sum().backward()
+        for t in targets:
+            sums[t.name] += t.module.weight.grad.square()
+    model.zero_grad()
+    return sums
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_causal_lm_fisher_is_exact_per_window_without_weight_gradients(arch, monkeypatch):
+    """The backward starts at the embeddings (no weight gradient computed); a model without input embeddings
+    falls back to gradients on the target weights. Both equal one plain backward per window."""
+    model = tiny_decoder(arch)
+    targets = resolve_targets(model)
+    windows = _windows(5)
+    want = _loop_window_fisher(model, windows, targets)
+    for fallback in (False, True):
+        if fallback:
+            monkeypatch.setattr(type(model), "get_input_embeddings", lambda self: None)
+        got = collect_statistics(model, window_batches(windows, 2), targets, kinds=("fisher",), progress=False)
+        assert got.num_examples == 5
+        for name, tensor in want.items():
+            assert float(tensor.sum()) > 0
+            assert float((got.fisher[name] - tensor).norm() / tensor.norm()) < TOL["fisher_sum"], (fallback, name)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
 
 
 def test_classifier_fisher_needs_labels(tokenizer):

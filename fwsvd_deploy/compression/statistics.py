@@ -127,15 +127,24 @@ class _FisherHooks:
         self.sums = {t.name: torch.zeros_like(t.module.weight, dtype=torch.float32) for t in targets}
         self.calls: dict[str, int] = {}
         self._pending: dict[str, torch.Tensor] = {}
+        self.examples = 1
+
+    def start_batch(self, examples: int) -> None:
+        self.examples = examples
 
     def forward(self, name: str, x: torch.Tensor, output: torch.Tensor) -> None:
         self.calls[name] = self.calls.get(name, 0) + 1
-        if output.requires_grad:
-            x = x.detach()
-            output.register_hook(lambda grad: self._accumulate(name, x, grad.detach()))
+        if not output.requires_grad:
+            raise FisherError(f"no gradient reaches {name}: its output does not depend on the model's inputs")
+        x = x.detach()
+        output.register_hook(lambda grad: self._accumulate(name, x, grad.detach()))
 
     def _accumulate(self, name: str, x: torch.Tensor, grad: torch.Tensor) -> None:
-        batch = x.shape[0]
+        # (batch, tokens, features), also for a layer fed the batch flattened to (batch * tokens, features) (OPT's MLP)
+        batch = self.examples
+        if x.shape[0] % batch:
+            raise FisherError(f"{name} saw an input of shape {tuple(x.shape)} in a batch of {batch} examples; "
+                              "its rows cannot be told apart by example")
         x = x.reshape(batch, -1, x.shape[-1]).float()
         g = grad.reshape(batch, -1, grad.shape[-1]).float()
         # Weight gradient of example b: g_b^T x_b for a Linear (out, in), x_b^T g_b for a Conv1D (in, out).
@@ -206,6 +215,8 @@ class _InputHooks:
         rows = x.detach()
         if self.mask is not None and rows.dim() == 3 and tuple(rows.shape[:2]) == tuple(self.mask.shape):
             rows = rows[self.mask]
+        elif self.mask is not None and rows.dim() == 2 and rows.shape[0] == self.mask.numel():
+            rows = rows[self.mask.reshape(-1)]  # the batch flattened to (batch * tokens, features)
         rows = rows.reshape(-1, rows.shape[-1]).float()
         if group not in self.moments:
             self.moments[group] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
@@ -383,6 +394,30 @@ def collect_statistics(
     )
 
 
+def _gradient_source(model: nn.Module) -> Any:
+    """Let the backward pass start from the input embeddings' output instead of the weights.
+
+    The Fisher hooks rebuild each example's weight gradient from a layer's input and output gradient, so the
+    weight gradients autograd would compute are never read: with no parameter requiring grad and the embeddings'
+    output marked instead, every target's output still gets its gradient and a fifth of the pass is saved. Returns
+    the hook's handle, or ``None`` for a model without input embeddings (the target weights then require grad).
+    """
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embeddings = get() if callable(get) else None
+    except NotImplementedError:
+        embeddings = None
+    if not isinstance(embeddings, nn.Module):
+        return None
+
+    def mark(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if isinstance(output, torch.Tensor) and output.is_floating_point() and not output.requires_grad:
+            return output.detach().requires_grad_()
+        return None
+
+    return embeddings.register_forward_hook(mark)
+
+
 def _run_pass(model: nn.Module, batches: Sequence[Batch], targets: list[Target], kinds: Sequence[str],
               estimator: str, progress: bool | None, desc: str) -> dict[str, Any]:
     """One pass over the batches (this process's share of them), hooks collecting what ``kinds`` asks for."""
@@ -403,12 +438,15 @@ def _run_pass(model: nn.Module, batches: Sequence[Batch], targets: list[Target],
 
     was_training = model.training
     grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    target_weights = {id(t.module.weight) for t in targets}
     handles = [t.module.register_forward_hook(hook_for(t.name)) for t in targets]
     kind = loss_kind(model) if with_fisher else None
     model.eval()
+    source = _gradient_source(model) if with_fisher else None
+    if source is not None:
+        handles.append(source)
+    target_weights = {id(t.module.weight) for t in targets} if with_fisher and source is None else set()
     for p in model.parameters():
-        p.requires_grad_(with_fisher and id(p) in target_weights)
+        p.requires_grad_(id(p) in target_weights)
     examples = 0
     try:
         bar = progress_bar(mine, progress=progress if rank == 0 else False, desc=desc, unit="batch")
@@ -416,6 +454,8 @@ def _run_pass(model: nn.Module, batches: Sequence[Batch], targets: list[Target],
             examples += int(batch["input_ids"].shape[0])
             if input_hooks is not None:
                 input_hooks.start_batch(batch.get("attention_mask"))
+            if fisher_hooks is not None:
+                fisher_hooks.start_batch(int(batch["input_ids"].shape[0]))
             if with_fisher:
                 losses = per_example_losses(model, batch, kind)  # type: ignore[arg-type]
                 if not torch.isfinite(losses).all():
