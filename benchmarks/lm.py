@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "lm", "model": EMBEDDED_DECODER, "data": "speeches", "window": a.length,
               "calibration_windows": a.calibration, "eval_windows": int(test.shape[0]),
               "baseline_perplexity": baseline, "calibration_seconds": stats_seconds,
+              "calibration_from_cache": stats.from_cache,
               "recovery": {"steps": a.recovery_steps, "learning_rate": a.recovery_lr, "batch_windows": 4,
                            "trainable": "factors"} if a.recovery else None,
               "rows": rows, "versions": package_versions()}

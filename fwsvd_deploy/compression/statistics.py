@@ -40,7 +40,7 @@ from ..manifest import model_fingerprint
 from ..progress import progress_bar
 from .targets import Target
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: per-example Fisher and unpadded inputs also where a layer sees the batch flattened
 _CHUNK_BYTES = 256 * 2**20
 FISHER = "fisher"
 INPUTS = "inputs"
