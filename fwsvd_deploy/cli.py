@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--rank", type=int, default=None, help="fixed rank for every targeted layer")
     g.add_argument("--allocation", default=default(CompressionConfig, "allocation"), choices=ALLOCATIONS,
                    help="uniform kept fraction per layer; fisher: greedy on Fisher-weighted error (fwsvd); loss: "
-                        "greedy on the loss each singular direction removes, any method (default: %(default)s)")
+                        "greedy on the loss each singular direction removes, any method (default: loss for "
+                        "fisher-whitened with a --ratio, else uniform)")
     g.add_argument("--min-rank-fraction", type=float, default=default(CompressionConfig, "min_rank_fraction"),
                    help="loss allocation's floor, a fraction of each layer's uniform rank (default: %(default)s)")
     g.add_argument("--asvd-alpha", type=float, default=default(CompressionConfig, "asvd_alpha"),

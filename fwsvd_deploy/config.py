@@ -20,6 +20,9 @@ T = TypeVar("T", bound="_Config")
 
 METHODS = ("fwsvd", "svd", "asvd", "svd-llm", "fisher-whitened")
 DEFAULT_RATIO = 0.5
+# Measured best without fine-tuning, with loss allocation, on the real MiniLM (Rotten Tomatoes, keep 0.5 and 0.3) and
+# SmolLM2-135M (the convention speeches, keep 0.8 and 0.6): README, benchmarks/accuracy.py and benchmarks/lm.py.
+DEFAULT_METHOD = "fisher-whitened"
 FISHER_AXES = ("both", "output", "input")
 FISHER_ESTIMATORS = ("per_example", "batch_mean")
 QKV_MODES = ("separate", "joint")
@@ -163,7 +166,9 @@ class CompressionConfig(_Config):
             weight), ``output`` (per output row) or ``input`` (per input column, the paper's literal axis).
         ratio: fraction of the targeted weight parameters kept, one global budget; ``0.5`` halves them.
         rank: a fixed rank for every targeted layer instead of ``ratio``.
-        allocation: ``uniform`` (the same kept fraction per layer), ``fisher`` (``fwsvd`` only: greedy over the
+        allocation: ``None`` (the default) takes the allocation measured best for the method: ``loss`` for
+            ``fisher-whitened`` with a ``ratio``, ``uniform`` otherwise.
+            ``uniform`` (the same kept fraction per layer), ``fisher`` (``fwsvd`` only: greedy over the
             Fisher-weighted singular values of all layers, most error removed per parameter first, from rank 1)
             or ``loss`` (every method: one greedy over all layers' singular directions by the loss each removes
             per parameter in the method's own metric, no layer below ``min_rank_fraction`` of its uniform rank).
@@ -189,11 +194,11 @@ class CompressionConfig(_Config):
         min_rank_fraction: ``loss`` allocation's floor, as a fraction of each layer's uniform rank.
     """
 
-    method: str = "fwsvd"
+    method: str = DEFAULT_METHOD
     fisher_axis: str = "both"
     ratio: float | None = None
     rank: int | None = None
-    allocation: str = "uniform"
+    allocation: str | None = None
     target_modules: str | tuple[str, ...] = "all-linear"
     exclude_modules: str | tuple[str, ...] | None = None
     rank_overrides: Mapping[str, int] = field(default_factory=dict)
@@ -208,6 +213,9 @@ class CompressionConfig(_Config):
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
         _check_choice("qkv", self.qkv, QKV_MODES)
+        if self.allocation is None:
+            best = "loss" if self.method == "fisher-whitened" and self.rank is None else "uniform"
+            object.__setattr__(self, "allocation", best)
         _check_choice("fisher_axis", self.fisher_axis, FISHER_AXES)
         _check_choice("allocation", self.allocation, ALLOCATIONS)
         if self.rank is not None and self.ratio is not None:
@@ -577,6 +585,8 @@ class SearchConfig(_Config):
 
 # Keys of which a section takes one: giving one in YAML drops the default of the others.
 _EXCLUSIVE: dict[str, tuple[tuple[str, ...], ...]] = {"compression": (("rank", "ratio"),)}
+# a key given re-derives these defaults of its section unless they are given too
+_DERIVED: dict[str, dict[str, tuple[str, ...]]] = {"compression": {"allocation": ("method", "rank")}}
 
 _SECTIONS = {
     "data": DataConfig, "finetune": StageSwitch, "calibration": CalibrationConfig, "compression": CompressionConfig,
@@ -596,11 +606,12 @@ EMBEDDED_DECODER_NAME = "smollm2-135m"
 def pipeline_defaults(task: str) -> dict[str, Any]:
     """The sections a pipeline of ``task`` starts from; a YAML file overrides them key by key.
 
-    ``text-classification``: the embedded MiniLM fine-tuned on Rotten Tomatoes, FWSVD at half the weights, recovery
-    fine-tuning, gated on accuracy, latency and size. ``causal-lm``: the embedded SmolLM2-135M on the built-in
-    convention speeches in windows of 256 tokens, ``fisher-whitened`` with ``loss`` allocation keeping 80% of the
-    block weights, exported with the KV cache, gated on perplexity, per-token decode time and size; recovery is off
-    by default (enable it with ``recovery: {enabled: true}``).
+    Both compress with the default method, ``fisher-whitened`` with ``loss`` allocation (:data:`DEFAULT_METHOD`).
+    ``text-classification``: the embedded MiniLM fine-tuned on Rotten Tomatoes, half the block weights kept,
+    recovery fine-tuning, gated on accuracy, latency and size. ``causal-lm``: the embedded SmolLM2-135M on the
+    built-in convention speeches in windows of 256 tokens, 80% of the block weights kept, exported with the KV cache,
+    gated on perplexity, per-token decode time and size; recovery is off by default (enable it with
+    ``recovery: {enabled: true}``).
     """
     _check_choice("task", task, PIPELINE_TASKS)
     if task == "causal-lm":
@@ -609,9 +620,7 @@ def pipeline_defaults(task: str) -> dict[str, Any]:
             "data": DataConfig(dataset="speeches", max_length=256, max_eval_samples=40),
             "finetune": StageSwitch(False, FinetuneConfig(epochs=1)),
             "calibration": CalibrationConfig(),
-            # measured best on SmolLM2 at keep 0.8 and 0.6 (README, benchmarks/lm.py): Fisher rows x whitening with
-            # the loss-aware allocation
-            "compression": CompressionConfig(method="fisher-whitened", ratio=0.8, allocation="loss"),
+            "compression": CompressionConfig(ratio=0.8),
             "recovery": StageSwitch(False, FinetuneConfig(max_steps=200, eval_steps=50, batch_size=8,
                                                           learning_rate=1e-4, trainable="factors")),
             "export": ExportConfig(task="text-generation-with-past", atol=DECODER_EXPORT_ATOL),
@@ -708,6 +717,9 @@ class PipelineConfig:
             for group in _EXCLUSIVE.get(name, ()):  # a key given replaces the default of the others in its group
                 if any(merged.get(k) is not None for k in group if k in given):
                     merged.update({k: None for k in group if k not in given})
+            for key, sources in _DERIVED.get(name, {}).items():
+                if key not in given and any(k in given for k in sources):
+                    merged[key] = None
             try:
                 kwargs[name] = section.from_dict(merged)
             except ConfigError as exc:

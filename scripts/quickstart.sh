@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: set up .venv, then `fwsvd-deploy run` — the real all-MiniLM-L6-v2
-# fine-tuned on real Rotten Tomatoes reviews, compressed with FWSVD to half of its block parameters,
+# fine-tuned on real Rotten Tomatoes reviews, compressed to half of its block parameters (fisher-whitened, loss allocation),
 # recovery-fine-tuned for one epoch, exported to ONNX, optimised with ONNX Runtime, and validated against the
 # optimised baseline (accuracy, latency, memory) with the release gate. Stages are cached under runs/pipeline.
 # Extra arguments go to `fwsvd-deploy run` (e.g. --config my.yaml, --force).

@@ -127,11 +127,11 @@ def test_fisher_for_another_model_is_refused_before_any_change(tokenizer, data):
     last = list(broken)[-1]
     broken[last] = broken[last][:, :-1]
     with pytest.raises(FisherError, match="shape"):
-        compress(model, CompressionConfig(), broken)
+        compress(model, CompressionConfig(method="fwsvd"), broken)
     assert not any(isinstance(m, LowRankLinear) for m in model.modules())
     del broken[last]
     with pytest.raises(FisherError, match="other layers than the targets .missing ..bert.encoder.layer.1.output.dense"):
-        compress(model, CompressionConfig(), broken)
+        compress(model, CompressionConfig(method="fwsvd"), broken)
 
 
 def test_compressing_twice_is_refused(tokenizer, data):
@@ -192,12 +192,31 @@ def test_config_from_dict_rejects_unknown_keys():
     assert CompressionConfig().ratio == 0.5
 
 
+def test_the_default_allocation_is_the_one_measured_best_for_the_method():
+    assert (CompressionConfig().method, CompressionConfig().allocation) == ("fisher-whitened", "loss")
+    assert CompressionConfig(rank=8).allocation == "uniform"  # a fixed rank allocates nothing
+    assert CompressionConfig(method="svd-llm").allocation == "uniform"
+    assert CompressionConfig(method="fwsvd", ratio=0.3).allocation == "uniform"
+    assert CompressionConfig(method="svd-llm", allocation="loss").allocation == "loss"
+
+
+@pytest.mark.parametrize(("section", "allocation"), [
+    ({}, "loss"), ({"ratio": 0.6}, "loss"), ({"method": "svd-llm"}, "uniform"), ({"rank": 8}, "uniform"),
+    ({"method": "svd-llm", "allocation": "loss"}, "loss"), ({"allocation": "uniform"}, "uniform"),
+])
+def test_a_pipeline_section_rederives_the_allocation_from_the_keys_it_gives(section, allocation):
+    from fwsvd_deploy import PipelineConfig
+
+    for task in ("text-classification", "causal-lm"):
+        assert PipelineConfig.from_dict({"task": task, "compression": section}).compression.allocation == allocation
+
+
 @pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert"])
 def test_joint_qkv_factorises_the_stacked_projections_with_one_down(arch, tokenizer, data):
     model = tiny_model(arch)
     dense = {t.name: (t.weight.detach().clone(), t.module.bias.detach().clone()) for t in resolve_targets(model)}
     fisher = collect_fisher(model, data, tokenizer, max_length=32)
-    report = compress(model, CompressionConfig(ratio=0.5, qkv="joint"), fisher)
+    report = compress(model, CompressionConfig(method="fwsvd", ratio=0.5, qkv="joint"), fisher)
     groups = [layer for layer in report.layers if "{" in layer.name]
     assert len(groups) == 2  # one per block of the tiny models
     assert len(report.layers) == 4 * len(groups)  # q/k/v as one unit, then attention output and the FFN

@@ -17,7 +17,7 @@ from fwsvd_deploy.outputs import atomic_output_dir
 def test_save_load_gives_identical_logits(arch, tokenizer, data, tmp_path):
     model = tiny_model(arch)
     fisher = collect_fisher(model, data, tokenizer, max_length=32)
-    report = compress(model, CompressionConfig(ratio=0.3, allocation="fisher"), fisher)
+    report = compress(model, CompressionConfig(method="fwsvd", ratio=0.3, allocation="fisher"), fisher)
     expected = logits(model, tokenizer, data)
     save_compressed(model, tmp_path / "m", tokenizer, report=report, metadata={"input_model_hash": "abc"})
     plan = json.loads((tmp_path / "m" / "compression.json").read_text())

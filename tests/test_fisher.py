@@ -136,8 +136,8 @@ def test_compress_checks_the_layers_the_statistics_were_collected_for(tokenizer,
     fisher = collect_fisher(model, data, tokenizer, target_modules=("query",), max_length=32)
     assert fisher.targets == ("bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.attention.self.query")
     with pytest.raises(FisherError, match="collected for other layers than the targets"):
-        compress(model, CompressionConfig(target_modules=("query", "key")), fisher)
-    compress(model, CompressionConfig(target_modules=("query",)), fisher)
+        compress(model, CompressionConfig(method="fwsvd", target_modules=("query", "key")), fisher)
+    compress(model, CompressionConfig(method="fwsvd", target_modules=("query",)), fisher)
 
 
 def test_non_finite_gradients_are_an_error(tokenizer, data):

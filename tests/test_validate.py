@@ -394,7 +394,8 @@ def test_dry_run_prints_the_resolved_default(capsys):
     assert main(["run", "--dry-run"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert PipelineConfig.from_dict(printed) == PipelineConfig()
-    assert printed["model"] == "all-MiniLM-L6-v2" and printed["compression"]["method"] == "fwsvd"
+    assert printed["model"] == "all-MiniLM-L6-v2" and printed["compression"]["method"] == "fisher-whitened"
+    assert printed["compression"]["allocation"] == "loss"
 
 
 def test_search_keeps_the_best_candidate(trained, tmp_path, capsys):
