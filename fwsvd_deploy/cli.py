@@ -12,10 +12,11 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -687,23 +688,55 @@ def _write_traceback(argv: Sequence[str]) -> Path | None:
     return None
 
 
+def _watch_interrupts() -> tuple[Callable[[], bool], Callable[[], None]]:
+    """Record each Ctrl-C before raising ``KeyboardInterrupt`` as usual.
+
+    A ``KeyboardInterrupt`` that lands in library code can be swallowed (one raised inside ``__del__`` or a callback
+    is only printed) or wrapped in another exception; the record still ends the command as interrupted. Where SIGINT
+    is ignored or handled by someone else, or off the main thread, nothing changes. Returns ``(seen, restore)``.
+    """
+    seen: list[int] = []
+    try:
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return (lambda: False), (lambda: None)
+
+        def record(signum: int, frame: Any) -> None:
+            seen.append(signum)
+            signal.default_int_handler(signum, frame)
+
+        signal.signal(signal.SIGINT, record)
+    except ValueError:  # not the main thread
+        return (lambda: False), (lambda: None)
+    return (lambda: bool(seen)), (lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+
+
+def _interrupted() -> int:
+    print(f"{PROG}: interrupted; finished outputs are intact, unfinished ones were removed", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns its exit code (argparse exits 2 itself on bad usage)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    interrupted, restore = _watch_interrupts()
     try:
         args = build_parser().parse_args(argv)
         _configure_logging()
-        return int(_COMMANDS[args.command](args))
+        code = int(_COMMANDS[args.command](args))
+        return _interrupted() if interrupted() else code
     except FwsvdError as exc:
+        if interrupted():
+            return _interrupted()
         if debug:
             traceback.print_exc()
         print(error_line(first_line(exc)), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; finished outputs are intact, unfinished ones were removed", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted()
     except Exception as exc:
+        if interrupted():
+            return _interrupted()
         log = _write_traceback(argv)
         where = f"full traceback in {log}" if log is not None else "no log file could be written"
         print(f"{PROG}: internal error: {type(exc).__name__}: {first_line(exc)} ({where}; rerun with --debug to "
@@ -711,6 +744,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         return EXIT_INTERNAL
+    finally:
+        restore()
 
 
 def entry_point() -> None:

@@ -373,6 +373,27 @@ def test_interrupt_during_imports_exits_130(monkeypatch, capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("library", ["swallows", "wraps"])
+def test_a_ctrl_c_that_library_code_swallows_or_wraps_still_exits_130(monkeypatch, capsys, library):
+    """An exception raised in ``__del__`` or a callback is only printed; some code re-raises it as another type."""
+    from fwsvd_deploy import cli
+
+    def command(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except KeyboardInterrupt as exc:
+            if library == "wraps":
+                raise RuntimeError("worker failed") from exc
+        return 0
+
+    monkeypatch.setitem(cli._COMMANDS, "bench", command)
+    assert main(["bench", "--model", "x"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted" in err and "internal error" not in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_the_command_line_imports_nothing_heavy_before_main():
     code = "import sys, fwsvd_deploy.cli; print(sorted({'torch', 'transformers', 'numpy'} & set(sys.modules)))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
