@@ -399,7 +399,7 @@ def _gradient_source(model: nn.Module) -> Any:
 
     The Fisher hooks rebuild each example's weight gradient from a layer's input and output gradient, so the
     weight gradients autograd would compute are never read: with no parameter requiring grad and the embeddings'
-    output marked instead, every target's output still gets its gradient and a fifth of the pass is saved. Returns
+    output marked instead, every target's output still gets its gradient (13% less time on SmolLM2-135M). Returns
     the hook's handle, or ``None`` for a model without input embeddings (the target weights then require grad).
     """
     get = getattr(model, "get_input_embeddings", None)
