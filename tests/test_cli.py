@@ -388,10 +388,28 @@ def test_a_ctrl_c_that_library_code_swallows_or_wraps_still_exits_130(monkeypatc
         return 0
 
     monkeypatch.setitem(cli._COMMANDS, "bench", command)
-    assert main(["bench", "--model", "x"]) == 130
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal, not in a background job
+    try:
+        assert main(["bench", "--model", "x"]) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "interrupted" in err and "internal error" not in err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_sigint_stays_ignored(monkeypatch, capsys):
+    """Under nohup or in a background job SIGINT is ignored: main must not start catching it."""
+    from fwsvd_deploy import cli
+
+    seen = []
+    monkeypatch.setitem(cli._COMMANDS, "bench", lambda args: seen.append(signal.getsignal(signal.SIGINT)) or 0)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert main(["bench", "--model", "x"]) == 0
+        assert seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_the_command_line_imports_nothing_heavy_before_main():
@@ -402,9 +420,11 @@ def test_the_command_line_imports_nothing_heavy_before_main():
 
 def test_ctrl_c_of_a_running_command_exits_130(tmp_path, tiny_bert_dir, toy_csv):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # a shell's background job starts with SIGINT ignored, and so would the command: give it a terminal's default
     proc = subprocess.Popen([sys.executable, "-m", "fwsvd_deploy.cli", "--quiet", "compress", "--model",
                              str(tiny_bert_dir), "--out", str(tmp_path / "o"), "--fisher-cache", "none",
-                             *_data_args(toy_csv)], stderr=subprocess.PIPE, text=True, env=env)
+                             *_data_args(toy_csv)], stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(1.5)  # inside main by now: importing torch, loading, or computing
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
