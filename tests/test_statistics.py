@@ -151,15 +151,27 @@ def _loop_window_fisher(model, windows, targets):
 def test_causal_lm_fisher_is_exact_per_window_without_weight_gradients(arch, monkeypatch):
     """The backward starts at the embeddings (no weight gradient computed); a model without input embeddings
     falls back to gradients on the target weights. Both equal one plain backward per window."""
+    from fwsvd_deploy.compression import statistics
+
     model = tiny_decoder(arch)
     targets = resolve_targets(model)
     windows = _windows(5)
     want = _loop_window_fisher(model, windows, targets)
+    target_weights = {id(t.module.weight) for t in targets}
+    losses = statistics.per_example_losses
     for fallback in (False, True):
+        grads = set()  # which parameters require grad while the losses are computed
+
+        def recording(*args, grads=grads, **kwargs):
+            grads.update(id(p) for p in model.parameters() if p.requires_grad)
+            return losses(*args, **kwargs)
+
+        monkeypatch.setattr(statistics, "per_example_losses", recording)
         if fallback:
             monkeypatch.setattr(type(model), "get_input_embeddings", lambda self: None)
         got = collect_statistics(model, window_batches(windows, 2), targets, kinds=("fisher",), progress=False)
         assert got.num_examples == 5
+        assert grads == (target_weights if fallback else set())
         for name, tensor in want.items():
             assert float(tensor.sum()) > 0
             assert float((got.fisher[name] - tensor).norm() / tensor.norm()) < TOL["fisher_sum"], (fallback, name)
