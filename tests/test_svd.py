@@ -235,3 +235,88 @@ def test_fisher_whitened_gains_add_up_to_the_loss_estimate(power):
     for rank in (2, 7):
         loss = float(factor.right(a[:, None] * (w - d.reconstruct(rank))).square().sum()) / float(c.trace())
         assert abs(float(gains[rank:].sum()) - loss) <= 1e-9 * max(loss, 1.0)
+
+
+# --- the SVD itself ----------------------------------------------------------------------------------------------
+
+from fwsvd_deploy.compression.svd import GRAM_MIN_SIDE, GRAM_RTOL, thin_svd  # noqa: E402
+
+
+def _spectrum_matrix(m: int, n: int, smallest: float, seed: int = 3) -> torch.Tensor:
+    """A random ``(m, n)`` matrix with singular values spread log-uniformly from 1 down to ``smallest``."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    return (u * torch.logspace(0, torch.log10(torch.tensor(smallest)).item(), k, dtype=torch.float64)) @ v.T
+
+
+def _projector(vh: torch.Tensor, k: int) -> torch.Tensor:
+    return vh[:k].T @ vh[:k]
+
+
+@pytest.mark.parametrize("shape", [(320, GRAM_MIN_SIDE), (GRAM_MIN_SIDE, 320), (200, 200)])
+@pytest.mark.parametrize("smallest", [1e-2, 1e-6])
+def test_gram_svd_matches_lapack(shape, smallest):
+    z = _spectrum_matrix(*shape, smallest)
+    u, s, vh = thin_svd(z)
+    u0, s0, vh0 = torch.linalg.svd(z, full_matrices=False)
+    assert u.shape == u0.shape and s.shape == s0.shape and vh.shape == vh0.shape
+    # an eigenvalue of the Gram matrix is exact to ~n eps s_max^2, so s_j to ~n eps s_max^2 / s_j
+    bound = 10 * max(shape) * torch.finfo(torch.float64).eps * float(s0[0]) ** 2 / s0
+    assert bool(((s - s0).abs() <= bound).all())
+    assert float((s - s0).abs().max()) <= 1e-9 * float(s0[0])
+    torch.testing.assert_close((u * s) @ vh, z, atol=TOL["identity"], rtol=0)
+    for k in (1, min(shape) // 4, max_saving_rank(shape)):
+        # the subspace a truncation at k keeps (the spectrum has no repeated values, so it is unique)
+        torch.testing.assert_close(_projector(vh, k), _projector(vh0, k), atol=1e-8, rtol=0)
+        torch.testing.assert_close(u[:, :k] * s[:k] @ vh[:k], u0[:, :k] * s0[:k] @ vh0[:k], atol=1e-8, rtol=0)
+    # the side from the eigendecomposition is orthonormal; the side from Z V / s, over the directions kept
+    eigen, derived = (vh.T, u) if shape[0] >= shape[1] else (u, vh.T)
+    k = max_saving_rank(shape)
+    torch.testing.assert_close(eigen.T @ eigen, torch.eye(len(s), dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(derived[:, :k].T @ derived[:, :k], torch.eye(k, dtype=torch.float64), atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "z", [_spectrum_matrix(GRAM_MIN_SIDE - 1, 300, 1e-2), _spectrum_matrix(300, 200, 1e-2).float()],
+    ids=["below-size-floor", "float32"])
+def test_small_or_float32_matrices_take_lapack(z):
+    u, s, vh = thin_svd(z)
+    u0, s0, vh0 = torch.linalg.svd(z, full_matrices=False)
+    assert torch.equal(s, s0) and torch.equal(u, u0) and torch.equal(vh, vh0)
+
+
+@pytest.mark.parametrize("shape", [(300, GRAM_MIN_SIDE), (GRAM_MIN_SIDE, 300)])
+@pytest.mark.parametrize("case", ["rank-deficient", "past-gram-rtol"])
+def test_singular_and_ill_conditioned_matrices_stay_exact(shape, case):
+    """Whichever way it is computed: finite, rebuilds Z, and keeps LAPACK's leading subspace."""
+    z = _spectrum_matrix(*shape, GRAM_RTOL / 100)
+    if case == "rank-deficient":
+        z = _spectrum_matrix(*shape, 1e-2)
+        z[:, :3] = 0.0 if shape[0] >= shape[1] else z[:, :3]
+        z[:3] = z[:3] if shape[0] >= shape[1] else 0.0
+    u, s, vh = thin_svd(z)
+    assert all(bool(torch.isfinite(t).all()) for t in (u, s, vh))
+    torch.testing.assert_close((u * s) @ vh, z, atol=TOL["identity"], rtol=0)
+    _, s0, vh0 = torch.linalg.svd(z, full_matrices=False)
+    k = max_saving_rank(shape)
+    torch.testing.assert_close(s[:k], s0[:k], atol=1e-9, rtol=0)
+    torch.testing.assert_close(_projector(vh, k), _projector(vh0, k), atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("power", [None, 0.5])
+def test_whitened_truncation_identity_holds_on_the_gram_path(power):
+    """The discarded-spectrum identity on a weight large enough for the Gram eigendecomposition."""
+    m, n = 256, GRAM_MIN_SIDE + 32
+    w = _w(m, n, seed=4)
+    c = _moment(_inputs(tokens=4 * n, n=n, seed=5))
+    fisher = None if power is None else _axis_fisher("both", m, n)
+    d = whitened(w, c, 1e-4, fisher, power if power is not None else 0.5)
+    m_factor, _ = whitening(c, 1e-4)
+    for rank in (1, 40, max_saving_rank((m, n))):
+        diff = w - d.reconstruct(rank)
+        weighted = diff if d.row_scale is None else d.row_scale[:, None] * diff
+        discarded = float(d.s[rank:].square().sum())
+        assert abs(float(m_factor.right(weighted).square().sum()) - discarded) <= TOL["identity"] * max(1.0, discarded)
+    torch.testing.assert_close(d.reconstruct(d.max_rank), w, atol=TOL["identity"], rtol=0)

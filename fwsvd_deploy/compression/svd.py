@@ -134,12 +134,46 @@ def _check_fisher(fisher: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return f
 
 
+# thin_svd: matrices whose smaller side is at least this use the Gram eigendecomposition ...
+GRAM_MIN_SIDE = 128
+# ... unless s_min / s_max is below this (then LAPACK's SVD)
+GRAM_RTOL = 1e-7
+
+
+def thin_svd(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.linalg.svd(z, full_matrices=False)`` of a float64 matrix, about twice as fast on a large one.
+
+    The singular values and the smaller side's vectors come from the symmetric eigendecomposition of the smaller
+    Gram matrix (``Z^T Z`` or ``Z Z^T``), the other side's vectors from one product (``U = Z V / s``). Squaring
+    costs the small singular values accuracy (an eigenvalue is exact to about ``n * eps * s_max^2``, so ``s_j`` to
+    about ``n * eps * s_max^2 / s_j``), not the large ones a truncation keeps; the vectors from ``eigh`` are
+    orthonormal whatever the conditioning, so ``U diag(s) V^T`` rebuilds ``Z`` and a truncation projects exactly.
+    On SmolLM2-135M's 210 whitened weights (up to 1536 x 576) against LAPACK: singular values within 7e-12 of
+    ``s_max``, every kept one within 9e-12 relative, the kept subspaces within 1.1e-9 (projector norm), in 129 s
+    against 242 s (the two timed side by side on a busy machine). Small matrices, and those with
+    ``s_min / s_max < GRAM_RTOL`` (where ``Z V / s`` would divide by rounding noise), go to LAPACK's SVD.
+    """
+    m, n = z.shape
+    if min(m, n) < GRAM_MIN_SIDE or z.dtype != torch.float64:
+        return torch.linalg.svd(z, full_matrices=False)
+    tall = m >= n
+    values, vectors = torch.linalg.eigh(z.T @ z if tall else z @ z.T)
+    values, vectors = values.flip(0), vectors.flip(1)  # descending
+    s = values.clamp_min(0).sqrt()
+    if not bool(s[-1] > s[0] * GRAM_RTOL):
+        return torch.linalg.svd(z, full_matrices=False)
+    if tall:
+        return (z @ vectors) / s[None, :], s, vectors.T.contiguous()
+    return vectors, s, (vectors.T @ z) / s[:, None]
+
+
 def _svd(w: torch.Tensor, row: torch.Tensor | None, right: RightFactor | None, method: str,
          literal_input: bool = False) -> Decomposition:
     z = w if row is None else row[:, None] * w
     if right is not None:
         z = right.right(z)
-    u, s, vh = torch.linalg.svd(z, full_matrices=False)
+    # fwsvd's input axis keeps U_k itself as a factor, so its columns must be orthonormal to the last one: LAPACK
+    u, s, vh = torch.linalg.svd(z, full_matrices=False) if literal_input else thin_svd(z)
     return Decomposition(w, u, s, vh, row, right, method, literal_input)
 
 
