@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "through ONNX Runtime must agree with PyTorch's to 0.1%%")
     va.add_argument("--candidate-model", default=None,
                     help="causal LMs: the PyTorch folder (dense or written by 'compress') of the candidate graph")
+    va.add_argument("--parity-windows", type=int, default=None,
+                    help="causal LMs: run the ONNX-vs-PyTorch perplexity check on the first N evaluation windows "
+                         "(default: all of them)")
     _add_output_args(va)
     _add_measure_args(va)
     g = va.add_argument_group("gate (a threshold left out is not checked)")
@@ -485,7 +488,8 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
 
 
 def _cmd_validate(a: argparse.Namespace) -> int:
-    cfg = _validate_config(a, latency=not a.no_latency, memory=not a.no_memory, eval_batch_size=a.eval_batch_size)
+    cfg = _validate_config(a, latency=not a.no_latency, memory=not a.no_memory, eval_batch_size=a.eval_batch_size,
+                           parity_windows=a.parity_windows)
     from .validators.decoder import is_causal_lm_folder
 
     drop = a.max_accuracy_drop

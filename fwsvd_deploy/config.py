@@ -497,6 +497,8 @@ class ValidateConfig(_Config):
         prompt_len / new_tokens: a causal language model's timed generation: a prefill of ``prompt_len`` tokens, then
             ``new_tokens`` decode steps with the KV cache (also the memory probe's, at ``memory_batch``).
         gen_batch_sizes: the batch sizes the generation is timed at.
+        parity_windows: a causal language model's ONNX-vs-PyTorch perplexity check (when PyTorch folders are
+            given) runs on this many of the evaluation windows, the first ones; ``None``: on all of them.
     """
 
     device: str = "cpu"
@@ -514,8 +516,10 @@ class ValidateConfig(_Config):
     prompt_len: int = 128
     new_tokens: int = 32
     gen_batch_sizes: tuple[int, ...] = (1, 8)
+    parity_windows: int | None = None
 
     def __post_init__(self) -> None:
+        _check_int("parity_windows", self.parity_windows, 1, optional=True)
         _check_choice("device", self.device, RUN_DEVICES)
         _check_int("prompt_len", self.prompt_len, 1)
         _check_int("new_tokens", self.new_tokens, 1)
@@ -625,7 +629,8 @@ def pipeline_defaults(task: str) -> dict[str, Any]:
                                                           learning_rate=1e-4, trainable="factors")),
             "export": ExportConfig(task="text-generation-with-past", atol=DECODER_EXPORT_ATOL),
             "optimize": OptimizeConfig(),
-            "validate": ValidateConfig(split="test", eval_batch_size=8),
+            # one warm-up generation runs every shape the timed rounds run (the past grows by one token a step)
+            "validate": ValidateConfig(split="test", eval_batch_size=8, parity_windows=8, warmup=1),
             "gate": GateConfig(max_accuracy_drop=None, max_perplexity_ratio=1.25, max_decode_latency_ratio=1.0,
                                max_memory_ratio=0.9),
         }

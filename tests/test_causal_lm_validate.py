@@ -4,6 +4,7 @@ generation speed with the KV cache, memory, the report, and every bad input."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import shutil
@@ -170,6 +171,23 @@ def test_report_of_a_low_rank_candidate(lm, tmp_path):
     assert "| KV-cache bytes per token | 256 | 256 | 1.000 |" in md and "ONNX Runtime vs PyTorch" in md
     assert (tmp_path / "r" / "generation.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "r" / "latency.png").exists() and (tmp_path / "r" / "manifest.json").is_file()
+
+
+def test_parity_on_the_first_windows_compares_the_same_windows(lm, tmp_path):
+    """parity_windows: PyTorch scores the first N windows, ONNX Runtime's figure is of those N (a batch straddles N)."""
+    cfg = dataclasses.replace(FAST, parity_windows=3, eval_batch_size=2, latency=False, memory=False)
+    result = validate(lm["base"], lm["cand"], DATA, cfg, GateConfig(**NO_ENCODER_GATE), tmp_path / "r",
+                      pytorch_models={"baseline": lm["base-pt"], "candidate": lm["cand-pt"]})
+    acc = result.report["accuracy"]
+    assert acc["windows"]["count"] == 8 and acc["windows"]["batch"] == 2
+    for role in ("baseline", "candidate"):
+        parity = acc["pytorch"][role]
+        assert parity["windows"] == 3
+        assert parity["relative_diff"] <= TOL["onnx_vs_torch_perplexity"]
+        # the check's ONNX figure is of the 3 windows, not of all 8
+        assert abs(parity["onnx_perplexity"] / acc[role]["perplexity"] - 1) > 10 * TOL["onnx_vs_torch_perplexity"]
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| 3 of 8 |" in md
 
 
 def test_optimised_graph_with_contrib_operators_matches_pytorch(lm, tmp_path):

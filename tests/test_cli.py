@@ -222,6 +222,8 @@ BAD: dict = {
     "export output is the model": (lambda m, d, t: ["export", "--model", str(_copy_model(m, t / "inputs" / "m")),
                                                     "--out", str(t / "inputs" / "m"), "--overwrite"], "is the input"),
     "optimize not an export": (lambda m, d, t: ["optimize", "--onnx", m], "has no model.onnx"),
+    "validate parity windows": (lambda m, d, t: ["validate", "--baseline", m, "--candidate", m, *d,
+                                                 "--parity-windows", "0"], "parity_windows=0 must be >= 1"),
 }
 
 

@@ -67,6 +67,7 @@ def causal_lm_results(
     length = windows.shape[1]
     batch = min(len(windows), window_batch(cfg.eval_batch_size, length, graphs["baseline"].vocab))
     reference = {}
+    checked = len(windows) if cfg.parity_windows is None else min(cfg.parity_windows, len(windows))
     if torch_specs:  # first: a folder that does not load fails in seconds, not after the ONNX passes
         import torch
 
@@ -75,13 +76,14 @@ def causal_lm_results(
 
         for role, spec in torch_specs.items():
             model = load_causal_lm(spec)
-            evaluation = evaluate_lm(model, torch.from_numpy(windows), batch_size=batch, progress=progress)
+            evaluation = evaluate_lm(model, torch.from_numpy(windows[:checked]), batch_size=batch, progress=progress)
             reference[role] = evaluation.metrics["perplexity"]
             del model
-    measured = onnx_perplexity(sessions, windows, batch, progress=progress)
+    measured = onnx_perplexity(sessions, windows, batch, head=checked if reference else None, progress=progress)
     metrics = measured["metrics"]
-    parity = {role: {"model": torch_specs[role], "perplexity": ppl, "onnx_perplexity": metrics[role]["perplexity"],
-                     "relative_diff": relative_difference(metrics[role]["perplexity"], ppl)}
+    parity = {role: {"model": torch_specs[role], "windows": checked, "perplexity": ppl,
+                     "onnx_perplexity": measured["head"][role]["perplexity"],
+                     "relative_diff": relative_difference(measured["head"][role]["perplexity"], ppl)}
               for role, ppl in reference.items()} or None
     accuracy = {
         "task": CAUSAL_LM_TASK, "primary_metric": "perplexity", "baseline": metrics["baseline"],
@@ -142,11 +144,11 @@ def markdown_sections(report: dict[str, Any]) -> list[str]:
     for key, value in acc["comparison"].items():
         lines.append(f"| {key} | | {value:.6f} |")
     if acc.get("pytorch"):
-        lines += ["", "| ONNX Runtime vs PyTorch | PyTorch perplexity | ONNX Runtime perplexity | relative diff |",
-                  "|---|---:|---:|---:|"]
+        lines += ["", "| ONNX Runtime vs PyTorch | windows | PyTorch perplexity | ONNX Runtime perplexity "
+                  "| relative diff |", "|---|---:|---:|---:|---:|"]
         for role, p in acc["pytorch"].items():
-            lines.append(f"| {role} (`{p['model']}`) | {p['perplexity']:.4f} | {p['onnx_perplexity']:.4f} | "
-                         f"{p['relative_diff']:.2e} |")
+            lines.append(f"| {role} (`{p['model']}`) | {_parity_windows(p, w)} | {p['perplexity']:.4f} | "
+                         f"{p['onnx_perplexity']:.4f} | {p['relative_diff']:.2e} |")
     generation = report.get("generation")
     if generation:
         lines += ["", f"## Generation with the KV cache ({generation['prompt_tokens']} prompt tokens, "
@@ -166,7 +168,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
              f"{acc['comparison']['agreement']:.4f}"]
     for role, p in (acc.get("pytorch") or {}).items():
         lines.append(f"{role} ONNX Runtime vs PyTorch perplexity: {p['onnx_perplexity']:.4f} vs {p['perplexity']:.4f} "
-                     f"(relative diff {p['relative_diff']:.2e})")
+                     f"(relative diff {p['relative_diff']:.2e}) on {_parity_windows(p, acc['windows'])} windows")
     for cell in (report.get("generation") or {}).get("cells", []):
         b, c = cell["models"]["baseline"], cell["models"]["candidate"]
         r = cell["ratios"]["candidate"]
@@ -174,3 +176,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                      f"(ratio {r['prefill']['p50']:.3f}), decode {b['decode']['mean_ms']:.2f} -> "
                      f"{c['decode']['mean_ms']:.2f} ms/token (ratio {r['decode']['p50']:.3f})")
     return lines
+
+
+def _parity_windows(parity: dict[str, Any], windows: dict[str, Any]) -> str:
+    """How many windows the ONNX-vs-PyTorch check ran on: ``8 of 40``, or ``40`` when all (older reports: all)."""
+    checked = parity.get("windows", windows["count"])
+    return str(checked) if checked == windows["count"] else f"{checked} of {windows['count']}"

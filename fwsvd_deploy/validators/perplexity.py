@@ -68,40 +68,48 @@ class Tally:
         return {"perplexity": math.exp(mean), "nll": mean, "next_token_accuracy": self.correct / self.tokens}
 
 
-def _batches(windows: np.ndarray, batch: int, progress: bool | None, desc: str) -> Iterator[np.ndarray]:
+def _batches(windows: np.ndarray, batch: int, progress: bool | None, desc: str) -> Iterator[tuple[int, np.ndarray]]:
     starts = range(0, len(windows), batch)
     for start in progress_bar(starts, progress=progress, desc=desc, unit="batch", leave=False):
-        yield windows[start:start + batch]
+        yield start, windows[start:start + batch]
 
 
 def onnx_perplexity(models: Mapping[str, tuple[Any, DecoderGraph]], windows: np.ndarray, batch: int, *,
-                    progress: bool | None = None) -> dict[str, Any]:
+                    head: int | None = None, progress: bool | None = None) -> dict[str, Any]:
     """Perplexity of each ONNX model and the greedy agreement of every model with the first, batch by batch.
 
     Args:
         models: name -> (session, graph); the first is the reference of the agreement.
         windows: ``(n, length)`` token ids.
         batch: windows per forward pass.
+        head: also score the first ``head`` windows on their own (``head`` in the result), from the same logits.
 
     Returns:
         ``{name: metrics}`` and ``agreement``: ``{name: share of scored positions whose greedy next token equals
-        the first model's}`` for the others.
+        the first model's}`` for the others; with ``head``, ``head``: ``{name: metrics}`` of the first windows.
     """
     tallies = {name: Tally() for name in models}
+    heads = {name: Tally() for name in models}
     same = dict.fromkeys(list(models)[1:], 0)
-    for ids in _batches(windows, batch, progress, "Perplexity"):
+    for start, ids in _batches(windows, batch, progress, "Perplexity"):
         reference = None
+        split = 0 if head is None else min(max(head - start, 0), len(ids))
         for name, (session, graph) in models.items():
             logits = session.run(["logits"], graph.prefill_feed(ids))[0]
             nll, tokens, predicted = score_batch(logits, ids)
             tallies[name].add(nll, tokens, predicted, ids)
+            if split:
+                heads[name].add(*score_batch(logits[:split], ids[:split]), ids[:split])
             if reference is None:
                 reference = predicted
             else:
                 same[name] += int((predicted == reference).sum())
     scored = tallies[next(iter(models))].tokens
-    return {"metrics": {name: t.metrics() for name, t in tallies.items()},
-            "agreement": {name: n / scored for name, n in same.items()}}
+    out: dict[str, Any] = {"metrics": {name: t.metrics() for name, t in tallies.items()},
+                           "agreement": {name: n / scored for name, n in same.items()}}
+    if head is not None:
+        out["head"] = {name: t.metrics() for name, t in heads.items()}
+    return out
 
 
 def relative_difference(value: float, reference: float) -> float:
