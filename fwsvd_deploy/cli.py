@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -714,6 +715,21 @@ def _watch_interrupts() -> tuple[Callable[[], bool], Callable[[], None]]:
     return (lambda: bool(seen)), (lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
 
 
+def _name_the_flag(message: str, argv: Sequence[str]) -> str:
+    """``rank_multiple=0 must be >= 1`` -> ``--rank-multiple 0 must be >= 1`` when that flag is on the command line.
+
+    Configuration errors name the setting as a configuration file spells it; a value that came from a flag is
+    named by the flag the user typed. A setting from a YAML file, or one whose flag has another name, is left as is.
+    """
+    match = re.match(r"([a-z][a-z0-9_]*)=", message)
+    if match is None:
+        return message
+    flag = "--" + match.group(1).replace("_", "-")
+    if not any(arg == flag or arg.startswith(flag + "=") for arg in argv):
+        return message
+    return f"{flag} {message[match.end():]}"
+
+
 def _interrupted() -> int:
     print(f"{PROG}: interrupted; finished outputs are intact, unfinished ones were removed", file=sys.stderr)
     return EXIT_INTERRUPTED
@@ -734,7 +750,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _interrupted()
         if debug:
             traceback.print_exc()
-        print(error_line(first_line(exc)), file=sys.stderr)
+        message = first_line(exc)
+        print(error_line(_name_the_flag(message, argv) if isinstance(exc, ConfigError) else message), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return _interrupted()

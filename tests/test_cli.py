@@ -156,19 +156,20 @@ BAD: dict = {
                      "target_modules='(' is not a valid regular expression"),
     "regex exclude": (lambda m, d, t: ["compress", "--model", m, "--exclude", "re:[", *d],
                       "exclude_modules='[' is not a valid regular expression"),
-    "rank zero": (lambda m, d, t: ["compress", "--model", m, "--rank", "0", *d], "rank=0"),
-    "rank multiple zero": (lambda m, d, t: ["compress", "--model", m, "--rank-multiple", "0", *d], "rank_multiple=0"),
+    "rank zero": (lambda m, d, t: ["compress", "--model", m, "--rank", "0", *d], "--rank 0 must be >= 1"),
+    "rank multiple zero": (lambda m, d, t: ["compress", "--model", m, "--rank-multiple", "0", *d],
+                           "--rank-multiple 0 must be >= 1"),
     "rank not a multiple": (lambda m, d, t: ["compress", "--model", m, "--rank", "6", "--rank-multiple", "4", *d],
                             "not a multiple of rank_multiple=4"),
     "rank saves nothing": (lambda m, d, t: ["compress", "--model", m, "--method", "svd", "--rank", "1000", *d],
-                           "rank=1000 saves no parameters in any targeted layer"),
+                           "--rank 1000 saves no parameters in any targeted layer"),
     "loss floors beyond the budget": (lambda m, d, t: ["compress", "--model", m, "--method", "svd", "--allocation",
                                                        "loss", "--min-rank-fraction", "1.0", "--ratio", "0.01", *d],
                                       "the floor ranks alone keep"),
     "factors of a dense model": (lambda m, d, t: ["finetune", "--model", m, "--trainable", "factors", *d],
                                  "--trainable factors trains the factorised layers of a compressed model"),
-    "ratio above one": (lambda m, d, t: ["compress", "--model", m, "--ratio", "1.5", *d], "ratio=1.5"),
-    "ratio zero": (lambda m, d, t: ["compress", "--model", m, "--ratio", "0", *d], "ratio=0"),
+    "ratio above one": (lambda m, d, t: ["compress", "--model", m, "--ratio", "1.5", *d], "--ratio 1.5"),
+    "ratio zero": (lambda m, d, t: ["compress", "--model", m, "--ratio", "0", *d], "--ratio 0"),
     "max length beyond positions": (lambda m, d, t: ["compress", "--model", m, *d[:-2], "--max-length", "512"],
                                     "max_length 512 is longer than the 128 positions"),
     "dataset missing": (lambda m, d, t: ["compress", "--model", m, "--dataset", str(t / "none.csv")],
@@ -223,7 +224,7 @@ BAD: dict = {
                                                     "--out", str(t / "inputs" / "m"), "--overwrite"], "is the input"),
     "optimize not an export": (lambda m, d, t: ["optimize", "--onnx", m], "has no model.onnx"),
     "validate parity windows": (lambda m, d, t: ["validate", "--baseline", m, "--candidate", m, *d,
-                                                 "--parity-windows", "0"], "parity_windows=0 must be >= 1"),
+                                                 "--parity-windows", "0"], "--parity-windows 0 must be >= 1"),
 }
 
 
@@ -509,3 +510,18 @@ def test_the_vocabulary_bounds_the_synthetic_inputs(capsys, tmp_path):
                           "--seq-lens", "8", "--rounds", "1", "--warmup", "0", "--threads", "1")
     assert code == 0, err
     assert "| 1 x 8 |" in out
+
+
+@pytest.mark.parametrize(("message", "argv", "expected"), [
+    ("rank_multiple=0 must be >= 1", ["compress", "--rank-multiple", "0"], "--rank-multiple 0 must be >= 1"),
+    ("ratio=1.5 must be in (0.0, 1.0]", ["compress", "--ratio=1.5"], "--ratio 1.5 must be in (0.0, 1.0]"),
+    # from a YAML file, or a setting whose flag has another name: the setting's own name stays
+    ("ratio=1.5 must be in (0.0, 1.0]", ["run", "--config", "p.yaml"], "ratio=1.5 must be in (0.0, 1.0]"),
+    ("target_modules='(' is not a valid regular expression", ["compress", "--targets", "re:("],
+     "target_modules='(' is not a valid regular expression"),
+    ("no module matched", ["compress", "--rank", "0"], "no module matched"),
+])
+def test_a_setting_given_as_a_flag_is_named_by_its_flag(message, argv, expected):
+    from fwsvd_deploy.cli import _name_the_flag
+
+    assert _name_the_flag(message, argv) == expected

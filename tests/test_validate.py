@@ -453,8 +453,8 @@ def test_search_bisects_to_the_threshold(monkeypatch, tmp_path, metric):
     assert f"| {metric} (baseline) |" in (tmp_path / "s" / "search-summary" / "search.md").read_text()
 
 
-@pytest.mark.parametrize(("low", "high", "steps", "match"), [(0.9, 0.1, 2, "low < high"), (0.0, 0.5, 2, "low=0.0"),
-                                                            (0.1, 1.5, 2, "high=1.5"), (0.1, 0.9, 0, "steps=0")])
+@pytest.mark.parametrize(("low", "high", "steps", "match"), [(0.9, 0.1, 2, "low < high"), (0.0, 0.5, 2, "--low 0.0"),
+                                                            (0.1, 1.5, 2, "--high 1.5"), (0.1, 0.9, 0, "--steps 0")])
 def test_a_search_range_that_cannot_bisect_is_refused(tmp_path, capsys, low, high, steps, match):
     code = main(["search", "--low", str(low), "--high", str(high), "--steps", str(steps), "--out", str(tmp_path / "s")])
     assert code == 2 and match in capsys.readouterr().err and not (tmp_path / "s").exists()
