@@ -203,6 +203,20 @@ def test_optimised_graph_with_contrib_operators_matches_pytorch(lm, tmp_path):
     assert result.passed and result.report["generation"] is None and result.report["memory"] is None
 
 
+def test_parameters_are_the_models_and_leave_out_the_rotary_tables(lm):
+    """The fused graph's cos/sin tables are computed, not learned: its count stays the unfused export's."""
+    import onnx
+
+    from fwsvd_deploy.validators.memory import parameter_count
+
+    graph = onnx.load(str(lm["fused"] / ONNX_FILE)).graph
+    tables = {n.input[i] for n in graph.node if n.op_type == "RotaryEmbedding" for i in (2, 3)}
+    table_values = sum(int(np.prod(i.dims)) for i in graph.initializer if i.name in tables)
+    assert tables and table_values > 0
+    # the optimiser adds a few constants (axes, shapes), not the tables
+    assert 0 <= parameter_count(lm["fused"]) - parameter_count(lm["base"]) < min(table_values, 100)
+
+
 def test_a_worse_candidate_fails_and_every_failure_is_listed(lm, tmp_path, capsys):
     code = main(["--quiet", "validate", "--baseline", str(lm["base"]), "--candidate", str(lm["damaged"]),
                  "--out", str(tmp_path / "r"), "--dataset", "speeches", "--eval-split", "test", "--max-length", "32",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -115,14 +116,15 @@ def disk_bytes(folder: Path) -> int:
 
 
 def parameter_count(folder: Path) -> int:
+    """Elements of the graph's initializers, less the cos/sin tables of ONNX Runtime's fused ``RotaryEmbedding``.
+
+    Those tables (SmolLM2: 2 x 131,072 positions x 32 = 8.4 M values) are computed from the rotary base, not
+    learned; the unfused export computes them in the graph and has none.
+    """
     model = onnx.load(str(folder / ONNX_FILE), load_external_data=False)
-    total = 0
-    for init in model.graph.initializer:
-        n = 1
-        for d in init.dims:
-            n *= d
-        total += n
-    return total
+    tables = {name for node in model.graph.node if node.op_type == "RotaryEmbedding" and node.domain == "com.microsoft"
+              for name in node.input[2:4]}
+    return sum(math.prod(init.dims) for init in model.graph.initializer if init.name not in tables)
 
 
 def session_memory(folder: Path, device: str = "cpu", batch: int = 8, seq: int = 128,
