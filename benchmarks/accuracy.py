@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         for ratio in (float(r) for r in a.ratios.split(",")):
             for setting in settings:
                 model = copy.deepcopy(base)
-                report = compress(model, CompressionConfig(ratio=ratio, **setting), stats)
+                # a setting without an allocation is uniform (CompressionConfig's default depends on the method)
+                report = compress(model, CompressionConfig(ratio=ratio, **{"allocation": "uniform", **setting}), stats)
                 row = {"ratio": ratio, "setting": label(setting), "kept_fraction": report.kept_fraction,
                        "accuracy": evaluate(model, splits.eval, tokenizer, max_length=length).accuracy}
                 if a.recovery:
