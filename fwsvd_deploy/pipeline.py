@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -16,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .background import Background
 from .checkpoint import write_model
 from .compression.apply import compress, plan_units, resolve_targets
 from .compression.fisher import DEFAULT_EXAMPLES, classifier_batches
@@ -26,7 +28,9 @@ from .config import (
     CalibrationConfig,
     CompressionConfig,
     DataConfig,
+    ExportConfig,
     FinetuneConfig,
+    OptimizeConfig,
     PipelineConfig,
     SearchConfig,
 )
@@ -483,12 +487,66 @@ def _still_valid(stage: str, cfg: PipelineConfig, folder: Path) -> str | None:
     return None
 
 
+def default_jobs() -> int:
+    """Processes for the export/optimise branches: 2 where this process may use two or more cores, else 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return 2 if cores >= 2 else 1
+
+
+def check_jobs(jobs: int | None) -> int:
+    """``jobs`` checked (1 or 2; ``None``: :func:`default_jobs`)."""
+    if jobs is None:
+        return default_jobs()
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs not in (1, 2):
+        raise ConfigError(f"jobs={jobs!r} must be 1 (one stage at a time) or 2 (the baseline's export and "
+                          "optimisation beside the candidate's)")
+    return jobs
+
+
 @dataclass(frozen=True)
 class StageRecord:
     name: str
     folder: Path
     cached: bool
     seconds: float
+
+
+@dataclass(frozen=True)
+class _Branch:
+    """One model's export and optimisation, and which of the two must be built (the others are cached)."""
+
+    role: str
+    model_dir: Path
+    exported: Path
+    optimized: Path
+    build_export: bool
+    build_optimize: bool
+
+
+def _build_branch(branch: _Branch, export_cfg: ExportConfig, optimize_cfg: OptimizeConfig,
+                  log: Log | None = None) -> list[StageRecord]:
+    """Export and/or optimise one model as ``branch`` says; its stage records. Runs in either process."""
+    from .exporters import export_onnx, optimize_onnx
+
+    records = []
+    for name, wanted, folder, build in (
+            (f"export-{branch.role}", branch.build_export, branch.exported,
+             lambda o: export_onnx(branch.model_dir, export_cfg, branch.exported, overwrite=o)),
+            (f"optimize-{branch.role}", branch.build_optimize, branch.optimized,
+             lambda o: optimize_onnx(branch.exported, optimize_cfg, branch.optimized, overwrite=o))):
+        if not wanted:
+            continue
+        if log is not None:
+            log(f"[{name}] running")
+        began = time.perf_counter()
+        build(folder.exists())
+        records.append(StageRecord(name, folder, False, time.perf_counter() - began))
+        if log is not None:
+            log(f"[{name}] done in {records[-1].seconds:.1f} s: {folder}")
+    return records
 
 
 @dataclass(frozen=True)
@@ -586,17 +644,19 @@ def run_folder(out_dir: str | Path, kind: str, *, overwrite: bool = False) -> It
 
 
 def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, force: bool = False, overwrite: bool = False,
-                 progress: bool | None = None, log: Log = print) -> PipelineResult:
+                 progress: bool | None = None, log: Log = print, jobs: int | None = None) -> PipelineResult:
     """finetune? -> compress -> recovery? -> export (both) -> optimise (both) -> validate -> gate.
 
     Checks everything it can first (:func:`check_pipeline`), then runs :func:`run_stages` in ``out_dir``. Each stage
     writes ``out_dir/stages/<stage>-<key>`` (see :func:`stage_key`); an existing stage folder is reused when it
     matches its manifest's content hash, unless ``force``. The report goes to ``out_dir/report`` and the resolved
-    configuration to ``out_dir/pipeline.yaml``.
+    configuration to ``out_dir/pipeline.yaml``. ``jobs``: processes for the two export/optimise branches (default
+    :func:`default_jobs`).
     """
+    jobs = check_jobs(jobs)
     check_pipeline(cfg, out_dir, overwrite=overwrite)
     with run_folder(out_dir, "pipeline-run", overwrite=overwrite) as out:
-        result = run_stages(cfg, out, force=force, progress=progress, log=log)
+        result = run_stages(cfg, out, force=force, progress=progress, log=log, jobs=jobs)
         (out / "pipeline.yaml").write_text(cfg.to_yaml())
         write_manifest(out, {"kind": "pipeline-run", "passed": result.passed,
                              "stages": [{"name": s.name, "folder": s.folder.name, "cached": s.cached}
@@ -605,13 +665,13 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, force: bool = Fals
 
 
 def run_stages(cfg: PipelineConfig, out: Path, *, force: bool = False, progress: bool | None = None,
-               log: Log = print, report_dir: Path | None = None) -> PipelineResult:
+               log: Log = print, report_dir: Path | None = None, jobs: int = 1) -> PipelineResult:
     """The stages of :func:`run_pipeline` in a folder already checked and prepared (:func:`run_folder`).
 
     Stage folders are written atomically, so an interrupted run leaves earlier stages valid and no half-written
-    folder. The report goes to ``report_dir`` (default ``out/report``).
+    folder. The report goes to ``report_dir`` (default ``out/report``). With ``jobs`` > 1 and both models to
+    export, the baseline is exported and optimised in a second process while the candidate is.
     """
-    from .exporters import export_onnx, optimize_onnx
     from .validators.validate import validate
 
     stages_dir = out / "stages"
@@ -619,16 +679,22 @@ def run_stages(cfg: PipelineConfig, out: Path, *, force: bool = False, progress:
     records: list[StageRecord] = []
     start = time.perf_counter()
 
-    def stage(name: str, kind: str, key: str, build: Callable[[Path, bool], Any]) -> Path:
-        folder = stages_dir / f"{name}-{key}"
-        began = time.perf_counter()
+    def reuse(name: str, kind: str, folder: Path) -> bool:
+        """Whether ``folder`` holds a valid earlier result of this stage (recorded and logged as cached)."""
         if folder.is_dir() and not force:
             problem = verify_manifest(folder) or _still_valid(kind, cfg, folder)
             if problem is None:
                 records.append(StageRecord(name, folder, True, 0.0))
                 log(f"[{name}] cached: {folder}")
-                return folder
+                return True
             log(f"[{name}] not reusing {folder}: {problem}")
+        return False
+
+    def stage(name: str, kind: str, key: str, build: Callable[[Path, bool], Any]) -> Path:
+        folder = stages_dir / f"{name}-{key}"
+        if reuse(name, kind, folder):
+            return folder
+        began = time.perf_counter()
         log(f"[{name}] running")
         build(folder, folder.exists())
         records.append(StageRecord(name, folder, False, time.perf_counter() - began))
@@ -663,15 +729,30 @@ def run_stages(cfg: PipelineConfig, out: Path, *, force: bool = False, progress:
         compressed_model = candidate_model
         candidate_model = stage("recovery", "finetune", candidate_key, lambda f, o: run_finetune(
             str(compressed_model), data, cfg.recovery.settings, f, overwrite=o, progress=progress))
-    folders = {}
+    branches = []
     for role, model_dir, key in (("baseline", baseline_model, baseline_key),
                                  ("candidate", candidate_model, candidate_key)):
         ex_key = stage_key("export", key, _without(cfg.export.to_dict(), _CHECK_ONLY["export"]))
-        exported = stage(f"export-{role}", "export", ex_key, lambda f, o, m=model_dir: export_onnx(
-            m, cfg.export, f, overwrite=o))
         op_key = stage_key("optimize", ex_key, _without(cfg.optimize.to_dict(), _CHECK_ONLY["optimize"]))
-        folders[role] = stage(f"optimize-{role}", "optimize", op_key, lambda f, o, e=exported: optimize_onnx(
-            e, cfg.optimize, f, overwrite=o))
+        exported, optimized = stages_dir / f"export-{role}-{ex_key}", stages_dir / f"optimize-{role}-{op_key}"
+        branches.append(_Branch(role, Path(model_dir), exported, optimized,
+                                not reuse(f"export-{role}", "export", exported),
+                                not reuse(f"optimize-{role}", "optimize", optimized)))
+    busy = [b for b in branches if b.build_export or b.build_optimize]
+    if jobs > 1 and len(busy) == 2:
+        # Both branches are mostly single-threaded: the baseline's runs in a second process beside the candidate's.
+        baseline, candidate = busy
+        log(f"[{baseline.role}] export and optimisation running in a second process")
+        with Background(_build_branch, baseline, cfg.export, cfg.optimize, name=f"{baseline.role} branch") as child:
+            records.extend(_build_branch(candidate, cfg.export, cfg.optimize, log))
+            done = child.result()
+        records.extend(done)
+        for record in done:
+            log(f"[{record.name}] done in {record.seconds:.1f} s (second process): {record.folder}")
+    else:
+        for branch in busy:
+            records.extend(_build_branch(branch, cfg.export, cfg.optimize, log))
+    folders = {b.role: b.optimized for b in branches}
     log("[validate] running")
     began = time.perf_counter()
     report = report_dir if report_dir is not None else out / "report"
@@ -717,7 +798,7 @@ ACCURACY_CHECKS = frozenset({"accuracy_drop", "agreement", "max_logit_diff", "pe
 
 def search_ratio(cfg: PipelineConfig, out_dir: str | Path, search: SearchConfig | None = None, *,
                  force: bool = False, overwrite: bool = False, progress: bool | None = None,
-                 log: Log = print) -> SearchResult:
+                 log: Log = print, jobs: int | None = None) -> SearchResult:
     """The smallest kept fraction in ``[search.low, search.high]`` whose candidate passes the gate, by bisection.
 
     The bisection follows the accuracy-side checks (accuracy drop, agreement, logit difference), which fail as
@@ -730,6 +811,7 @@ def search_ratio(cfg: PipelineConfig, out_dir: str | Path, search: SearchConfig 
     """
     search = search or SearchConfig()
     low, high, steps = search.low, search.high, search.steps
+    jobs = check_jobs(jobs)
     check_pipeline(cfg, out_dir, overwrite=overwrite)
     start = time.perf_counter()
     trials: dict[float, SearchTrial] = {}
@@ -744,7 +826,7 @@ def search_ratio(cfg: PipelineConfig, out_dir: str | Path, search: SearchConfig 
                 trial_cfg = replace(cfg, compression=replace(cfg.compression, ratio=ratio, rank=None))
                 # --force recomputes the shared stages once, in the first trial; later trials reuse them
                 result = run_stages(trial_cfg, out, force=force and not results, progress=progress, log=log,
-                                    report_dir=out / "search" / f"ratio-{ratio:.4f}")
+                                    report_dir=out / "search" / f"ratio-{ratio:.4f}", jobs=jobs)
                 results[ratio] = result
                 trials[ratio] = _trial_record(ratio, result)
                 (result.validation.out_dir / "pipeline.yaml").write_text(trial_cfg.to_yaml())

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import lm_decoder
-from fwsvd_deploy import save_model
+from fwsvd_deploy import pipeline, save_model
 from fwsvd_deploy.cli import main
 from fwsvd_deploy.config import PipelineConfig
 from fwsvd_deploy.errors import ConfigError
@@ -73,6 +73,9 @@ def test_a_decoder_pipeline_runs_and_reuses_its_stages(tmp_path, lm_tokenizer, t
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "0 of 6 stages from cache" in out and "gate passed" in out
+    if pipeline.default_jobs() == 2:  # the baseline's export and optimisation ran beside the candidate's
+        assert "[baseline] export and optimisation running in a second process" in out
+        assert "[optimize-baseline] done in" in out and "(second process)" in out
     report = json.loads((run / "report" / "report.json").read_text())
     assert report["accuracy"]["task"] == "text-generation-with-past"
     names = {c["name"]: c for c in report["gate"]["checks"]}
@@ -89,6 +92,13 @@ def test_a_decoder_pipeline_runs_and_reuses_its_stages(tmp_path, lm_tokenizer, t
     assert main(["--quiet", "run", "--config", str(strict), "--out", str(run)]) == 1
     out, err = capsys.readouterr()
     assert "5 of 6 stages from cache" in out and "perplexity_ratio" in err
+    # one stage at a time builds the same graphs
+    graphs = {p.name: (p / "model.onnx").read_bytes() for p in (run / "stages").glob("optimize-*")}
+    assert len(graphs) == 2
+    assert main(["--quiet", "run", "--config", str(strict), "--out", str(run), "--force", "--jobs", "1"]) == 1
+    out, _ = capsys.readouterr()
+    assert "0 of 6 stages from cache" in out and "second process" not in out
+    assert {p.name: (p / "model.onnx").read_bytes() for p in (run / "stages").glob("optimize-*")} == graphs
 
 
 def test_a_task_that_does_not_fit_the_model_is_refused_before_any_work(tmp_path, tiny_llama_dir, toy_text, capsys):

@@ -195,3 +195,22 @@ def test_shared_layers_sum_all_uses_before_squaring(tokenizer, estimator):
     assert len(want) == 6
     for name, tensor in want.items():
         _assert_close_rel(got.fisher[name], tensor, TOL["fisher_sum"])
+
+
+def test_next_token_losses_match_a_float64_log_softmax() -> None:
+    from fwsvd_deploy.losses import next_token_nll, token_nll
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 9, 50, generator=gen) * 4
+    ids = torch.randint(0, 50, (3, 9), generator=gen)
+    reference = -torch.log_softmax(logits.double(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    got = token_nll(logits, ids)
+    assert got.shape == (3, 8)
+    torch.testing.assert_close(got.double(), reference, rtol=1e-6, atol=1e-6)
+    nll, count = next_token_nll(logits, ids)
+    assert count == 24 and nll == pytest.approx(float(reference.sum()), rel=1e-6)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0  # padding: a target or a context token that is padding is not scored
+    nll, count = next_token_nll(logits, ids, mask)
+    keep = (mask[:, 1:] * mask[:, :-1]).bool()
+    assert count == 21 and nll == pytest.approx(float(reference[keep].sum()), rel=1e-6)
