@@ -579,11 +579,11 @@ def check_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, overwrite: bool 
     """
     from .exporters.runtime import require_provider
 
+    for device in {cfg.validate.device, cfg.optimize.device} - {"cpu"}:
+        require_provider(device)  # first: resolving a GGUF model converts it (a minute)
     source = resolve_model(cfg.model)
     out = check_output_dir(out_dir, overwrite, inputs=[source, *_data_inputs(cfg.data)],
                            reuse=is_run_folder(out_dir))
-    for device in {cfg.validate.device, cfg.optimize.device} - {"cpu"}:
-        require_provider(device)
     config = load_config(cfg.model)
     causal = cfg.task == "causal-lm"
     if is_causal_lm(config) != causal:

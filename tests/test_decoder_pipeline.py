@@ -113,6 +113,25 @@ def test_a_task_that_does_not_fit_the_model_is_refused_before_any_work(tmp_path,
     assert not (tmp_path / "o").exists()
 
 
+
+def test_a_missing_gpu_is_refused_before_the_model_is_converted(tmp_path, monkeypatch, capsys):
+    """The embedded decoder is a GGUF file converted on first use (a minute): a missing CUDA provider comes first."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this check is for a machine without CUDA")
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("the model was resolved before the device was checked")
+
+    monkeypatch.setattr(pipeline, "resolve_model", no_conversion)
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"task": "causal-lm", "validate": {"device": "cuda"}}))
+    assert main(["run", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "CUDA is not available" in err
+    assert not (tmp_path / "o").exists()
+
 def test_the_shipped_decoder_pipeline_is_the_documented_default():
     from pathlib import Path
 

@@ -102,6 +102,18 @@ def test_cuda_graph_replays_what_the_session_computes(graphs, name):
     np.testing.assert_allclose(output.numpy(), want, atol=TOL["same_graph"], rtol=0)
 
 
+def test_a_provider_that_cannot_start_is_refused_not_replaced(graphs):
+    """ONNX Runtime lists TensorRT with its GPU build even without libnvinfer, and then runs the session on CUDA."""
+    from fwsvd_deploy.errors import DeviceUnavailableError
+
+    try:
+        session = make_session(graphs["base-cuda"] / "model.onnx", "tensorrt")
+    except DeviceUnavailableError as exc:
+        assert "could not start" in str(exc) and "libnvinfer" in str(exc)
+    else:
+        assert session.get_providers()[0] == "TensorrtExecutionProvider"
+
+
 def test_session_device_memory_is_the_sessions_own(graphs):
     from fwsvd_deploy.validators.memory import measure_memory
 
@@ -116,8 +128,14 @@ def test_tensorrt_provider_runs_validation(graphs, tmp_path):
 
     from fwsvd_deploy.validators.validate import validate
 
+    from fwsvd_deploy.errors import DeviceUnavailableError
+
     if "TensorrtExecutionProvider" not in ort.get_available_providers():
         pytest.skip("ONNX Runtime here has CUDA but no TensorRT provider")
+    try:
+        make_session(graphs["base-cuda"] / "model.onnx", "tensorrt")
+    except DeviceUnavailableError as exc:  # the provider is listed, but its libraries are missing
+        pytest.skip(str(exc))
     data = DataConfig(dataset=str(graphs["root"] / "eval.csv"), max_length=32, eval_fraction=0.5)
     results = {}
     for device in ("cuda", "tensorrt"):
@@ -129,3 +147,92 @@ def test_tensorrt_provider_runs_validation(graphs, tmp_path):
         results["cuda"]["accuracy"]["comparison"]["agreement"], abs=1 / 32)
     assert all(results["tensorrt"]["latency"]["cells"][0]["models"][n]["p50_ms"] > 0
                for n in ("baseline", "candidate"))
+
+
+# --- decoders: a tiny Llama with grouped-query attention and the KV cache ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def decoder_graphs(tmp_path_factory, tokenizer):
+    """A tiny Llama (4 query, 2 key/value heads) and a plain-SVD compression of it: PyTorch folders, exported with
+    the KV cache, optimised for the CPU, for CUDA and for CUDA fp16."""
+    import copy
+
+    from conftest import tiny_decoder
+
+    root = tmp_path_factory.mktemp("gpu-decoder")
+    base = tiny_decoder("llama")
+    candidate = copy.deepcopy(base)
+    compress(candidate, CompressionConfig(method="svd", ratio=0.5))
+    save_model(base, root / "base-pt", tokenizer)
+    save_compressed(candidate, root / "svd-pt", tokenizer)
+    out = {"root": root}
+    for name in ("base", "svd"):
+        out[f"{name}-pt"] = root / f"{name}-pt"
+        exported = export_onnx(root / f"{name}-pt", ExportConfig(task="text-generation-with-past"), root / f"{name}-onnx")
+        for variant, cfg in (("cpu", OptimizeConfig()), ("cuda", OptimizeConfig(device="cuda")),
+                             ("fp16", OptimizeConfig(device="cuda", fp16=True))):
+            out[f"{name}-{variant}"] = optimize_onnx(exported.out_dir, cfg, root / f"{name}-{variant}")
+    text = root / "notes.txt"
+    words = ("the", "film", "was", "great", "dull", "and", "moving", "overall", "a", "story")
+    text.write_text("\n\n".join(" ".join(words[(i * 3 + j) % len(words)] for j in range(80)) for i in range(30)))
+    out["text"] = text
+    return out
+
+
+def test_cuda_decoder_graphs_keep_every_fusion_of_the_baseline(decoder_graphs):
+    for variant in ("cuda", "fp16"):
+        base, svd = decoder_graphs[f"base-{variant}"], decoder_graphs[f"svd-{variant}"]
+        assert svd.fusions == base.fusions and svd.reference_fusions == base.fusions and svd.fusions_complete
+        assert svd.low_rank_layers == decoder_graphs["svd-cpu"].low_rank_layers > 0
+        assert sum(base.fusions.values()) > 0
+
+
+@pytest.mark.parametrize("name", ["base", "svd"])
+def test_cuda_decoder_matches_the_cpu_graph_with_the_cache(decoder_graphs, tokenizer, name):
+    """Prefills of shapes the export never saw, three decode steps on the returned cache, 32 greedy tokens."""
+    from fwsvd_deploy.exporters.decoder import OnnxDecoder, Tolerance, decoder_parity
+
+    reference = OnnxDecoder(make_session(decoder_graphs[f"{name}-cpu"].onnx_path, "cpu"))
+    cuda = make_session(decoder_graphs[f"{name}-cuda"].onnx_path, "cuda")
+    assert cuda.get_providers()[0] == "CUDAExecutionProvider"
+    report = decoder_parity(OnnxDecoder(cuda), reference, tokenizer, OptimizeConfig().validate_shapes,
+                            Tolerance(atol=TOL["optimised_graph"]), what="CUDA vs CPU")
+    assert report["passed"] and report["greedy"]["identical"]
+
+
+@pytest.mark.parametrize("name", ["base", "svd"])
+def test_cuda_fp16_decoder_tracks_the_cpu_float32_graph(decoder_graphs, tokenizer, name):
+    from fwsvd_deploy.exporters.decoder import OnnxDecoder, Tolerance, decoder_parity
+
+    reference = OnnxDecoder(make_session(decoder_graphs[f"{name}-cpu"].onnx_path, "cpu"))
+    fp16 = OnnxDecoder(make_session(decoder_graphs[f"{name}-fp16"].onnx_path, "cuda"))
+    report = decoder_parity(fp16, reference, tokenizer, OptimizeConfig().validate_shapes,
+                            Tolerance(min_sqnr_db=TOL["fp16_snr_db"], min_agreement=0.99), what="CUDA fp16 vs CPU")
+    assert report["passed"] and all(row["sqnr_db"] >= TOL["fp16_snr_db"] for row in report["shapes"])
+
+
+def test_causal_lm_validation_on_cuda(decoder_graphs, tmp_path):
+    """Perplexity through ONNX Runtime on CUDA (and against PyTorch), generation timed with the cache on the device,
+    the session's own device memory."""
+    from fwsvd_deploy.validators.validate import validate
+
+    data = DataConfig(dataset=str(decoder_graphs["text"]), eval_fraction=0.5, max_length=32, max_eval_samples=8)
+    cfg = ValidateConfig(device="cuda", prompt_len=8, new_tokens=4, gen_batch_sizes=(1, 2), rounds=3, warmup=1,
+                         memory_batch=2)
+    graphs = {role: decoder_graphs[f"{name}-cuda"].out_dir for role, name in (("baseline", "base"),
+                                                                              ("candidate", "svd"))}
+    result = validate(graphs["baseline"], graphs["candidate"], data, cfg, GateConfig(max_accuracy_drop=None),
+                      tmp_path / "r", pytorch_models={"baseline": decoder_graphs["base-pt"],
+                                                      "candidate": decoder_graphs["svd-pt"]})
+    report = result.report
+    acc = report["accuracy"]
+    for role in ("baseline", "candidate"):
+        assert acc["pytorch"][role]["relative_diff"] <= 1e-4  # CUDA kernels against PyTorch on the CPU
+    gen = report["generation"]
+    assert gen["device"] == "cuda" and gen["environment"]["gpu"].get("name")
+    assert all(c["models"][r]["decode"]["mean_ms"] > 0 for c in gen["cells"] for r in ("baseline", "candidate"))
+    memory = report["memory"]
+    for role in ("baseline", "candidate"):
+        device = memory[role]["device"]
+        assert device["available"] and 0 < device["used_mb"] < 4096, device

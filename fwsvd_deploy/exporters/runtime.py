@@ -86,9 +86,34 @@ def make_session(path: str | Path, device: str = "cpu", threads: int | None = No
         providers: list[Any] = [provider, PROVIDERS["cuda"]] if device == "tensorrt" else [provider]
         if cuda_graph:
             providers = [(provider, {"enable_cuda_graph": "1"})]
-        return ort.InferenceSession(str(path), options, providers=providers)
+        session = ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:
         raise ExportError(f"ONNX Runtime cannot load {path}: {first_line(exc)}") from exc
+    check_session_provider(session.get_providers(), device)
+    return session
+
+
+def check_session_provider(used: list[str], device: str) -> None:
+    """Refuse a session that ONNX Runtime quietly moved off ``device``'s provider.
+
+    ONNX Runtime lists TensorRT and CUDA whenever its GPU build is installed, and when one of them cannot start
+    (libnvinfer or cuDNN missing, no GPU) it retries on the providers after it: a session meant for TensorRT then
+    runs on CUDA, one meant for CUDA on the CPU, and its figures would be reported under the wrong device.
+
+    Raises:
+        DeviceUnavailableError: the session's first provider is not ``device``'s.
+    """
+    wanted = PROVIDERS[device]
+    if used and used[0] == wanted:
+        return
+    needs = {"tensorrt": "the TensorRT libraries (libnvinfer, e.g. pip install tensorrt-cu12 or tensorrt-cu13 to "
+                         "match onnxruntime-gpu's CUDA) on the library path",
+             "cuda": "the CUDA and cuDNN libraries that onnxruntime-gpu was built for, and an NVIDIA GPU and driver"}
+    raise DeviceUnavailableError(
+        f"{wanted} is installed but could not start (ONNX Runtime fell back to {', '.join(used) or 'nothing'}); "
+        f"it needs {needs.get(device, 'its libraries')}, or use --device "
+        f"{'cuda / cpu' if device == 'tensorrt' else 'cpu'}"
+    )
 
 
 def session_input_names(session: Any) -> list[str]:

@@ -65,6 +65,8 @@ options.log_severity_level = 3
 providers = {"cuda": ["CUDAExecutionProvider"], "cpu": ["CPUExecutionProvider"],
              "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider"]}[device]
 session = ort.InferenceSession(path, options, providers=providers)
+if session.get_providers()[0] != providers[0]:
+    sys.exit(f"{providers[0]} could not start (ONNX Runtime fell back to {', '.join(session.get_providers())})")
 loaded = rss_peak_mb()
 feed = {}
 for inp in session.get_inputs():
