@@ -5,6 +5,8 @@ statistics on --calibration windows of --length tokens from the training split),
 fraction of the block-linear parameters, scored by perplexity on --eval windows of the test split (non-overlapping,
 token-weighted). With --recovery the settings named by --recover are trained for --recovery-steps on the training
 split's windows (factors only, best held-out perplexity on the validation split kept) and scored again.
+--dense-recovery trains the dense model the same way (every weight) as a control: how much of a recovered
+perplexity is adaptation to the speeches rather than repair of the compression.
 
     python benchmarks/lm.py --ratios 0.8,0.6 --recovery
 
@@ -46,6 +48,14 @@ SETTINGS = (
 )
 
 
+DENSE = "dense"  # the row of --dense-recovery
+
+
+def recovery_config(a: argparse.Namespace, trainable: str) -> FinetuneConfig:
+    return FinetuneConfig(max_steps=a.recovery_steps, learning_rate=a.recovery_lr, batch_size=4,
+                          eval_steps=max(1, a.recovery_steps // 4), trainable=trainable, warmup_ratio=0.05)
+
+
 def label(setting: dict) -> str:
     name = setting["method"] + (f"-{setting['fisher_axis']}" if "fisher_axis" in setting else "")
     name += f"-p{setting['fisher_power']}" if "fisher_power" in setting else ""
@@ -65,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="settings that get recovery training")
     p.add_argument("--recovery-steps", type=int, default=200)
     p.add_argument("--recovery-lr", type=float, default=1e-4)
+    p.add_argument("--dense-recovery", action="store_true", help="also train the dense model the same way (control)")
     p.add_argument("--cache", default=str(HERE.parent / ".cache" / "bench" / "statistics"))
     p.add_argument("--out", default=str(HERE / "results"))
     a = p.parse_args(argv)
@@ -96,6 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     wanted = None if a.settings is None else set(a.settings.split(","))
     recover = set(a.recover.split(",")) if a.recovery else set()
     rows = list(done)
+    if a.dense_recovery and not any(r["setting"] == DENSE for r in done):
+        dense = copy.deepcopy(model)
+        result = finetune_lm(dense, train_windows, recovery_config(a, "all"), eval_windows=valid)
+        row = {"ratio": 1.0, "setting": DENSE, "kept_fraction": 1.0, "perplexity": baseline,
+               "recovered": evaluate_lm(dense, test).metrics["perplexity"], "recovery_seconds": result.seconds,
+               "recovery_best_step": result.best_step}
+        rows.append(row)
+        with partial.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(row, flush=True)
     for ratio in (float(r) for r in a.ratios.split(",")):
         for setting in SETTINGS:
             name = label(setting)
@@ -111,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                    "compress_seconds": time.perf_counter() - began,
                    "perplexity": evaluate_lm(compressed, test).metrics["perplexity"]}
             if name in recover:
-                cfg = FinetuneConfig(max_steps=a.recovery_steps, learning_rate=a.recovery_lr, batch_size=4,
-                                     eval_steps=max(1, a.recovery_steps // 4), trainable="factors", warmup_ratio=0.05)
-                result = finetune_lm(compressed, train_windows, cfg, eval_windows=valid)
+                result = finetune_lm(compressed, train_windows, recovery_config(a, "factors"), eval_windows=valid)
                 row.update(recovered=evaluate_lm(compressed, test).metrics["perplexity"],
                            recovery_seconds=result.seconds, recovery_best_step=result.best_step)
             # a row measured again with recovery replaces the one without
@@ -130,10 +149,13 @@ def main(argv: list[str] | None = None) -> int:
                            "trainable": "factors"} if recovered else None,
               "rows": rows, "versions": package_versions()}
     (out / "lm.json").write_text(json.dumps(result, indent=2))
-    ratios = sorted({r["ratio"] for r in rows}, reverse=True)
+    ratios = sorted({r["ratio"] for r in rows if r["setting"] != DENSE}, reverse=True)
+    control = next((r for r in rows if r["setting"] == DENSE), None)
     lines = [f"Perplexity of SmolLM2-135M on {test.shape[0]} held-out windows of {a.length} tokens of the convention "
              f"speeches (baseline {baseline:.2f}); no fine-tuning after compression"
-             + (" / after recovery" if recovered else ""), "",
+             + (" / after recovery" if recovered else "")
+             + ("" if control is None else f"; the dense model after the same recovery (every weight trained): "
+                f"{control['recovered']:.2f}"), "",
              "| setting | " + " | ".join(f"keep {r}" for r in ratios) + " |", "|---|" + "---:|" * len(ratios)]
     for setting in SETTINGS:
         cells = []
