@@ -1,16 +1,20 @@
-"""The GPU path on a CUDA machine: fp16 parity, I/O-bound latency, CUDA graphs, session device memory, TensorRT.
+"""The GPU path on a CUDA machine: fp16 parity, I/O-bound latency, CUDA graphs, session device memory, TensorRT;
+decoders with the KV cache on CUDA and CUDA fp16, and causal-LM validation on CUDA.
 
 Run them with ``bash scripts/test.sh -m gpu``; without CUDA in ONNX Runtime they are skipped (conftest), saying why.
 """
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
-from conftest import TOL, snr_db, tiny_encoder, toy_data
+from conftest import TOL, snr_db, tiny_decoder, tiny_encoder, toy_data
 from fwsvd_deploy import CompressionConfig, compress, save_compressed, save_model
 from fwsvd_deploy.config import DataConfig, ExportConfig, GateConfig, OptimizeConfig, ValidateConfig
+from fwsvd_deploy.errors import DeviceUnavailableError
 from fwsvd_deploy.exporters import export_onnx, optimize_onnx
 from fwsvd_deploy.exporters.runtime import make_session, parity_inputs, run_session
 
@@ -104,8 +108,6 @@ def test_cuda_graph_replays_what_the_session_computes(graphs, name):
 
 def test_a_provider_that_cannot_start_is_refused_not_replaced(graphs):
     """ONNX Runtime lists TensorRT with its GPU build even without libnvinfer, and then runs the session on CUDA."""
-    from fwsvd_deploy.errors import DeviceUnavailableError
-
     try:
         session = make_session(graphs["base-cuda"] / "model.onnx", "tensorrt")
     except DeviceUnavailableError as exc:
@@ -127,8 +129,6 @@ def test_tensorrt_provider_runs_validation(graphs, tmp_path):
     import onnxruntime as ort
 
     from fwsvd_deploy.validators.validate import validate
-
-    from fwsvd_deploy.errors import DeviceUnavailableError
 
     if "TensorrtExecutionProvider" not in ort.get_available_providers():
         pytest.skip("ONNX Runtime here has CUDA but no TensorRT provider")
@@ -156,10 +156,6 @@ def test_tensorrt_provider_runs_validation(graphs, tmp_path):
 def decoder_graphs(tmp_path_factory, tokenizer):
     """A tiny Llama (4 query, 2 key/value heads) and a plain-SVD compression of it: PyTorch folders, exported with
     the KV cache, optimised for the CPU, for CUDA and for CUDA fp16."""
-    import copy
-
-    from conftest import tiny_decoder
-
     root = tmp_path_factory.mktemp("gpu-decoder")
     base = tiny_decoder("llama")
     candidate = copy.deepcopy(base)
@@ -169,7 +165,8 @@ def decoder_graphs(tmp_path_factory, tokenizer):
     out = {"root": root}
     for name in ("base", "svd"):
         out[f"{name}-pt"] = root / f"{name}-pt"
-        exported = export_onnx(root / f"{name}-pt", ExportConfig(task="text-generation-with-past"), root / f"{name}-onnx")
+        exported = export_onnx(root / f"{name}-pt", ExportConfig(task="text-generation-with-past"),
+                               root / f"{name}-onnx")
         for variant, cfg in (("cpu", OptimizeConfig()), ("cuda", OptimizeConfig(device="cuda")),
                              ("fp16", OptimizeConfig(device="cuda", fp16=True))):
             out[f"{name}-{variant}"] = optimize_onnx(exported.out_dir, cfg, root / f"{name}-{variant}")
