@@ -113,7 +113,6 @@ def test_a_task_that_does_not_fit_the_model_is_refused_before_any_work(tmp_path,
     assert not (tmp_path / "o").exists()
 
 
-
 def test_a_missing_gpu_is_refused_before_the_model_is_converted(tmp_path, monkeypatch, capsys):
     """The embedded decoder is a GGUF file converted on first use (a minute): a missing CUDA provider comes first."""
     import onnxruntime as ort
@@ -131,6 +130,7 @@ def test_a_missing_gpu_is_refused_before_the_model_is_converted(tmp_path, monkey
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "CUDA is not available" in err
     assert not (tmp_path / "o").exists()
+
 
 def test_the_shipped_decoder_pipeline_is_the_documented_default():
     from pathlib import Path

@@ -166,7 +166,6 @@ def test_fp16_cuda_graph_is_written_and_refuses_to_run_without_cuda(built, tmp_p
             make_session(result.onnx_path, "tensorrt")
 
 
-
 @pytest.mark.parametrize(("device", "used", "refused"), [
     ("tensorrt", ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"], False),
     ("tensorrt", ["CUDAExecutionProvider", "CPUExecutionProvider"], True),  # libnvinfer missing: ORT fell back
@@ -183,6 +182,7 @@ def test_a_session_moved_off_its_provider_is_refused(device, used, refused):
     with pytest.raises(DeviceUnavailableError, match=f"fell back to {used[0]}") as caught:
         check_session_provider(used, device)
     assert ("libnvinfer" in str(caught.value)) == (device == "tensorrt")
+
 
 def test_levels(built, tmp_path):
     _, exported, _ = built("bert", "text-classification", "svd")
