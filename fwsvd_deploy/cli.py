@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fp32 parity tolerance (default: %(default)s)")
     op.add_argument("--allow-fusion-loss", action="store_true",
                     help="keep a graph that lost fused operators (recorded in its manifest and the validation report)")
+    op.add_argument("--no-fuse-attention", dest="fuse_attention", action="store_false",
+                    help="keep a Llama/Mistral/Qwen2 decoder's exported attention instead of fusing it into "
+                         "GroupQueryAttention (which takes several new tokens on top of a cache only at batch 1)")
 
     va = sub.add_parser("validate", help="compare a candidate ONNX model with its baseline and apply the gate",
                         description="Accuracy (ONNX Runtime), latency and memory of both models on the same data, "
@@ -468,7 +471,7 @@ def _decoder_note(parity: dict[str, Any]) -> str:
 
 def _cmd_optimize(a: argparse.Namespace) -> int:
     cfg = OptimizeConfig(device=a.device, level=a.level, fp16=a.fp16, int8=a.int8, atol=a.atol,
-                         allow_fusion_loss=a.allow_fusion_loss)
+                         allow_fusion_loss=a.allow_fusion_loss, fuse_attention=a.fuse_attention)
     from .exporters import optimize_onnx
 
     result = optimize_onnx(a.onnx, cfg, a.out, overwrite=a.overwrite)

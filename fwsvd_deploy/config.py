@@ -393,6 +393,10 @@ class OptimizeConfig(_Config):
         validate_shapes: (batch, sequence) pairs for the parity check.
         allow_fusion_loss: accept a graph with fewer fused operators than its dense-structured reference (an
             error otherwise); the manifest and the validation report say so.
+        fuse_attention: for decoders of the rotary families (Llama, Mistral, Qwen2) on the CPU, fuse each exported
+            attention block into one ``GroupQueryAttention`` (baseline and candidate alike). ``False`` keeps the
+            exported attention, which also takes several new tokens on top of a cache at any batch size (ONNX
+            Runtime's operator takes them only at batch 1; generation feeds one token per step).
     """
 
     device: str = "cpu"
@@ -405,11 +409,12 @@ class OptimizeConfig(_Config):
     int8_min_agreement: float = 0.9
     validate_shapes: tuple[tuple[int, int], ...] = ((3, 23), (1, 41))
     allow_fusion_loss: bool = False
+    fuse_attention: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("device", self.device, DEVICES)
         _check_choice("level", self.level, LEVELS)
-        for name in ("fp16", "int8", "allow_fusion_loss"):
+        for name in ("fp16", "int8", "allow_fusion_loss", "fuse_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
         if self.fp16 and self.device != "cuda":

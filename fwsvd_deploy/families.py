@@ -11,12 +11,13 @@ also turns Conv1D's ``Reshape -> Gemm -> Reshape`` back into a 3-D MatMul and Ad
 the exporter itself; ONNX Runtime builds the rest), and only the passes that build them run: every other pass
 walks the whole graph and finds nothing, seconds each on SmolLM2's 7,400 nodes.
 
-No attention fusion is listed. The exporter writes attention as PyTorch's scaled-dot-product attention:
-``MatMul(Where(IsNaN(Softmax(Add(MatMul(Mul(q, s), Mul(kT, s)), mask))), 0, Softmax(...)), v)`` (the scale split
-over q and k, fully masked rows zeroed), and ONNX Runtime's decoder attention matcher (``FusionRotaryAttention``)
-wants ``Softmax <- Add <- Div <- MatMul`` right under the attention-times-value MatMul, so it fuses no
-MultiHeadAttention or GroupQueryAttention in these graphs. OPT normalises a ``Reshape`` of the residual sum, so its
-Add and LayerNormalization stay apart: ONNX Runtime fuses nothing in it.
+ONNX Runtime fuses no attention in these graphs. The exporter writes attention as PyTorch's scaled-dot-product
+attention: ``MatMul(Where(IsNaN(Softmax(Add(MatMul(Mul(q, s), Mul(kT, s)), mask))), 0, Softmax(...)), v)`` (the
+scale split over q and k, fully masked rows zeroed), and ONNX Runtime's decoder attention matcher
+(``FusionRotaryAttention``) wants ``Softmax <- Add <- Div <- MatMul`` right under the attention-times-value MatMul.
+For the rotary families (``fuse_attention``) fwsvd-deploy fuses it itself, into ``GroupQueryAttention``, on the CPU
+(:mod:`fwsvd_deploy.exporters.attention`). OPT normalises a ``Reshape`` of the residual sum, so its Add and
+LayerNormalization stay apart: ONNX Runtime fuses nothing in it.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ class Family:
         attention: ``mha`` (as many key/value heads as query heads) or ``gqa`` (grouped-query attention: fewer
             key/value heads, so k and v are narrower than q).
         ort_model_type: ``onnxruntime.transformers.optimizer`` model type, ``None`` when unsupported.
-        fusions: fused-operator kinds (keys of ``exporters.optimize.FUSION_GROUPS``) the family's optimised graph
-            carries; the optimiser then runs only the passes that build them. ``None``: every pass of the model type.
+        fusions: fused-operator kinds (keys of ``exporters.optimize.FUSION_GROUPS``) ONNX Runtime's optimiser builds
+            in the family's graph; it then runs only the passes that build them. ``None``: every pass of the model type.
+        fuse_attention: the exported rotary attention is fused into ``GroupQueryAttention`` after ONNX Runtime's
+            passes (CPU graphs; :mod:`fwsvd_deploy.exporters.attention`).
     """
 
     model_type: str
@@ -49,6 +52,7 @@ class Family:
     attention: str
     ort_model_type: str | None
     fusions: tuple[str, ...] | None = None
+    fuse_attention: bool = False
 
 
 _BERT_QKV = ("query", "key", "value")
@@ -62,9 +66,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("albert", "encoder", _BERT_QKV, None, "mha", "bert"),
     Family("distilbert", "encoder", ("q_lin", "k_lin", "v_lin"), None, "mha", "bert"),
     Family("gpt2", "decoder", None, "c_attn", "mha", "gpt2", ("layer_norm", "skip_layer_norm", "gelu")),
-    Family("llama", "decoder", _PROJ_QKV, None, "gqa", "gpt2", _RMS_ROPE),
-    Family("mistral", "decoder", _PROJ_QKV, None, "gqa", "gpt2", _RMS_ROPE),
-    Family("qwen2", "decoder", _PROJ_QKV, None, "gqa", "gpt2", _RMS_ROPE),
+    Family("llama", "decoder", _PROJ_QKV, None, "gqa", "gpt2", _RMS_ROPE, fuse_attention=True),
+    Family("mistral", "decoder", _PROJ_QKV, None, "gqa", "gpt2", _RMS_ROPE, fuse_attention=True),
+    Family("qwen2", "decoder", _PROJ_QKV, None, "gqa", "gpt2", _RMS_ROPE, fuse_attention=True),
     Family("opt", "decoder", _PROJ_QKV, None, "mha", "gpt2", ("layer_norm",)),
 )}
 

@@ -405,11 +405,12 @@ RUN_KINDS = ("pipeline-run", "search")
 # The package's own code each stage runs (files, or folders for every module in them), and the packages whose
 # versions change its artifact; both are part of the stage's cache key.
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "finetune": ("training.py", "losses.py", "data.py", "modeling.py", "checkpoint.py", "plan.py", "compression"),
-    "compress": ("compression", "losses.py", "data.py", "modeling.py", "checkpoint.py", "plan.py"),
+    "finetune": ("training.py", "losses.py", "data.py", "modeling.py", "checkpoint.py", "plan.py", "compression",
+                 "families.py"),
+    "compress": ("compression", "losses.py", "data.py", "modeling.py", "checkpoint.py", "plan.py", "families.py"),
     "export": ("exporters/onnx.py", "exporters/runtime.py", "modeling.py", "checkpoint.py", "plan.py",
-               "compression"),
-    "optimize": ("exporters",),
+               "compression", "families.py"),
+    "optimize": ("exporters", "families.py"),
 }
 STAGE_PACKAGES: dict[str, tuple[str, ...]] = {
     "finetune": ("fwsvd-deploy", "torch", "transformers", "safetensors"),

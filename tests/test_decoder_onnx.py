@@ -16,6 +16,7 @@ from fwsvd_deploy.cli import main
 from fwsvd_deploy.config import ExportConfig, OptimizeConfig
 from fwsvd_deploy.errors import ConfigError, DeviceUnavailableError, ExportError, ParityError
 from fwsvd_deploy.exporters import export_onnx, optimize_onnx
+from fwsvd_deploy.exporters.attention import AttentionFusion, attention_blocker, fuse_decoder_attention
 from fwsvd_deploy.exporters.decoder import (
     DECODE_STEPS,
     GREEDY_TOKENS,
@@ -48,8 +49,9 @@ def expected_fusions(family: str) -> dict[str, int]:
     counts = {
         "gpt2": {"layer_norm": 1, "skip_layer_norm": 2 * n, "gelu": n},
         "opt": {"layer_norm": 2 * n + 1},
-    }.get(family, {"simplified_layer_norm": 1, "skip_simplified_layer_norm": 2 * n, "rotary_embedding": 2 * n})
-    assert set(counts) == set(FAMILIES[family].fusions)
+    }.get(family, {"simplified_layer_norm": 1, "skip_simplified_layer_norm": 2 * n, "rotary_embedding": 2 * n,
+                   "attention": n})
+    assert set(counts) == set(FAMILIES[family].fusions) | ({"attention"} if FAMILIES[family].fuse_attention else set())
     return counts
 
 
@@ -109,7 +111,8 @@ def test_compressed_decoder_keeps_every_fusion_of_the_baseline(decoders, family)
 
 @pytest.mark.parametrize("family", DECODER_FAMILIES)
 def test_only_the_passes_a_family_needs_run_and_nothing_is_lost(decoders, family):
-    """The family's trimmed pass list fuses exactly what every pass of ONNX Runtime fuses on the same graph."""
+    """The family's trimmed pass list fuses exactly what every pass of ONNX Runtime fuses on the same graph; the
+    attention ONNX Runtime leaves is fused afterwards, for the rotary families."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -118,7 +121,86 @@ def test_only_the_passes_a_family_needs_run_and_nothing_is_lost(decoders, family
     ort_type = FAMILIES[family].ort_model_type
     full = optimize_model(str(exported.onnx_path), model_type=ort_type, num_heads=config.num_attention_heads,
                           hidden_size=config.hidden_size, optimization_options=FusionOptions(ort_type), opt_level=0)
-    assert fused_operator_counts(full.model) == fused_operator_counts(onnx.load(str(optimized.onnx_path)))
+    ours = fused_operator_counts(onnx.load(str(optimized.onnx_path)))
+    assert ours.pop("GroupQueryAttention", 0) == (_layers(family) if FAMILIES[family].fuse_attention else 0)
+    assert fused_operator_counts(full.model) == ours
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("family", [f for f in DECODER_FAMILIES if FAMILIES[f].fuse_attention])
+def test_rotary_attention_becomes_one_group_query_attention_per_layer(decoders, family, variant):
+    """Every block fused (4 query, 2 key/value heads), the rotary embeddings moved onto the 3-D projections, the
+    exported attention and the model's own mask construction gone; parity is asserted above on left-padded rows."""
+    _, exported, optimized = decoders(family, variant)
+    n = _layers(family)
+    assert optimized.attention == AttentionFusion(n, n, None)
+    manifest = json.loads((optimized.out_dir / "manifest.json").read_text())
+    assert manifest["attention_fusion"] == {"fused": n, "blocks": n, "note": None}
+    graph = onnx.load(str(optimized.onnx_path)).graph
+    ops = [node.op_type for node in graph.node]
+    assert ops.count("GroupQueryAttention") == n and "Softmax" not in ops and "IsNaN" not in ops
+    producers = {o: node for node in graph.node for o in node.output}
+    for node in graph.node:
+        if node.op_type == "GroupQueryAttention":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            assert (attrs["num_heads"], attrs["kv_num_heads"], attrs["do_rotary"]) == (4, 2, 0)
+            assert attrs["scale"] == pytest.approx(16 ** -0.5)
+            assert [producers[node.input[i]].op_type for i in (0, 1)] == ["RotaryEmbedding"] * 2
+            assert node.output[1].startswith("present.") and node.input[3].startswith("past_key_values.")
+        if node.op_type == "RotaryEmbedding":
+            assert producers[node.input[0]].op_type in ("MatMul", "Add")  # the projection itself, 3-D
+    exported_nodes = len(onnx.load(str(exported.onnx_path)).graph.node)
+    assert len(graph.node) < exported_nodes / 4
+
+
+def test_attention_fusion_leaves_what_it_does_not_know(decoders):
+    """GPT-2's attention is not the rotary form: nothing changes, and the reason is given."""
+    model = onnx.load(str(decoders("gpt2", "baseline")[2].onnx_path))
+    same, result = fuse_decoder_attention(model, num_heads=4, num_kv_heads=4)
+    assert same is model and result.fused == 0 and result.blocks == 2 and "rotary" in result.note
+    model.graph.input.remove(next(i for i in model.graph.input if i.name == "attention_mask"))
+    assert "attention_mask" in fuse_decoder_attention(model, num_heads=4, num_kv_heads=4)[1].note
+
+
+def test_attention_with_another_additive_term_is_left_alone(decoders, tmp_path):
+    """A block whose scores get more than the mask (here a float input added to layer 0's) is not fused; the
+    other block is, and ``--no-fuse-attention`` leaves both."""
+    _, exported, _ = decoders("llama", "baseline")
+    unfused = optimize_onnx(exported.out_dir, OptimizeConfig(fuse_attention=False), tmp_path / "unfused")
+    assert unfused.attention == AttentionFusion(0, 2, "fuse_attention is off") and unfused.parity["passed"]
+    model = onnx.load(str(unfused.onnx_path))
+    assert unfused.fusions["attention"] == 0 and sum(n.op_type == "Softmax" for n in model.graph.node) == 2
+    add = next(n for n in model.graph.node if n.op_type == "Add" and "layers.0/self_attn" in n.name
+               and any(model.graph.node[k].op_type == "Softmax" and model.graph.node[k].input[0] == n.output[0]
+                       for k in range(len(model.graph.node))))
+    mask = next(i for i in add.input if "MatMul" not in i)
+    model.graph.input.append(onnx.helper.make_tensor_value_info("position_bias", onnx.TensorProto.FLOAT, None))
+    model.graph.node.append(onnx.helper.make_node("Add", [mask, "position_bias"], ["biased_mask"]))
+    add.input[list(add.input).index(mask)] = "biased_mask"
+    fused, result = fuse_decoder_attention(model, num_heads=4, num_kv_heads=2)
+    assert (result.fused, result.blocks) == (1, 2)
+    assert [n.op_type for n in fused.graph.node].count("Softmax") == 1
+
+
+def test_attention_fusion_blockers(tmp_path, lm_tokenizer):
+    """CUDA graphs and binding sliding windows keep the exported attention, saying why; parity still holds."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    assert attention_blocker(LM_DECODER_CONFIGS["llama"](), "cpu") is None
+    assert "CPU only" in attention_blocker(LM_DECODER_CONFIGS["llama"](), "cuda")
+    assert attention_blocker(LM_DECODER_CONFIGS["mistral"](), "cpu") is None  # window 4096 > 128 positions
+    config = MistralConfig(**{**LM_DECODER_CONFIGS["mistral"]().to_dict(), "sliding_window": 64})
+    config.bos_token_id, config.eos_token_id = lm_tokenizer.bos_token_id, lm_tokenizer.eos_token_id
+    assert "sliding-window" in attention_blocker(config, "cpu")
+    torch.manual_seed(0)
+    folder = tmp_path / "windowed"
+    save_model(AutoModelForCausalLM.from_config(config).eval(), folder, lm_tokenizer)
+    exported = export_onnx(folder, ExportConfig(task=TASK), tmp_path / "onnx")
+    optimized = optimize_onnx(exported.out_dir, OptimizeConfig(), tmp_path / "opt")
+    assert optimized.parity["passed"] and optimized.fusions["attention"] == 0
+    assert optimized.attention.fused == 0 and "window 64" in optimized.attention.note
+    manifest = json.loads((optimized.out_dir / "manifest.json").read_text())
+    assert "window 64" in manifest["attention_fusion"]["note"]
 
 
 def test_grouped_query_attention_factors_keep_their_own_shapes(decoders):
@@ -192,7 +274,8 @@ def test_fp16_cuda_graph_is_written_and_refuses_to_run_without_cuda(decoders, tm
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
     assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in model.graph.input
                if i.name.startswith("past_key_values"))
-    assert result.parity is None and result.fusions == fp32.fusions
+    assert result.parity is None and result.fusions == {**fp32.fusions, "attention": 0}
+    assert result.attention.fused == 0 and "CPU only" in result.attention.note
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(DeviceUnavailableError, match="CUDA is not available"):
             make_session(result.onnx_path, "cuda")

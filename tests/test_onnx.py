@@ -350,3 +350,7 @@ def test_timed_sessions_do_not_spin(built):
     path = built("bert", "text-classification", "baseline")[2].onnx_path
     key = "session.intra_op.allow_spinning"
     assert make_session(path, threads=1, spinning=False).get_session_options().get_session_config_entry(key) == "0"
+    options = make_session(path, threads=1, spin_after_run=False).get_session_options()  # decode timing
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # spinning left on, ONNX Runtime's default
+        options.get_session_config_entry(key)

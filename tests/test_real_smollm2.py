@@ -66,7 +66,9 @@ def test_compressed_graph_carries_every_fused_operator_of_the_baseline(smollm2):
     _, graphs = smollm2
     base, comp = graphs["baseline"][1], graphs["svd"][1]
     assert {k: v for k, v in base.fusions.items() if v} == {
-        "rotary_embedding": 2 * LAYERS, "skip_simplified_layer_norm": 2 * LAYERS, "simplified_layer_norm": 1}
+        "rotary_embedding": 2 * LAYERS, "skip_simplified_layer_norm": 2 * LAYERS, "simplified_layer_norm": 1,
+        "attention": LAYERS}
+    assert base.attention.fused == LAYERS and base.operators["GroupQueryAttention"] == LAYERS
     assert comp.fusions == base.fusions and comp.reference_fusions == base.fusions
     assert comp.low_rank_layers == 7 * LAYERS and base.low_rank_layers == 0
     for exported, optimized in graphs.values():

@@ -321,9 +321,9 @@ def test_pipeline_keys_name_what_made_the_artifact(monkeypatch):
     assert pipeline.stage_key("optimize", "k", {"level": "O2"}) == pipeline.stage_key(
         "optimize", "k", {"level": "O2"})
     assert set(pipeline._without(OptimizeConfig().to_dict(), pipeline._CHECK_ONLY["optimize"])) == {
-        "device", "level", "fp16", "int8"}
-    # lowrank.py (the restore) is code the optimise stage runs
-    assert any(e == "exporters" for e in pipeline.STAGE_CODE["optimize"])
+        "device", "level", "fp16", "int8", "fuse_attention"}
+    # lowrank.py (the restore) and attention.py are code the optimise stage runs; families.py chooses its passes
+    assert {"exporters", "families.py"} <= set(pipeline.STAGE_CODE["optimize"])
 
     class Config:
         _commit_hash = "abc123"

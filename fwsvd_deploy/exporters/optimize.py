@@ -18,6 +18,7 @@ from ..families import Family, family_of, optimisable
 from ..manifest import file_sha256, folder_fingerprint, read_manifest, write_manifest
 from ..modeling import is_causal_lm, load_tokenizer
 from ..outputs import atomic_output_dir, check_output_dir
+from .attention import AttentionFusion, attention_blocker, fuse_decoder_attention
 from .decoder import check_positions, optimised_parity
 from .lowrank import MS_DOMAIN, densify, find_pairs, inline_identities, restore
 from .runtime import ONNX_FILE, make_session, parity_report, run_session
@@ -59,6 +60,7 @@ class OptimizeResult:
     low_rank_layers: int
     parity: dict[str, Any] | None
     seconds: float
+    attention: AttentionFusion | None = None  # the decoder attention fusion, for families that have one
 
     @property
     def fusions_complete(self) -> bool:
@@ -229,6 +231,7 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
     start = time.perf_counter()
     pairs = len(find_pairs(inline_identities(model)))
     reference_fusions = None
+    attention = None
     if cfg.level == "O1":
         optimized = model  # basic rewrites happen when the session loads the graph (see below)
     else:
@@ -236,6 +239,8 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
         if decoder:
             dense = constants_to_initializers(dense)
         fused = _ort_optimize(dense, cfg, family, heads, hidden)
+        if decoder and family.fuse_attention:
+            fused, attention = _fuse_attention(fused, cfg, config, heads)
         if len(index):
             reference_fusions = fusion_counts(fused)
             optimized = restore(fused, index)
@@ -292,7 +297,7 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
             parity_note = "not run here: a CUDA graph is checked on a CUDA machine (fwsvd-deploy validate)"
         seconds = time.perf_counter() - start
         result = OptimizeResult(Path(out_dir), Path(out_dir) / ONNX_FILE, fusions, reference_fusions,
-                                operator_counts(optimized), pairs, parity, seconds)
+                                operator_counts(optimized), pairs, parity, seconds, attention)
         upstream = read_manifest(src) or {}
         write_manifest(tmp, {
             "kind": "onnx-optimized",
@@ -307,6 +312,7 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
             "fusions_complete": result.fusions_complete,
             "allow_fusion_loss": cfg.allow_fusion_loss,
             "operators": result.operators,
+            "attention_fusion": attention.to_dict() if attention is not None else None,
             "kv_cache": upstream.get("kv_cache"),
             "artifacts": {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.suffix in (".onnx", ".onnx_data")},
             "parity": parity,
@@ -317,6 +323,22 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
         logging.getLogger("fwsvd_deploy").warning("the optimised graph lost fused operators (%s), allowed by "
                                                   "allow_fusion_loss", _fusion_gap(fusions, reference_fusions))
     return result
+
+
+def _fuse_attention(model: onnx.ModelProto, cfg: OptimizeConfig, config: Any,
+                    heads: int) -> tuple[onnx.ModelProto, AttentionFusion]:
+    blocker = attention_blocker(config, cfg.device, cfg.fuse_attention)
+    if blocker is not None:
+        blocks = sum(1 for n in model.graph.node if n.op_type == "Softmax")
+        return model, AttentionFusion(0, blocks, blocker)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    fused, attention = fuse_decoder_attention(model, num_heads=heads, num_kv_heads=int(kv_heads))
+    if attention.note is not None:
+        logging.getLogger("fwsvd_deploy").warning("attention not fused: %s", attention.note)
+    elif attention.fused < attention.blocks:
+        logging.getLogger("fwsvd_deploy").warning("%d of %d attention blocks fused; the others did not match the "
+                                                  "exported rotary form", attention.fused, attention.blocks)
+    return fused, attention
 
 
 def _basic_rewrites(source: Path, target: Path) -> None:

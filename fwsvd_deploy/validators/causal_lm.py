@@ -55,7 +55,7 @@ def causal_lm_results(
                          data_cfg.max_eval_samples, data_cfg.seed).numpy()
     sessions = {}
     for role, folder in folders.items():
-        session = make_session(folder / ONNX_FILE, cfg.device, threads=cfg.threads, spinning=False)
+        session = make_session(folder / ONNX_FILE, cfg.device, threads=cfg.threads, spin_after_run=False)
         sessions[role] = (session, DecoderGraph.from_session(session, folder))
     graphs = {role: graph for role, (_, graph) in sessions.items()}
     check_same_interface(graphs, dict(folders))

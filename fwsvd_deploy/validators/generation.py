@@ -95,7 +95,10 @@ def measure_generation(
 ) -> dict[str, Any]:
     """Time a generation of every model at every batch size, interleaved round by round, the order alternating.
 
-    Sessions run with intra-op spinning off and fixed threads (see :func:`~.latency.measure_latency`).
+    Sessions run with fixed threads that spin between the operators of a run and stop when it returns
+    (``spin_after_run=False`` in :func:`~fwsvd_deploy.exporters.runtime.make_session`): a decode step is hundreds of
+    short operators, and threads put to sleep between them would add a wake-up to each, which a deployed session
+    does not pay and which weighs on a factorised model's twice as many MatMuls.
 
     Args:
         models: name -> ONNX folder; ratios are against the first.
@@ -111,7 +114,7 @@ def measure_generation(
     if sessions is None:
         sessions = {}
         for name, folder in models.items():
-            session = make_session(Path(folder) / ONNX_FILE, device, threads=threads, spinning=False)
+            session = make_session(Path(folder) / ONNX_FILE, device, threads=threads, spin_after_run=False)
             sessions[name] = (session, DecoderGraph.from_session(session, Path(folder)))
     names = list(models)
     cells = []
