@@ -333,6 +333,18 @@ def _max_abs(got: np.ndarray, want: np.ndarray, name: str) -> float:
     return float(diff.max()) if diff.size else 0.0
 
 
+def _cache_diff(got: np.ndarray, want: np.ndarray, mask: np.ndarray) -> float:
+    """Largest difference of two ``(batch, kv_heads, sequence, head_dim)`` caches at real tokens.
+
+    A sliding-window cache (Mistral's, in PyTorch) keeps only the last positions; the positions both hold are
+    compared.
+    """
+    kept = min(got.shape[2], want.shape[2])
+    if got.ndim == want.ndim == 4 and kept < max(got.shape[2], want.shape[2]):
+        got, want, mask = got[:, :, -kept:], want[:, :, -kept:], mask[:, -kept:]
+    return _max_abs(_real(got, mask), _real(want, mask), "present")
+
+
 def _real(array: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Entries of ``(batch, kv_heads, sequence, head_dim)`` at real (unpadded) tokens."""
     return array.transpose(0, 2, 1, 3)[mask.astype(bool)]
@@ -389,8 +401,7 @@ def decoder_parity(candidate: Decoder, reference: Decoder, tokenizer: Any, shape
         if got_cache is not None and want_cache is not None:
             if len(got_cache) != len(want_cache):
                 raise ExportError(f"the cache has {len(got_cache)} tensors, expected {len(want_cache)}")
-            row["prefill_cache"] = max(_max_abs(_real(g, mask), _real(w, mask), "present")
-                                       for g, w in zip(got_cache, want_cache, strict=True))
+            row["prefill_cache"] = max(_cache_diff(g, w, mask) for g, w in zip(got_cache, want_cache, strict=True))
             compared += len(got_cache)
         steps = []
         token = want[:, -1].argmax(axis=-1)[:, None].astype(np.int64)
