@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import DECODER_FAMILIES, LM_DECODER_CONFIGS, export_and_optimise, lm_decoder
+from conftest import DECODER_FAMILIES, LM_DECODER_CONFIGS, LM_VOCAB, export_and_optimise, lm_decoder
 from fwsvd_deploy import CompressionConfig, compress, save_compressed, save_model
 from fwsvd_deploy.cli import main
 from fwsvd_deploy.config import ExportConfig, OptimizeConfig
@@ -25,6 +25,8 @@ from fwsvd_deploy.exporters.decoder import (
     Tolerance,
     TorchDecoder,
     decoder_parity,
+    positions_of,
+    prefill_rows,
     prompt_rows,
 )
 from fwsvd_deploy.exporters.optimize import fused_operator_counts
@@ -162,24 +164,45 @@ def test_attention_fusion_leaves_what_it_does_not_know(decoders):
     assert "attention_mask" in fuse_decoder_attention(model, num_heads=4, num_kv_heads=4)[1].note
 
 
-def test_attention_with_another_additive_term_is_left_alone(decoders, tmp_path):
-    """A block whose scores get more than the mask (here a float input added to layer 0's) is not fused; the
-    other block is, and ``--no-fuse-attention`` leaves both."""
+def test_attention_with_another_additive_term_is_left_alone(decoders, tmp_path, lm_tokenizer):
+    """A block whose scores get more than the mask (here a constant added to layer 0's) is not fused; the other block
+    is, and the partly fused graph agrees with the exported attention. ``--no-fuse-attention`` leaves both."""
     _, exported, _ = decoders("llama", "baseline")
     unfused = optimize_onnx(exported.out_dir, OptimizeConfig(fuse_attention=False), tmp_path / "unfused")
     assert unfused.attention == AttentionFusion(0, 2, "fuse_attention is off") and unfused.parity["passed"]
     model = onnx.load(str(unfused.onnx_path))
     assert unfused.fusions["attention"] == 0 and sum(n.op_type == "Softmax" for n in model.graph.node) == 2
-    add = next(n for n in model.graph.node if n.op_type == "Add" and "layers.0/self_attn" in n.name
-               and any(model.graph.node[k].op_type == "Softmax" and model.graph.node[k].input[0] == n.output[0]
-                       for k in range(len(model.graph.node))))
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax" and "layers.0/" in n.name)
+    add = next(n for n in model.graph.node if softmax.input[0] in n.output)
     mask = next(i for i in add.input if "MatMul" not in i)
-    model.graph.input.append(onnx.helper.make_tensor_value_info("position_bias", onnx.TensorProto.FLOAT, None))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(1, np.float32), "position_bias"))
     model.graph.node.append(onnx.helper.make_node("Add", [mask, "position_bias"], ["biased_mask"]))
     add.input[list(add.input).index(mask)] = "biased_mask"
     fused, result = fuse_decoder_attention(model, num_heads=4, num_kv_heads=2)
     assert (result.fused, result.blocks) == (1, 2)
     assert [n.op_type for n in fused.graph.node].count("Softmax") == 1
+    onnx.save(fused, str(tmp_path / "partly.onnx"))
+    report = decoder_parity(OnnxDecoder(make_session(tmp_path / "partly.onnx")), OnnxDecoder(make_session(
+        unfused.onnx_path)), lm_tokenizer, ((3, 23),), Tolerance(atol=1e-4), what="partly fused vs exported")
+    assert report["passed"] and report["greedy"]["identical"]
+
+
+def test_fused_attention_takes_a_chunk_on_top_of_the_cache_at_batch_1(decoders, tmp_path, lm_tokenizer):
+    """Several new tokens on top of a cache: the operator's causal mask is offset by the past; at batch 1 (what
+    ONNX Runtime's GroupQueryAttention takes) the fused graph agrees with the exported attention."""
+    _, exported, fused = decoders("llama", "svd")
+    unfused = optimize_onnx(exported.out_dir, OptimizeConfig(fuse_attention=False), tmp_path / "unfused")
+    ids, mask = prefill_rows(lm_tokenizer, 1, 12)
+    positions = positions_of(mask)
+    results = []
+    for path in (fused.onnx_path, unfused.onnx_path):
+        decoder = OnnxDecoder(make_session(path))
+        _, state = decoder.start(ids[:, :7], mask[:, :7], positions[:, :7])
+        logits, state = decoder.advance(state, ids[:, 7:], mask, positions[:, 7:])
+        results.append((logits, state))
+    (got, got_cache), (want, want_cache) = results
+    assert got.shape == (1, 5, LM_VOCAB) and np.abs(got - want).max() < 1e-4
+    assert max(np.abs(g - w).max() for g, w in zip(got_cache, want_cache, strict=True)) < 1e-4
 
 
 def test_attention_fusion_blockers(tmp_path, lm_tokenizer):
@@ -242,6 +265,7 @@ def test_text_generation_without_cache(tmp_path, lm_tokenizer):
     assert "prefill_cache" not in exported.parity["shapes"][0]
     optimized = optimize_onnx(exported.out_dir, OptimizeConfig(), tmp_path / "opt")
     assert optimized.parity["passed"] and optimized.fusions_complete and optimized.low_rank_layers == 14
+    assert optimized.attention == AttentionFusion(2, 2, None)  # no cache: no past, fresh present outputs
 
 
 def test_external_data(tmp_path, lm_tokenizer):
@@ -352,7 +376,6 @@ def test_an_architecture_without_known_fusions_exports_but_is_not_optimised(tmp_
     """Phi-3 exports (with parity); the optimiser names the families it supports and writes nothing."""
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    from conftest import LM_VOCAB
 
     torch.manual_seed(0)
     model = Phi3ForCausalLM(Phi3Config(vocab_size=LM_VOCAB, hidden_size=64, intermediate_size=128,

@@ -248,6 +248,18 @@ def test_a_cuda_graph_validated_on_cpu_says_so(trained, tmp_path):
     assert "Note: the candidate graph was built for CUDA" in (tmp_path / "r" / "report.md").read_text()
 
 
+def test_a_cpu_graph_validated_on_a_gpu_says_so():
+    """The reverse: a CPU graph (a decoder's fused attention is the CPU's) timed on CUDA is not the target build."""
+    from fwsvd_deploy.validators.validate import _notes
+
+    described = {"baseline": {"built_for": "cpu", "fusions_complete": True},
+                 "candidate": {"built_for": "cuda", "fusions_complete": True}}
+    notes = _notes(described, ValidateConfig(device="tensorrt"))
+    assert len(notes) == 1 and "baseline graph was built for the CPU and validated on TENSORRT" in notes[0]
+    assert "--device cuda" in notes[0] and not _notes(described | {"baseline": described["candidate"]},
+                                                      ValidateConfig(device="cuda"))
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [("max_accuracy_drop", -1.0), ("max_accuracy_drop", 101.0), ("min_agreement", 0.0), ("min_agreement", 1.5),

@@ -44,6 +44,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..errors import ExportError
+
 MS_DOMAIN = "com.microsoft"
 _ONNX_DOMAINS = ("", "ai.onnx")
 _REPEAT_OPS = ("Reshape", "Expand", "Unsqueeze")  # repeat_kv: Unsqueeze -> Expand -> Reshape
@@ -193,8 +195,10 @@ def _match(g: _Graph, softmax: onnx.NodeProto) -> _Block | None:
     qk = next((m for m in (g.node(i, "MatMul") for i in add.input) if m is not None), None)
     if qk is None or any(i in g.inits for i in qk.input):
         return None
-    mask = next(i for i in add.input if i != qk.output[0])
-    if not g.derives_from(mask, "attention_mask"):  # another additive term (a position bias) would be lost
+    # the scores get the mask and nothing else (a position bias would be lost): Where(keep, 0, -inf or the minimum)
+    mask = g.node(next((i for i in add.input if i != qk.output[0]), ""), "Where")
+    if (mask is None or g.scalar(mask.input[1]) != 0.0 or not (g.scalar(mask.input[2]) or 0.0) <= -1e30
+            or not g.derives_from(mask.input[0], "attention_mask")):
         return None
     q_rot, s_q = g.unscale(qk.input[0])
     k_t, s_k = g.unscale(qk.input[1])
@@ -246,7 +250,8 @@ def attention_blocker(config: object, device: str, enabled: bool = True) -> str 
 
 @functools.cache
 def runtime_supports_fusion() -> bool:
-    """Whether this ONNX Runtime's CPU ``GroupQueryAttention`` takes an additive attention bias (input 10)."""
+    """Whether this ONNX Runtime's CPU ``GroupQueryAttention`` takes an additive attention bias (input 10) and
+    applies it (a bias that hides a key the causal mask would show)."""
     import onnxruntime as ort
 
     f = TensorProto.FLOAT
@@ -265,10 +270,10 @@ def runtime_supports_fusion() -> bool:
     try:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         x = np.arange(16, dtype=np.float32).reshape(1, 2, 8) / 16
-        bias = np.array([[[[0, -1e30], [0, 0]]]], dtype=np.float32)
+        bias = np.array([[[[0, 0], [-1e30, 0]]]], dtype=np.float32)  # the second token may not see the first
         out = session.run(None, {"q": x, "k": x, "v": x, "seqlens_k": np.array([1], np.int32),
                                  "total": np.array(2, np.int32), "bias": bias})[0]
-        return bool(np.isfinite(out).all())
+        return bool(np.allclose(out[0, 1], x[0, 1], atol=1e-5))  # it saw only itself: the bias was applied
     except Exception:  # noqa: BLE001 - any failure means the operator cannot serve here
         return False
 
@@ -346,6 +351,10 @@ def fuse_decoder_attention(model: onnx.ModelProto, *, num_heads: int, num_kv_hea
     blocks_seen = sum(1 for n in model.graph.node if n.op_type == "Softmax" and n.domain in _ONNX_DOMAINS)
     if not {"input_ids", "attention_mask"} <= graph_inputs:
         return model, AttentionFusion(0, blocks_seen, "the graph has no input_ids / attention_mask inputs")
+    mask_type = next(i.type.tensor_type.elem_type for i in model.graph.input if i.name == "attention_mask")
+    if mask_type != TensorProto.INT64:
+        return model, AttentionFusion(0, blocks_seen, f"attention_mask is {TensorProto.DataType.Name(mask_type)}, "
+                                                      "not INT64 as optimum exports it")
     if not runtime_supports_fusion():
         return model, AttentionFusion(0, blocks_seen, "this ONNX Runtime's GroupQueryAttention takes no attention "
                                                       "bias on the CPU; attention left as exported")
@@ -409,7 +418,8 @@ def _sort(graph: onnx.GraphProto) -> None:
             else:
                 rest.append(node)
         if len(rest) == len(pending):
-            raise ValueError(f"the fused graph has a cycle or a missing input at {rest[0].name}")
+            raise ExportError(f"the attention fusion left node {rest[0].name!r} without its inputs; report it, and "
+                              "optimise with --no-fuse-attention (optimize.fuse_attention: false) meanwhile")
         pending = rest
     del graph.node[:]
     graph.node.extend(ordered)

@@ -333,15 +333,17 @@ def _max_abs(got: np.ndarray, want: np.ndarray, name: str) -> float:
     return float(diff.max()) if diff.size else 0.0
 
 
-def _cache_diff(got: np.ndarray, want: np.ndarray, mask: np.ndarray) -> float:
+def _cache_diff(got: np.ndarray, want: np.ndarray, mask: np.ndarray, windowed: bool = False) -> float:
     """Largest difference of two ``(batch, kv_heads, sequence, head_dim)`` caches at real tokens.
 
-    A sliding-window cache (Mistral's, in PyTorch) keeps only the last positions; the positions both hold are
-    compared.
+    ``windowed``: the reference may keep only the last positions (PyTorch's sliding-window cache, Mistral's); the
+    positions both hold are compared. Otherwise the caches must be of one length.
     """
-    kept = min(got.shape[2], want.shape[2])
-    if got.ndim == want.ndim == 4 and kept < max(got.shape[2], want.shape[2]):
-        got, want, mask = got[:, :, -kept:], want[:, :, -kept:], mask[:, -kept:]
+    if got.ndim == want.ndim == 4 and windowed and want.shape[2] < got.shape[2]:
+        kept = want.shape[2]
+        got, mask = got[:, :, -kept:], mask[:, -kept:]
+    if got.shape != want.shape:
+        raise ExportError(f"present has shape {got.shape}, expected {want.shape}")
     return _max_abs(_real(got, mask), _real(want, mask), "present")
 
 
@@ -401,7 +403,9 @@ def decoder_parity(candidate: Decoder, reference: Decoder, tokenizer: Any, shape
         if got_cache is not None and want_cache is not None:
             if len(got_cache) != len(want_cache):
                 raise ExportError(f"the cache has {len(got_cache)} tensors, expected {len(want_cache)}")
-            row["prefill_cache"] = max(_cache_diff(g, w, mask) for g, w in zip(got_cache, want_cache, strict=True))
+            windowed = isinstance(reference, TorchDecoder)  # PyTorch's sliding-window cache may be shorter
+            row["prefill_cache"] = max(_cache_diff(g, w, mask, windowed)
+                                       for g, w in zip(got_cache, want_cache, strict=True))
             compared += len(got_cache)
         steps = []
         token = want[:, -1].argmax(axis=-1)[:, None].astype(np.int64)

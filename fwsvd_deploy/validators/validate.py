@@ -252,6 +252,10 @@ def _notes(described: dict[str, dict[str, Any]], cfg: ValidateConfig) -> list[st
         if built is not None and built != "cpu" and cfg.device == "cpu":
             notes.append(f"the {role} graph was built for {built.upper()} and validated on the CPU execution "
                          "provider: its latency and memory here do not stand for the target device")
+        if built == "cpu" and cfg.device != "cpu":
+            notes.append(f"the {role} graph was built for the CPU and validated on {cfg.device.upper()}: its fused "
+                         "operators are the CPU's (a decoder's GroupQueryAttention carries a padding bias the CPU "
+                         "takes); optimise with --device cuda for figures that stand for the target")
         if info["fusions_complete"] is False:
             notes.append(f"the {role} graph lost fused operators against its dense-structured reference; "
                          "allowed by allow_fusion_loss")
