@@ -45,8 +45,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ExportError
+from .lowrank import MS_DOMAIN, GraphBuilder
 
-MS_DOMAIN = "com.microsoft"
 _ONNX_DOMAINS = ("", "ai.onnx")
 _REPEAT_OPS = ("Reshape", "Expand", "Unsqueeze")  # repeat_kv: Unsqueeze -> Expand -> Reshape
 _HEADS_FIRST = [0, 2, 1, 3]  # [batch, seq, heads, dim] <-> [batch, heads, seq, dim]
@@ -278,32 +278,15 @@ def runtime_supports_fusion() -> bool:
         return False
 
 
-class _Names:
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.used = {i.name for i in graph.initializer} | {i.name for i in graph.input}
-        self.used |= {o for n in graph.node for o in n.output} | {n.name for n in graph.node}
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.used:
-            name, i = f"{base}_{i}", i + 1
-        self.used.add(name)
-        return name
-
-
-def _shared_inputs(graph: onnx.GraphProto, name: _Names) -> tuple[list[onnx.NodeProto], str, str, str]:
+def _shared_inputs(build: GraphBuilder) -> tuple[list[onnx.NodeProto], str, str, str]:
     """Nodes computing ``seqlens_k`` (int32 ``[batch]``), ``total_length`` (int32 scalar) and the padding bias
     (float32 ``[batch, 1, seq, total]``) from ``input_ids`` and ``attention_mask``; and those three names."""
-    def const(array: np.ndarray, base: str) -> str:
-        tensor = numpy_helper.from_array(array, name(base))
-        graph.initializer.append(tensor)
-        return tensor.name
-
+    const = build.initializer
     nodes: list[onnx.NodeProto] = []
 
     def op(kind: str, inputs: list[str], base: str, **attrs: object) -> str:
-        out = name(f"/attention_inputs/{base}")
-        nodes.append(helper.make_node(kind, inputs, [out], name=name(f"/attention_inputs/{kind}"), **attrs))
+        out = build.unique(f"/attention_inputs/{base}")
+        nodes.append(helper.make_node(kind, inputs, [out], name=build.unique(f"/attention_inputs/{kind}"), **attrs))
         return out
 
     one, zero = const(np.array([1], np.int64), "attention_one"), const(np.array([0], np.int64), "attention_zero")
@@ -365,8 +348,9 @@ def fuse_decoder_attention(model: onnx.ModelProto, *, num_heads: int, num_kv_hea
                           if n.op_type == "Softmax" and n.domain in _ONNX_DOMAINS) if b is not None]
     if not blocks:
         return model, AttentionFusion(0, blocks_seen, "no attention block of the exported rotary form was found")
-    name = _Names(copied.graph)
-    shared, seqlens, total, bias = _shared_inputs(copied.graph, name)
+    build = GraphBuilder(copied.graph)
+    name = build.unique
+    shared, seqlens, total, bias = _shared_inputs(build)
     replaced = {id(n) for b in blocks for n in b.replaced}
     # each block's new nodes go where its output was produced; the shared inputs (of graph inputs only) first
     new_nodes: dict[int, list[onnx.NodeProto]] = {}

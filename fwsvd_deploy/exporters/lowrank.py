@@ -208,13 +208,13 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return copied
 
 
-class _Builder:
+class GraphBuilder:
     """Adds initializers and nodes with names unique in the graph."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.graph = graph
         self.names = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
-        self.names |= {n.name for n in graph.node}
+        self.names |= {n.name for n in graph.node} | {i.name for i in graph.input}
         self._added: dict[str, str] = {}
 
     def unique(self, base: str) -> str:
@@ -256,7 +256,7 @@ def _split_qkv(weight: np.ndarray, node: onnx.NodeProto) -> list[np.ndarray] | N
 
 
 def _restore_attention(node: onnx.NodeProto, index: LowRankIndex, inits: dict[str, onnx.TensorProto],
-                      build: _Builder) -> list[onnx.NodeProto] | None:
+                      build: GraphBuilder) -> list[onnx.NodeProto] | None:
     """Nodes replacing a fused Attention whose q/k/v weights are known products; None to keep it."""
     inputs = list(node.input) + [""] * (6 - len(node.input))
     x, weight_name, bias_name, mask, past, attention_bias = inputs[:6]
@@ -313,7 +313,7 @@ def _restore_attention(node: onnx.NodeProto, index: LowRankIndex, inits: dict[st
     return nodes
 
 
-def _joint_attention(node: onnx.NodeProto, pairs: list[LowRankPair], build: _Builder) -> list[onnx.NodeProto]:
+def _joint_attention(node: onnx.NodeProto, pairs: list[LowRankPair], build: GraphBuilder) -> list[onnx.NodeProto]:
     """``Attention(x @ D, [Uq | Uk | Uv])``: the fused operator itself, on the shared down-projection's output."""
     base = node.name or "attention"
     down = build.initializer(pairs[0].down, f"{base}_lowrank_qkv_down")
@@ -335,7 +335,7 @@ def restore(model: onnx.ModelProto, index: LowRankIndex) -> onnx.ModelProto:
     model = _copy(model)
     graph = model.graph
     inits = _initializers(graph)
-    build = _Builder(graph)
+    build = GraphBuilder(graph)
     out_nodes: list[onnx.NodeProto] = []
     reduced: dict[tuple[str, str], str] = {}  # (input, down-projection) -> its output, computed once
     for node in graph.node:
