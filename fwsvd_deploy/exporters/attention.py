@@ -37,6 +37,7 @@ additive bias is implemented on the CPU here; CUDA graphs keep the exported atte
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -45,7 +46,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import ExportError
-from .lowrank import MS_DOMAIN, GraphBuilder
+from .lowrank import MS_DOMAIN, GraphBuilder, node_attribute
 
 _ONNX_DOMAINS = ("", "ai.onnx")
 _REPEAT_OPS = ("Reshape", "Expand", "Unsqueeze")  # repeat_kv: Unsqueeze -> Expand -> Reshape
@@ -169,25 +170,18 @@ class _Graph:
         None)``."""
         c = self.node(tensor, "Concat")
         if (c is not None and len(c.input) == 2 and c.input[0] in self.inputs
-                and _attr(c, "axis") in (-2, 2)):
+                and node_attribute(c, "axis") in (-2, 2)):
             return c.input[0], c.input[1], c
         return "", tensor, None
 
 
-def _attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _perm(node: onnx.NodeProto) -> list[int]:
-    return [int(p) for p in _attr(node, "perm", [])]  # type: ignore[union-attr]
+    return [int(p) for p in node_attribute(node, "perm", [])]  # type: ignore[union-attr]
 
 
 def _match(g: _Graph, softmax: onnx.NodeProto) -> _Block | None:
     """The attention block around one Softmax, or ``None`` when it is not the exported rotary attention."""
-    if _attr(softmax, "axis", -1) not in (-1, 3):
+    if node_attribute(softmax, "axis", -1) not in (-1, 3):
         return None
     add = g.node(softmax.input[0], "Add")
     if add is None:
@@ -232,6 +226,11 @@ def _match(g: _Graph, softmax: onnx.NodeProto) -> _Block | None:
     return _Block(q3, k3, v3, past_key, past_value, key_concat.output[0] if key_concat else None,
                   value_concat.output[0] if value_concat else None, out.output[0], s_q * s_k * s_k2, rq,
                   tuple(n for n in (key_concat, value_concat, out) if n is not None))
+
+
+def attention_blocks(model: onnx.ModelProto) -> int:
+    """Attention blocks in an exported decoder graph: its Softmax nodes."""
+    return sum(1 for n in model.graph.node if n.op_type == "Softmax" and n.domain in _ONNX_DOMAINS)
 
 
 def attention_blocker(config: object, device: str, enabled: bool = True) -> str | None:
@@ -306,24 +305,6 @@ def _shared_inputs(build: GraphBuilder) -> tuple[list[onnx.NodeProto], str, str,
     return nodes, seqlens, total_scalar, bias
 
 
-def _remove_dead(model: onnx.ModelProto) -> None:
-    graph = model.graph
-    needed = {o.name for o in graph.output}
-    kept: list[onnx.NodeProto] = []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output if o):
-            kept.append(node)
-            needed.update(i for i in node.input if i)
-    del graph.node[:]
-    graph.node.extend(reversed(kept))
-    inits = [i for i in graph.initializer if i.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    values = [v for v in graph.value_info if v.name in needed]
-    del graph.value_info[:]
-    graph.value_info.extend(values)
-
-
 def fuse_decoder_attention(model: onnx.ModelProto, *, num_heads: int, num_kv_heads: int) -> tuple[
         onnx.ModelProto, AttentionFusion]:
     """A copy of a topologically sorted decoder graph with every exported rotary attention block fused.
@@ -331,7 +312,7 @@ def fuse_decoder_attention(model: onnx.ModelProto, *, num_heads: int, num_kv_hea
     A graph in which no block matches comes back as it was, with the reason in the result's ``note``.
     """
     graph_inputs = {i.name for i in model.graph.input}
-    blocks_seen = sum(1 for n in model.graph.node if n.op_type == "Softmax" and n.domain in _ONNX_DOMAINS)
+    blocks_seen = attention_blocks(model)
     if not {"input_ids", "attention_mask"} <= graph_inputs:
         return model, AttentionFusion(0, blocks_seen, "the graph has no input_ids / attention_mask inputs")
     mask_type = next(i.type.tensor_type.elem_type for i in model.graph.input if i.name == "attention_mask")
@@ -381,29 +362,25 @@ def fuse_decoder_attention(model: onnx.ModelProto, *, num_heads: int, num_kv_hea
             ordered.append(node)
     del copied.graph.node[:]
     copied.graph.node.extend(ordered)
-    _sort(copied.graph)
-    _remove_dead(copied)
+    _tidy(copied)
     if not any(o.domain == MS_DOMAIN for o in copied.opset_import):
         copied.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return copied, AttentionFusion(len(blocks), blocks_seen)
 
 
-def _sort(graph: onnx.GraphProto) -> None:
-    """Topological order, stable: nodes that read a tensor produced later move after it (one pass when sorted)."""
-    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    pending = list(graph.node)
-    ordered: list[onnx.NodeProto] = []
-    while pending:
-        rest = []
-        for node in pending:
-            if all(i in available for i in node.input):
-                ordered.append(node)
-                available.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):
-            raise ExportError(f"the attention fusion left node {rest[0].name!r} without its inputs; report it, and "
-                              "optimise with --no-fuse-attention (optimize.fuse_attention: false) meanwhile")
-        pending = rest
-    del graph.node[:]
-    graph.node.extend(ordered)
+def _tidy(model: onnx.ModelProto) -> None:
+    """Topological order, then the old blocks (and whatever only they used) dropped: ONNX Runtime's own passes."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    logger = logging.getLogger("onnxruntime.transformers")
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        wrapper = OnnxModel(model)
+        wrapper.topological_sort()
+        wrapper.prune_graph(allow_remove_graph_inputs=False)
+    except RuntimeError as exc:  # the sort found a node whose inputs nothing produces
+        raise ExportError(f"the attention fusion left a broken graph ({exc}); report it, and optimise with "
+                          "--no-fuse-attention (optimize.fuse_attention: false) meanwhile") from exc
+    finally:
+        logger.setLevel(previous)

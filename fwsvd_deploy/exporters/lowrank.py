@@ -120,20 +120,20 @@ def _const_gemm(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], *, tra
     ``transposed=False`` admits only ``transB=0``, the form :func:`densify` writes.
     """
     return (node.op_type == "Gemm" and node.domain in ("", "ai.onnx") and node.input[1] in inits
-            and len(inits[node.input[1]].dims) == 2 and _attr(node, "transA", 0) == 0
-            and _attr(node, "alpha", 1.0) == 1.0 and _attr(node, "beta", 1.0) == 1.0
-            and (transposed or _attr(node, "transB", 0) == 0))
+            and len(inits[node.input[1]].dims) == 2 and node_attribute(node, "transA", 0) == 0
+            and node_attribute(node, "alpha", 1.0) == 1.0 and node_attribute(node, "beta", 1.0) == 1.0
+            and (transposed or node_attribute(node, "transB", 0) == 0))
 
 
 def _up_dims(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[int, int]:
     """``(rank, out)`` of an up-projection's weight, in MatMul orientation."""
     rows, cols = inits[node.input[1]].dims
-    return (cols, rows) if node.op_type == "Gemm" and _attr(node, "transB", 0) else (rows, cols)
+    return (cols, rows) if node.op_type == "Gemm" and node_attribute(node, "transB", 0) else (rows, cols)
 
 
 def _up_weight(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray:
     weight = numpy_helper.to_array(inits[node.input[1]])
-    return weight.T if node.op_type == "Gemm" and _attr(node, "transB", 0) else weight
+    return weight.T if node.op_type == "Gemm" and node_attribute(node, "transB", 0) else weight
 
 
 def find_pairs(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
@@ -235,7 +235,7 @@ class GraphBuilder:
         return name
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
+def node_attribute(node: onnx.NodeProto, name: str, default=None):
     for a in node.attribute:
         if a.name == name:
             return helper.get_attribute_value(a)
@@ -243,7 +243,7 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
 
 
 def _split_qkv(weight: np.ndarray, node: onnx.NodeProto) -> list[np.ndarray] | None:
-    sizes = _attr(node, "qkv_hidden_sizes")
+    sizes = node_attribute(node, "qkv_hidden_sizes")
     if sizes is None:
         if weight.shape[1] % 3:
             return None
@@ -260,7 +260,7 @@ def _restore_attention(node: onnx.NodeProto, index: LowRankIndex, inits: dict[st
     """Nodes replacing a fused Attention whose q/k/v weights are known products; None to keep it."""
     inputs = list(node.input) + [""] * (6 - len(node.input))
     x, weight_name, bias_name, mask, past, attention_bias = inputs[:6]
-    if weight_name not in inits or past or _attr(node, "unidirectional", 0) or len(node.output) > 1:
+    if weight_name not in inits or past or node_attribute(node, "unidirectional", 0) or len(node.output) > 1:
         return None
     slices = _split_qkv(numpy_helper.to_array(inits[weight_name]), node)
     if slices is None:
@@ -300,9 +300,9 @@ def _restore_attention(node: onnx.NodeProto, index: LowRankIndex, inits: dict[st
             w = build.initializer(slices[i], f"{base}_{'qkv'[i]}_weight")
             projected[i] = build.unique(f"{base}_{'qkv'[i]}")
             nodes.append(helper.make_node("MatMul", [x, w], [projected[i]], name=build.unique(f"{base}_{'qkv'[i]}")))
-    attrs = {"num_heads": int(_attr(node, "num_heads"))}
+    attrs = {"num_heads": int(node_attribute(node, "num_heads"))}
     for key in ("mask_filter_value", "scale"):
-        value = _attr(node, key)
+        value = node_attribute(node, key)
         if value is not None:
             attrs[key] = value
     mha_inputs = [*projected, bias_name, mask, attention_bias]

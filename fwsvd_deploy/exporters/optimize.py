@@ -18,7 +18,7 @@ from ..families import Family, family_of, optimisable
 from ..manifest import file_sha256, folder_fingerprint, read_manifest, write_manifest
 from ..modeling import is_causal_lm, load_tokenizer
 from ..outputs import atomic_output_dir, check_output_dir
-from .attention import AttentionFusion, attention_blocker, fuse_decoder_attention
+from .attention import AttentionFusion, attention_blocker, attention_blocks, fuse_decoder_attention
 from .decoder import check_positions, optimised_parity
 from .lowrank import MS_DOMAIN, densify, find_pairs, inline_identities, restore
 from .runtime import ONNX_FILE, make_session, parity_report, run_session
@@ -329,8 +329,7 @@ def _fuse_attention(model: onnx.ModelProto, cfg: OptimizeConfig, config: Any,
                     heads: int) -> tuple[onnx.ModelProto, AttentionFusion]:
     blocker = attention_blocker(config, cfg.device, cfg.fuse_attention)
     if blocker is not None:
-        blocks = sum(1 for n in model.graph.node if n.op_type == "Softmax")
-        return model, AttentionFusion(0, blocks, blocker)
+        return model, AttentionFusion(0, attention_blocks(model), blocker)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     fused, attention = fuse_decoder_attention(model, num_heads=heads, num_kv_heads=int(kv_heads))
     if attention.note is not None:
