@@ -98,7 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recovery", action="store_true", help="also fine-tune each compressed model for one epoch")
     p.add_argument("--settings", default=None, help="comma-separated column names to run (default: all)")
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of accuracy.json in --out that this run does not redo (same task, setting and "
+                        "kept fraction are replaced)")
     a = p.parse_args(argv)
+    try:
+        previous = earlier_run(Path(a.out), a.calibration_samples) if a.merge else None
+    except ValueError as e:
+        p.error(str(e))  # exits 2 before any work
     work = Path(a.work)
     wanted = None if a.settings is None else set(a.settings.split(","))
     settings = [s for s in SETTINGS if wanted is None or label(s) in wanted]
@@ -130,24 +137,30 @@ def main(argv: list[str] | None = None) -> int:
                         "calibration_seconds": stats.seconds, "seconds": time.perf_counter() - start, "rows": rows})
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    training = {t: dict(zip(("train_samples", "epochs", "max_length"), TRAINING[t], strict=True))
+                for t in a.tasks.split(",")}
+    if previous is not None:
+        results = merged(previous["tasks"], results)
+        training = {**previous.get("training", {}), **training}
+        settings = [s for s in SETTINGS if any(r["setting"] == label(s) for t in results for r in t["rows"])]
     (out / "accuracy.json").write_text(json.dumps({
         "benchmark": "accuracy", "model": EMBEDDED_MODEL, "calibration_samples": a.calibration_samples,
-        "training": {t: dict(zip(("train_samples", "epochs", "max_length"), TRAINING[t], strict=True))
-                     for t in a.tasks.split(",")},
-        "tasks": results, "versions": package_versions()}, indent=2))
+        "training": training, "tasks": results, "versions": package_versions()}, indent=2))
     lines = []
     for task in results:
+        ratios = sorted({r["ratio"] for r in task["rows"]}, reverse=True)
+        recovered = any("accuracy_recovered" in r for r in task["rows"])
         lines += [f"**{task['task']}** — {task['eval_examples']} test examples, baseline "
                   f"{task['baseline_accuracy']:.4f}; accuracy without fine-tuning after compression"
-                  + (" / after one recovery epoch" if a.recovery else ""), "",
-                  "| setting | " + " | ".join(f"keep {r}" for r in sorted({r["ratio"] for r in task["rows"]},
-                                                                           reverse=True)) + " |",
-                  "|---|" + "---:|" * len({r["ratio"] for r in task["rows"]})]
+                  + (" / after one recovery epoch" if recovered else ""), "",
+                  "| setting | " + " | ".join(f"keep {r}" for r in ratios) + " |", "|---|" + "---:|" * len(ratios)]
         for setting in settings:
+            by_ratio = {r["ratio"]: r for r in task["rows"] if r["setting"] == label(setting)}
             cells = []
-            for row in sorted((r for r in task["rows"] if r["setting"] == label(setting)), key=lambda r: -r["ratio"]):
-                cell = f"{row['accuracy']:.4f}"
-                if "accuracy_recovered" in row:
+            for ratio in ratios:
+                row = by_ratio.get(ratio)
+                cell = "" if row is None else f"{row['accuracy']:.4f}"
+                if row is not None and "accuracy_recovered" in row:
                     cell += f" / {row['accuracy_recovered']:.4f}"
                 cells.append(cell)
             lines.append(f"| {label(setting)} | " + " | ".join(cells) + " |")
@@ -155,6 +168,37 @@ def main(argv: list[str] | None = None) -> int:
     (out / "accuracy.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
+
+
+def earlier_run(out: Path, calibration_samples: int) -> dict | None:
+    """The accuracy.json in ``out`` that --merge adds to (``None`` if there is none).
+
+    Raises:
+        ValueError: it was measured on another model or with other calibration; its rows would not compare.
+    """
+    path = out / "accuracy.json"
+    if not path.is_file():
+        return None
+    previous = json.loads(path.read_text())
+    if (previous.get("model"), previous.get("calibration_samples")) != (EMBEDDED_MODEL, calibration_samples):
+        raise ValueError(f"--merge: {path} was measured on {previous.get('model')} with "
+                 f"{previous.get('calibration_samples')} calibration samples, this run {EMBEDDED_MODEL} with "
+                 f"{calibration_samples}; write to another --out")
+    return previous
+
+
+def merged(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` task results with the rows of ``new`` put in (a row is its task, setting and kept fraction). A task
+    run before keeps its own timing (calibration, total seconds); only its redone rows change."""
+    tasks = {t["task"]: dict(t) for t in old}
+    for task in new:
+        if task["task"] not in tasks:
+            tasks[task["task"]] = task
+            continue
+        redone = {(r["setting"], r["ratio"]) for r in task["rows"]}
+        kept = [r for r in tasks[task["task"]]["rows"] if (r["setting"], r["ratio"]) not in redone]
+        tasks[task["task"]] = {**tasks[task["task"]], "rows": kept + task["rows"]}
+    return list(tasks.values())
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Generation speed of optimised decoder graphs with the KV cache, against their optimised dense baseline.
 
 Takes optimised ONNX folders (``optimize_onnx`` / the ``optimize-*`` stages of ``fwsvd-deploy run``), the first
-being the baseline, and times them in one process, interleaved round by round (``measure_generation``: a prefill of
+being the baseline, and times them in one process, interleaved call by call (``measure_generation``: a prefill of
 --prompt-len tokens, then --new-tokens decode steps on the returned cache, at each of --batches). With --unfused
 each graph is also optimised again from its exported folder with ``fuse_attention=False`` and timed beside the
 others, so the effect of the attention fusion is measured in the same run.
@@ -127,8 +127,8 @@ def markdown(r: dict) -> str:
     names = list(r["graphs"])
     lines = [f"# Decode speed with the KV cache ({g['device']}, {g['threads']} threads)", "",
              f"`{r['command']}`", "",
-             f"Prefill {g['prompt_tokens']} tokens, then {g['new_tokens']} decode steps; {g['rounds']} interleaved "
-             f"rounds after {g['warmup']} warm-up. Ratios: median over rounds against `{names[0]}` "
+             f"Prefill {g['prompt_tokens']} tokens, then {g['new_tokens']} decode steps; {g['rounds']} rounds, "
+             f"interleaved call by call, after {g['warmup']} warm-up. Ratios: median over rounds against `{names[0]}` "
              "(10th-90th percentile of the per-round ratio).", "",
              "| graph | nodes | MatMuls | fused operators | weights read per token | ratio |",
              "|---|---:|---:|---|---:|---:|"]

@@ -164,6 +164,18 @@ def test_fisher_allocation_meets_the_budget(tokenizer, data):
     assert len(set(report.ranks.values())) > 1  # it really allocates
 
 
+def test_a_global_allocation_buys_exact_weights_at_a_high_ratio(tokenizer, data):
+    model = tiny_model("bert")
+    fisher = collect_fisher(model, data, tokenizer, max_length=32)
+    report = compress(model, CompressionConfig(method="fwsvd", ratio=0.9, allocation="fisher"), fisher)
+    dense = [layer for layer in report.layers if layer.rank is None]
+    assert dense and len(dense) < len(report.layers)
+    for layer in dense:  # every one of these has saving ranks: the allocation chose the exact weight
+        assert layer.skipped.startswith("kept dense by the allocation") and layer.plain_error == 0.0
+        assert isinstance(model.get_submodule(layer.name), torch.nn.Linear)
+    assert report.target_weight_params_after <= 0.9 * report.target_weight_params_before
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -25,7 +25,7 @@ from fwsvd_deploy.exporters.runtime import ONNX_FILE, make_session
 from fwsvd_deploy.training import evaluate_lm
 from fwsvd_deploy.validators.decoder import CAUSAL_LM_TASK, DecoderGraph
 from fwsvd_deploy.validators.gate import check_thresholds_apply, evaluate_gate
-from fwsvd_deploy.validators.generation import Generation, generation_tokens
+from fwsvd_deploy.validators.generation import Generation, generation_tokens, interleaved_generations
 from fwsvd_deploy.validators.perplexity import PARITY_RTOL, Tally, score_batch
 from fwsvd_deploy.validators.report import SCHEMA
 from fwsvd_deploy.validators.validate import validate
@@ -123,6 +123,27 @@ def test_cached_decode_steps_match_pytorch(arch, tmp_path, tokenizer):
     assert len(decode_ms) == len(logits) == 4
     for step, got in enumerate(logits):
         assert np.abs(got[:, 0] - reference[:, 9 + step]).max() <= TOL["kv_cache_logits"]
+
+
+def test_generations_are_interleaved_call_by_call():
+    """Step t of every model runs before step t + 1 of any, so slow spells of the machine fall on all alike."""
+    log = []
+
+    class Runner:
+        def __init__(self, name):
+            self.name, self.round = name, 0
+
+        def calls(self):
+            self.round += 1
+            for call in range(3):  # prefill, two decode steps
+                log.append((self.name, self.round, call))
+                yield 10.0 * self.round + call
+
+    runs = interleaved_generations({"a": Runner("a"), "b": Runner("b")}, warmup=1, rounds=2)
+    assert [entry[0] for entry in log] == ["a", "b"] * 3 + ["b", "a"] * 3 + ["a", "b"] * 3  # order alternates
+    assert [entry[2] for entry in log] == [0, 0, 1, 1, 2, 2] * 3
+    assert runs == {"a": [(20.0, [21.0, 22.0]), (30.0, [31.0, 32.0])],  # the warm-up round (1x) is not kept
+                    "b": [(20.0, [21.0, 22.0]), (30.0, [31.0, 32.0])]}
 
 
 # --- validate on tiny models ----------------------------------------------------------------------------------------

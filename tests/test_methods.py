@@ -90,7 +90,7 @@ def test_loss_allocation_meets_the_budget_above_the_floor(method):
     assert budget - step <= report.target_weight_params_after <= budget
     for layer in report.layers:
         m, n = layer.shape
-        assert layer.rank >= int(0.5 * 0.4 * m * n / (m + n))
+        assert layer.rank is None or layer.rank >= int(0.5 * 0.4 * m * n / (m + n))  # None: bought dense
     assert report.settings["min_rank_fraction"] == 0.5
     assert report.ranks != compress(tiny_decoder("llama"), CompressionConfig(method=method, ratio=0.4), stats).ranks
 

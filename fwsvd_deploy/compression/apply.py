@@ -23,9 +23,9 @@ from .factorize import (
     warn_rank_deficient,
 )
 from .layers import LowRankLinear
-from .ranks import fixed_ranks, greedy_ranks, loss_floors, uniform_ranks
+from .ranks import allocated_dense, fixed_ranks, greedy_ranks, loss_floors, uniform_ranks
 from .report import CompressionReport, LayerReport
-from .svd import max_saving_rank, output_error, relative_error
+from .svd import low_rank_params, max_saving_rank, output_error, relative_error
 from .targets import SUPPORTED_TYPES, Target, Unit, plan_units, resolve_targets
 
 __all__ = ["apply_plan", "compress", "compressed_layers", "resolve_targets", "swap_modules"]
@@ -70,7 +70,7 @@ def compress(model: nn.Module, cfg: CompressionConfig, statistics: Any = None) -
     unit_stats = {u.name: unit_statistics(u, stats) for u in units}
     whitenings: dict[str, Any] = {}
     decomps = {u.name: decompose_unit(u, cfg, unit_stats[u.name], whitenings) for u in units}
-    ranks = _allocate(units, cfg, decomps, unit_stats)
+    ranks, chosen_dense = _allocate(units, cfg, decomps, unit_stats)
 
     replacements: dict[str, LowRankLinear] = {}
     layers: list[LayerReport] = []
@@ -83,7 +83,7 @@ def compress(model: nn.Module, cfg: CompressionConfig, statistics: Any = None) -
             layers.append(LayerReport(
                 name=u.name, kind=u.kind, shape=(m, n), rank=None, params_before=params_before_unit,
                 params_after=params_before_unit, plain_error=0.0, fisher_error=None if fisher is None else 0.0,
-                skipped=f"left dense: a rank >= {m * n / (m + n):.1f} saves no parameters",
+                skipped=_dense_reason((m, n), u.name in chosen_dense, cfg.rank_multiple),
                 output_error=None if covariance is None else 0.0,
             ))
             continue
@@ -131,9 +131,21 @@ def _method_settings(cfg: CompressionConfig) -> dict[str, Any]:
     return out
 
 
+def _dense_reason(shape: tuple[int, int], chosen: bool, multiple: int) -> str:
+    m, n = shape
+    if not chosen:
+        return f"left dense: a rank >= {m * n / (m + n):.1f} saves no parameters"
+    cap = max_saving_rank(shape) // multiple * multiple
+    aligned = f" that is a multiple of {multiple}" if multiple > 1 else ""
+    return (f"kept dense by the allocation: its largest saving rank{aligned} ({cap}) would keep "
+            f"{low_rank_params(shape, cap) / (m * n):.1%} of its parameters")
+
+
 def _allocate(units: list[Unit], cfg: CompressionConfig, decomps: Mapping[str, Any],
-              unit_stats: Mapping[str, Any]) -> dict[str, int | None]:
+              unit_stats: Mapping[str, Any]) -> tuple[dict[str, int | None], set[str]]:
+    """Each unit's rank (``None``: dense), and the units the greedy allocation chose to keep dense."""
     shapes = {u.name: u.shape for u in units}
+    chosen_dense: set[str] = set()
     if cfg.rank is not None:
         ranks = fixed_ranks(shapes, cfg.rank)
     elif cfg.allocation == "uniform":
@@ -144,8 +156,9 @@ def _allocate(units: list[Unit], cfg: CompressionConfig, decomps: Mapping[str, A
         if cfg.allocation == "loss":
             floors = loss_floors(shapes, cfg.ratio, cfg.min_rank_fraction)  # type: ignore[arg-type]
         ranks = greedy_ranks(shapes, gains, cfg.ratio, cfg.rank_multiple, floors)  # type: ignore[arg-type]
-    _apply_overrides(ranks, units, cfg.rank_overrides)
-    return ranks
+        chosen_dense = allocated_dense(shapes, ranks, cfg.rank_multiple)
+    overridden = _apply_overrides(ranks, units, cfg.rank_overrides)
+    return ranks, chosen_dense - overridden
 
 
 def _factorised(unit: Unit, up: torch.Tensor, down: torch.Tensor) -> dict[str, LowRankLinear]:
@@ -167,13 +180,17 @@ def _factorised(unit: Unit, up: torch.Tensor, down: torch.Tensor) -> dict[str, L
     return out
 
 
-def _apply_overrides(ranks: dict[str, int | None], units: list[Unit], overrides: Mapping[str, int]) -> None:
+def _apply_overrides(ranks: dict[str, int | None], units: list[Unit], overrides: Mapping[str, int]) -> set[str]:
+    """Set the overridden ranks in place; returns the names of the units overridden."""
+    done: set[str] = set()
     for pattern, rank in overrides.items():
         hits = [u for u in units if u.covers(pattern)]
         if not hits:
             raise ConfigError(f"rank_overrides key {pattern!r} matches no targeted module")
         for u in hits:
             ranks[u.name] = rank if rank <= max_saving_rank(u.shape) else None
+            done.add(u.name)
+    return done
 
 
 def swap_modules(model: nn.Module, replacements: Mapping[str, nn.Module]) -> None:

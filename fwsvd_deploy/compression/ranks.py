@@ -99,7 +99,12 @@ def greedy_ranks(
     floors). ``gains[name][k]`` is the error removed by going from rank ``k`` to ``k + 1``; a step adds ``multiple``
     to the rank, removes the sum of those gains and costs ``multiple * (m + n)`` parameters. Steps are taken in
     order of gain per parameter while they fit the budget, up to the largest rank that still saves parameters.
-    Layers where no such rank exists stay dense (``None``) and are charged in full.
+    From there one more step is offered: the exact dense weight (``None``), which removes the error left in the
+    remaining directions for the parameters between the factors and the matrix (less than one step of ``multiple``
+    directions), priced like any step by error removed per parameter. A layer that fills its
+    largest saving rank keeps almost all its parameters as two thin factors, two products and some error; dense it
+    is exact and one product (at decode time, one read of about the same bytes instead of two operators).
+    Layers where no saving rank exists stay dense (``None``) and are charged in full.
 
     Raises:
         ConfigError: when the floors alone exceed the budget.
@@ -116,15 +121,32 @@ def greedy_ranks(
     while heap:
         _, _, name = heapq.heappop(heap)
         shape = shapes[name]
-        cost = multiple * (shape[0] + shape[1])
-        if spent + cost > budget:
-            continue  # this layer's next step does not fit; later steps of it cost the same
         rank = ranks[name]
         assert rank is not None
-        ranks[name] = rank + multiple
+        densify = rank + multiple > _cap(*shape, multiple)
+        cost = _step_cost(shape, rank, multiple)
+        if spent + cost > budget:
+            continue  # this layer's next step does not fit; later steps of it cost at least as much
         spent += cost
+        if densify:
+            ranks[name] = None
+            continue
+        ranks[name] = rank + multiple
         _push(heap, name, rank + multiple, shape, gains[name], order[name], multiple)
     return ranks
+
+
+def allocated_dense(shapes: Mapping[str, Shape], ranks: Mapping[str, int | None], multiple: int = 1) -> set[str]:
+    """The layers that :func:`greedy_ranks` made dense by choice (a saving rank existed)."""
+    return {name for name, rank in ranks.items() if rank is None and _cap(*shapes[name], multiple) >= multiple}
+
+
+def _step_cost(shape: Shape, rank: int, multiple: int) -> int:
+    """Parameters of the next step from ``rank``: ``multiple`` more directions, or at the cap the dense weight."""
+    m, n = shape
+    if rank + multiple > _cap(m, n, multiple):
+        return m * n - low_rank_params(shape, rank)
+    return multiple * (m + n)
 
 
 def uniform_shares(shapes: Mapping[str, Shape], ratio: float) -> dict[str, float]:
@@ -135,7 +157,10 @@ def uniform_shares(shapes: Mapping[str, Shape], ratio: float) -> dict[str, float
 def _push(
     heap: list[tuple[float, int, str]], name: str, rank: int, shape: Shape, gain: torch.Tensor, tie: int, multiple: int
 ) -> None:
-    if rank + multiple > _cap(*shape, multiple) or rank + multiple > gain.numel():
+    if rank + multiple > _cap(*shape, multiple):
+        removed = float(gain[rank:].sum())  # the exact weight: every direction left
+    elif rank + multiple > gain.numel():
         return
-    per_param = float(gain[rank : rank + multiple].sum()) / (multiple * (shape[0] + shape[1]))
-    heapq.heappush(heap, (-per_param, tie, name))
+    else:
+        removed = float(gain[rank : rank + multiple].sum())
+    heapq.heappush(heap, (-removed / _step_cost(shape, rank, multiple), tie, name))

@@ -153,7 +153,7 @@ def markdown_sections(report: dict[str, Any]) -> list[str]:
     if generation:
         lines += ["", f"## Generation with the KV cache ({generation['prompt_tokens']} prompt tokens, "
                   f"{generation['new_tokens']} new tokens, {generation['threads']} threads, {generation['rounds']} "
-                  "interleaved rounds; plot: generation.png)", "",
+                  "rounds interleaved call by call; plot: generation.png)", "",
                   "Ratios: of medians over rounds, with the 10th-90th percentile of the per-round ratio.", "",
                   *generation_table(generation)]
     return lines

