@@ -282,8 +282,8 @@ def _evaluate_any(model: Any, tokenizer: Any, evaluation: TaskData | TextData, d
 
 def _check_rank_saves(model: nn.Module, comp_cfg: CompressionConfig) -> list[Any]:
     """The layers to factorise, resolved before any statistics; refuses a fixed rank that would save nothing, a
-    greedy allocation of the whole budget (every layer would be bought dense) and ``loss`` allocation floors that
-    exceed the budget (all depend on the layers' shapes alone)."""
+    greedy allocation of the whole budget (every layer would be bought dense) and a greedy allocation whose start
+    (``loss`` floors, or rank ``rank_multiple`` everywhere) exceeds the budget (all depend on the shapes alone)."""
     from .compression.ranks import loss_floors, starting_ranks
 
     targets = resolve_targets(model, comp_cfg.target_modules, comp_cfg.exclude_modules)
@@ -291,10 +291,12 @@ def _check_rank_saves(model: nn.Module, comp_cfg: CompressionConfig) -> list[Any
     if comp_cfg.allocation in ("fisher", "loss") and comp_cfg.ratio == 1.0 and not comp_cfg.rank_overrides:
         raise ConfigError(f"ratio=1.0 with allocation {comp_cfg.allocation!r} buys every layer's exact weight, so "
                           "nothing would be compressed; choose a ratio below 1")
-    if comp_cfg.allocation == "loss" and comp_cfg.ratio is not None:
+    if comp_cfg.allocation in ("fisher", "loss") and comp_cfg.rank is None:
         shapes = {u.name: u.shape for u in units}
-        starting_ranks(shapes, comp_cfg.ratio, comp_cfg.rank_multiple,
-                       loss_floors(shapes, comp_cfg.ratio, comp_cfg.min_rank_fraction))
+        floors = None
+        if comp_cfg.allocation == "loss":
+            floors = loss_floors(shapes, comp_cfg.ratio, comp_cfg.min_rank_fraction)  # type: ignore[arg-type]
+        starting_ranks(shapes, comp_cfg.ratio, comp_cfg.rank_multiple, floors)  # type: ignore[arg-type]
     if comp_cfg.rank is not None and not comp_cfg.rank_overrides:
         best = max(units, key=lambda u: max_saving_rank(u.shape))
         if comp_cfg.rank > max_saving_rank(best.shape):

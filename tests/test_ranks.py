@@ -151,3 +151,15 @@ def test_the_dense_step_is_priced_by_the_error_it_removes():
     assert aligned == {"c": None}  # cap 16 (21 saves, 16 is the last multiple of 8): 1536 -> 2048
     assert allocated_dense({"c": (64, 32)}, aligned, 8) == {"c"}
     assert allocated_dense({"t": (2, 1)}, {"t": None}) == set()  # no saving rank: dense by shape, not by choice
+
+
+def test_a_start_beyond_the_budget_is_refused_without_floors_too():
+    from fwsvd_deploy.errors import ConfigError
+
+    shapes = {"a": (64, 64), "b": (128, 64)}  # rank 1 everywhere keeps 128 + 192 = 320 parameters
+    gains = {"a": torch.ones(64), "b": torch.ones(64)}
+    with pytest.raises(ConfigError, match="rank 1 in every layer already keeps 320 parameters"):
+        greedy_ranks(shapes, gains, 300 / 12288)
+    with pytest.raises(ConfigError, match="rank 8 in every layer .* or lower rank_multiple"):
+        greedy_ranks(shapes, gains, 2000 / 12288, multiple=8)
+    assert greedy_ranks(shapes, gains, 320 / 12288) == {"a": 1, "b": 1}

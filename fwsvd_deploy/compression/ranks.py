@@ -64,7 +64,8 @@ def starting_ranks(shapes: Mapping[str, Shape], ratio: float, multiple: int = 1,
     """Where the greedy allocation starts: each layer at its floor rounded up to ``multiple`` (``None``: dense).
 
     Raises:
-        ConfigError: when the floors alone exceed the budget of ``ratio * sum(m * n)`` parameters.
+        ConfigError: when the start alone (the floors, or rank ``multiple`` everywhere) exceeds the budget of
+            ``ratio * sum(m * n)`` parameters.
     """
     ranks: dict[str, int | None] = {}
     budget = ratio * sum(m * n for m, n in shapes.values())
@@ -78,10 +79,15 @@ def starting_ranks(shapes: Mapping[str, Shape], ratio: float, multiple: int = 1,
         floor = multiple if floors is None else max(multiple, math.ceil(floors[name] / multiple) * multiple)
         ranks[name] = min(floor, cap)
         spent += low_rank_params((m, n), ranks[name])  # type: ignore[arg-type]
-    if floors is not None and spent > budget:
+    if spent > budget:
+        if floors is not None:
+            raise ConfigError(
+                f"the floor ranks alone keep {spent:,} parameters, more than the budget of {budget:,.0f} "
+                f"(ratio {ratio}); lower min_rank_fraction or raise the ratio"
+            )
         raise ConfigError(
-            f"the floor ranks alone keep {spent:,} parameters, more than the budget of {budget:,.0f} "
-            f"(ratio {ratio}); lower min_rank_fraction or raise the ratio"
+            f"rank {multiple} in every layer already keeps {spent:,} parameters, more than the budget of "
+            f"{budget:,.0f} (ratio {ratio}); raise the ratio" + (" or lower rank_multiple" if multiple > 1 else "")
         )
     return ranks
 
@@ -107,7 +113,7 @@ def greedy_ranks(
     Layers where no saving rank exists stay dense (``None``) and are charged in full.
 
     Raises:
-        ConfigError: when the floors alone exceed the budget.
+        ConfigError: when the start alone (the floors, or rank ``multiple`` everywhere) exceeds the budget.
     """
     ranks = starting_ranks(shapes, ratio, multiple, floors)
     budget = ratio * sum(m * n for m, n in shapes.values())
