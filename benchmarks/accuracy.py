@@ -182,8 +182,8 @@ def earlier_run(out: Path, calibration_samples: int) -> dict | None:
     previous = json.loads(path.read_text())
     if (previous.get("model"), previous.get("calibration_samples")) != (EMBEDDED_MODEL, calibration_samples):
         raise ValueError(f"--merge: {path} was measured on {previous.get('model')} with "
-                 f"{previous.get('calibration_samples')} calibration samples, this run {EMBEDDED_MODEL} with "
-                 f"{calibration_samples}; write to another --out")
+                         f"{previous.get('calibration_samples')} calibration samples, this run {EMBEDDED_MODEL} "
+                         f"with {calibration_samples}; write to another --out")
     return previous
 
 

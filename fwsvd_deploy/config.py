@@ -27,6 +27,7 @@ FISHER_AXES = ("both", "output", "input")
 FISHER_ESTIMATORS = ("per_example", "batch_mean")
 QKV_MODES = ("separate", "joint")
 ALLOCATIONS = ("uniform", "fisher", "loss")
+GREEDY_ALLOCATIONS = ("fisher", "loss")  # one global greedy over all layers' directions
 TRAINABLE = ("all", "factors")
 # what each method reads from the calibration pass
 METHOD_STATISTICS = {"svd": (), "fwsvd": ("fisher",), "asvd": ("inputs",), "svd-llm": ("inputs",),
@@ -241,6 +242,9 @@ class CompressionConfig(_Config):
         for name, rank in self.rank_overrides.items():
             _check_int(f"rank_overrides[{name!r}]", rank, 1)
         object.__setattr__(self, "rank_overrides", dict(self.rank_overrides))
+        if self.allocation in GREEDY_ALLOCATIONS and self.ratio == 1.0 and not self.rank_overrides:
+            raise ConfigError(f"ratio=1.0 with allocation {self.allocation!r} buys every layer's exact weight, so "
+                              "nothing would be compressed; choose a ratio below 1")
         _check_float("eps", self.eps, 0.0, 1.0, low_open=True)
         _check_float("asvd_alpha", self.asvd_alpha, 0.0, 1.0, low_open=True)
         _check_float("whitening_damp", self.whitening_damp, 0.0, 1.0, low_open=True)

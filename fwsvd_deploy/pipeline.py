@@ -25,6 +25,7 @@ from .compression.report import CompressionReport
 from .compression.statistics import CalibrationStats, check_cache_dir, collect_statistics
 from .compression.svd import max_saving_rank
 from .config import (
+    GREEDY_ALLOCATIONS,
     CalibrationConfig,
     CompressionConfig,
     DataConfig,
@@ -281,17 +282,14 @@ def _evaluate_any(model: Any, tokenizer: Any, evaluation: TaskData | TextData, d
 
 
 def _check_rank_saves(model: nn.Module, comp_cfg: CompressionConfig) -> list[Any]:
-    """The layers to factorise, resolved before any statistics; refuses a fixed rank that would save nothing, a
-    greedy allocation of the whole budget (every layer would be bought dense) and a greedy allocation whose start
-    (``loss`` floors, or rank ``rank_multiple`` everywhere) exceeds the budget (all depend on the shapes alone)."""
+    """The layers to factorise, resolved before any statistics; refuses a fixed rank that would save nothing and a
+    greedy allocation whose start (``loss`` floors, or rank ``rank_multiple`` everywhere) exceeds the budget (both
+    depend on the layers' shapes alone)."""
     from .compression.ranks import loss_floors, starting_ranks
 
     targets = resolve_targets(model, comp_cfg.target_modules, comp_cfg.exclude_modules)
     units = plan_units(targets, comp_cfg.qkv)
-    if comp_cfg.allocation in ("fisher", "loss") and comp_cfg.ratio == 1.0 and not comp_cfg.rank_overrides:
-        raise ConfigError(f"ratio=1.0 with allocation {comp_cfg.allocation!r} buys every layer's exact weight, so "
-                          "nothing would be compressed; choose a ratio below 1")
-    if comp_cfg.allocation in ("fisher", "loss") and comp_cfg.rank is None:
+    if comp_cfg.allocation in GREEDY_ALLOCATIONS and comp_cfg.rank is None:
         shapes = {u.name: u.shape for u in units}
         floors = None
         if comp_cfg.allocation == "loss":

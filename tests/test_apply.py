@@ -186,6 +186,7 @@ def test_a_global_allocation_buys_exact_weights_at_a_high_ratio(tokenizer, data)
         ({"method": "tucker"}, "method"),
         ({"fisher_axis": "rows"}, "fisher_axis"),
         ({"method": "svd", "allocation": "fisher"}, "needs method='fwsvd'"),
+        ({"method": "svd", "allocation": "loss", "ratio": 1.0}, "buys every layer's exact weight"),
         ({"target_modules": []}, "target_modules"),
         ({"rank_overrides": {"q": 0}}, "rank_overrides"),
         ({"rank_multiple": 0}, "rank_multiple"),

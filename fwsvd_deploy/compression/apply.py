@@ -23,7 +23,7 @@ from .factorize import (
     warn_rank_deficient,
 )
 from .layers import LowRankLinear
-from .ranks import allocated_dense, fixed_ranks, greedy_ranks, loss_floors, uniform_ranks
+from .ranks import allocated_dense, fixed_ranks, greedy_ranks, loss_floors, saving_cap, uniform_ranks
 from .report import CompressionReport, LayerReport
 from .svd import low_rank_params, max_saving_rank, output_error, relative_error
 from .targets import SUPPORTED_TYPES, Target, Unit, plan_units, resolve_targets
@@ -135,7 +135,7 @@ def _dense_reason(shape: tuple[int, int], chosen: bool, multiple: int) -> str:
     m, n = shape
     if not chosen:
         return f"left dense: a rank >= {m * n / (m + n):.1f} saves no parameters"
-    cap = max_saving_rank(shape) // multiple * multiple
+    cap = saving_cap(m, n, multiple)
     aligned = f" that is a multiple of {multiple}" if multiple > 1 else ""
     return (f"kept dense by the allocation: its largest saving rank{aligned} ({cap}) would keep "
             f"{low_rank_params(shape, cap) / (m * n):.1%} of its parameters")

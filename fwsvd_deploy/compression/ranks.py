@@ -34,7 +34,7 @@ def uniform_ranks(shapes: Mapping[str, Shape], ratio: float, multiple: int = 1) 
     share = uniform_shares(shapes, ratio)
     for name, (m, n) in shapes.items():
         rank = max(multiple, math.floor(share[name] / multiple) * multiple)
-        out[name] = rank if rank <= _cap(m, n, multiple) else None
+        out[name] = rank if rank <= saving_cap(m, n, multiple) else None
     if multiple == 1:
         return out
     factorised = {name: rank for name, rank in out.items() if rank is not None}
@@ -43,13 +43,13 @@ def uniform_ranks(shapes: Mapping[str, Shape], ratio: float, multiple: int = 1) 
     for name in sorted(rounded_down, key=lambda k: factorised[k] - share[k]):
         m, n = shapes[name]
         step = multiple * (m + n)
-        if factorised[name] + multiple <= _cap(m, n, multiple) and step <= left:
+        if factorised[name] + multiple <= saving_cap(m, n, multiple) and step <= left:
             out[name] = factorised[name] + multiple
             left -= step
     return out
 
 
-def _cap(m: int, n: int, multiple: int) -> int:
+def saving_cap(m: int, n: int, multiple: int = 1) -> int:
     """The largest rank that is a multiple of ``multiple`` and still saves parameters (0 if none)."""
     return max_saving_rank((m, n)) // multiple * multiple
 
@@ -71,7 +71,7 @@ def starting_ranks(shapes: Mapping[str, Shape], ratio: float, multiple: int = 1,
     budget = ratio * sum(m * n for m, n in shapes.values())
     spent = 0
     for name, (m, n) in shapes.items():
-        cap = _cap(m, n, multiple)
+        cap = saving_cap(m, n, multiple)
         if cap < multiple:
             ranks[name] = None
             spent += m * n
@@ -129,7 +129,7 @@ def greedy_ranks(
         shape = shapes[name]
         rank = ranks[name]
         assert rank is not None
-        densify = rank + multiple > _cap(*shape, multiple)
+        densify = rank + multiple > saving_cap(*shape, multiple)
         cost = _step_cost(shape, rank, multiple)
         if spent + cost > budget:
             continue  # this layer's next step does not fit; later steps of it cost at least as much
@@ -144,13 +144,13 @@ def greedy_ranks(
 
 def allocated_dense(shapes: Mapping[str, Shape], ranks: Mapping[str, int | None], multiple: int = 1) -> set[str]:
     """The layers that :func:`greedy_ranks` made dense by choice (a saving rank existed)."""
-    return {name for name, rank in ranks.items() if rank is None and _cap(*shapes[name], multiple) >= multiple}
+    return {name for name, rank in ranks.items() if rank is None and saving_cap(*shapes[name], multiple) >= multiple}
 
 
 def _step_cost(shape: Shape, rank: int, multiple: int) -> int:
     """Parameters of the next step from ``rank``: ``multiple`` more directions, or at the cap the dense weight."""
     m, n = shape
-    if rank + multiple > _cap(m, n, multiple):
+    if rank + multiple > saving_cap(m, n, multiple):
         return m * n - low_rank_params(shape, rank)
     return multiple * (m + n)
 
@@ -163,7 +163,7 @@ def uniform_shares(shapes: Mapping[str, Shape], ratio: float) -> dict[str, float
 def _push(
     heap: list[tuple[float, int, str]], name: str, rank: int, shape: Shape, gain: torch.Tensor, tie: int, multiple: int
 ) -> None:
-    if rank + multiple > _cap(*shape, multiple):
+    if rank + multiple > saving_cap(*shape, multiple):
         removed = float(gain[rank:].sum())  # the exact weight: every direction left
     elif rank + multiple > gain.numel():
         return

@@ -96,6 +96,8 @@ class _Graph:
                 self.consumers.setdefault(i, []).append(n)
         self.inits = {i.name: i for i in graph.initializer}
         self.inputs = {i.name for i in graph.input}
+        self.float_inputs = {i.name for i in graph.input
+                             if i.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16)}
         self.outputs = {o.name for o in graph.output}
 
     def node(self, tensor: str, op: str, domain: Iterable[str] = _ONNX_DOMAINS) -> onnx.NodeProto | None:
@@ -149,8 +151,6 @@ class _Graph:
     def derives_from(self, tensor: str, source: str, limit: int = 400) -> bool:
         """Whether ``tensor`` is computed from the graph input ``source`` and from no other float input's values
         (shapes may come from anywhere: the model's mask takes the past length from the cache's shape)."""
-        floats = {i.name for i in self.graph.input if i.type.tensor_type.elem_type in (TensorProto.FLOAT,
-                                                                                      TensorProto.FLOAT16)}
         stack, seen, found = [tensor], set(), False
         while stack and len(seen) < limit:
             name = stack.pop()
@@ -158,7 +158,7 @@ class _Graph:
                 continue
             seen.add(name)
             found |= name == source
-            if name in floats:
+            if name in self.float_inputs:
                 return False
             n = self.producer.get(name)
             if n is not None and n.op_type != "Shape":
