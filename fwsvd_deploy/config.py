@@ -657,6 +657,19 @@ def pipeline_defaults(task: str) -> dict[str, Any]:
     }
 
 
+def check_gate_measured(validate: ValidateConfig, gate: GateConfig) -> None:
+    """Refuse a gate threshold whose measurement the validation turns off (before any work, not after it).
+
+    Raises:
+        ConfigError: a latency threshold with ``latency: false``, or ``max_memory_ratio`` with ``memory: false``.
+    """
+    for name in ("max_latency_ratio", "max_decode_latency_ratio", "max_prefill_latency_ratio"):
+        if getattr(gate, name) is not None and not validate.latency:
+            raise ConfigError(f"gate {name} needs latency measurement; enable it or drop the threshold")
+    if gate.max_memory_ratio is not None and not validate.memory:
+        raise ConfigError("gate max_memory_ratio needs memory measurement; enable it or drop the threshold")
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """Everything ``fwsvd-deploy run`` does, one section per stage; unknown keys are rejected at every level.
@@ -690,6 +703,7 @@ class PipelineConfig:
         if (self.task == "causal-lm") != decoder_export:
             want = "text-generation-with-past" if self.task == "causal-lm" else "an encoder task"
             raise ConfigError(f"export.task={self.export.task!r} does not fit task={self.task!r}; use {want}")
+        check_gate_measured(self.validate, self.gate)
 
     @property
     def fisher(self) -> CalibrationConfig:
@@ -768,3 +782,37 @@ class PipelineConfig:
         import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def apply_overrides(settings: Mapping[str, Any], assignments: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """A copy of pipeline ``settings`` with dotted ``KEY=VALUE`` assignments applied (values read as YAML).
+
+    ``["compression.ratio=0.6", "gate.max_latency_ratio=null"]`` sets those two keys; the result still goes through
+    :meth:`PipelineConfig.from_dict`, which refuses unknown keys.
+
+    Raises:
+        ConfigError: an assignment without ``=``, with an empty key, or under a key that is not a section.
+    """
+    import copy
+
+    import yaml
+
+    out: dict[str, Any] = copy.deepcopy(dict(settings))
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"{assignment!r} is not an assignment; write SECTION.KEY=VALUE, "
+                              "e.g. compression.ratio=0.6")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{assignment!r}: the value is not valid YAML ({first_line(exc)})") from None
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{assignment!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out

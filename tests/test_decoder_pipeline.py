@@ -41,6 +41,9 @@ def test_the_calibration_section_keeps_its_earlier_name():
     ({"task": "causal-lm", "export": {"task": "text-classification"}}, "does not fit task='causal-lm'"),
     ({"export": {"task": "text-generation-with-past"}}, "does not fit task='text-classification'"),
     ({"task": "speech"}, "task='speech'"),
+    # a threshold whose measurement is off is refused with the config, before any stage runs
+    ({"validate": {"memory": False}}, "max_memory_ratio needs memory measurement"),
+    ({"task": "causal-lm", "validate": {"latency": False}}, "max_decode_latency_ratio needs latency measurement"),
 ])
 def test_contradictions_are_refused(data, match):
     with pytest.raises(ConfigError, match=match):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import DataConfig, GateConfig, ValidateConfig
+from ..config import DataConfig, GateConfig, ValidateConfig, check_gate_measured
 from ..data import load_eval_split
 from ..errors import ConfigError, GateFailedError
 from ..exporters.runtime import ONNX_FILE, make_session, onnx_config, require_provider
@@ -114,11 +114,7 @@ def validate(
         GateFailedError: a check failed.
     """
     baseline, candidate = Path(baseline), Path(candidate)
-    for name in ("max_latency_ratio", "max_decode_latency_ratio", "max_prefill_latency_ratio"):
-        if getattr(gate, name) is not None and not cfg.latency:
-            raise ConfigError(f"gate {name} needs latency measurement; enable it or drop the threshold")
-    if gate.max_memory_ratio is not None and not cfg.memory:
-        raise ConfigError("gate max_memory_ratio needs memory measurement; enable it or drop the threshold")
+    check_gate_measured(cfg, gate)
     require_provider(cfg.device)
     check_output_dir(out_dir, overwrite, inputs=[baseline, candidate, data_cfg.dataset, data_cfg.eval_dataset])
     task = check_compatible(baseline, candidate, cfg.device)
