@@ -79,7 +79,7 @@ def export_and_optimise(folder: Path, work: Path, name: str, int8: bool = False)
            "greedy_text": exported.parity["greedy"]["text"]}
     if int8:
         with Clock() as int8_clock:
-            quantized = optimize_onnx(exported.out_dir, OptimizeConfig(int8=True), work / f"{name}-int8",
+            quantized = optimize_onnx(exported.out_dir, OptimizeConfig(quantize="int8"), work / f"{name}-int8",
                                       overwrite=True)
         row["int8"] = int8_clock.to_dict() | {"parity": _parity(quantized.parity),
                                               "fusions": {k: v for k, v in quantized.fusions.items() if v}}

@@ -26,12 +26,14 @@ from .config import (
     DEFAULT_RATIO,
     DEVICES,
     EXPORT_TASKS,
+    FACTOR_SPLITS,
     FISHER_AXES,
     FISHER_ESTIMATORS,
     LEVELS,
     METHODS,
     PIPELINE_TASKS,
     QKV_MODES,
+    QUANTIZATIONS,
     RUN_DEVICES,
     TRAINABLE,
     CalibrationConfig,
@@ -228,7 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--level", default=default(OptimizeConfig, "level"), choices=LEVELS,
                     help="O1 basic rewrites; O2 + transformer fusions; O3 + GELU approximation (default: %(default)s)")
     op.add_argument("--fp16", action="store_true", help="float16 weights, float32 inputs/outputs (CUDA only)")
-    op.add_argument("--int8", action="store_true", help="dynamic int8 quantisation (CPU only)")
+    op.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
+                    help="quantise every MatMul weight, low-rank factors included: int8 dynamic (CPU only) or int4 "
+                         "weight-only MatMulNBits (CPU and CUDA); the head stays float unless --quantize-lm-head")
+    op.add_argument("--int8", dest="quantize", action="store_const", const="int8", help="the same as --quantize int8")
+    op.add_argument("--block-size", type=int, default=default(OptimizeConfig, "block_size"),
+                    help="int4: weights per scale along the input dimension, a power of two in [16, 256] "
+                         "(default: %(default)s)")
+    op.add_argument("--symmetric", action="store_true", help="int4: scales only, no zero points")
+    op.add_argument("--accuracy-level", type=int, default=default(OptimizeConfig, "accuracy_level"),
+                    help="int4: MatMulNBits compute precision, 0 (the provider's default) to 4 (int8 activations, the "
+                         "CPU's fastest) (default: %(default)s)")
+    op.add_argument("--per-channel", action="store_true", help="int8: a scale per output column, not per tensor")
+    op.add_argument("--quantize-lm-head", action="store_true",
+                    help="quantise the head that writes the logits too (kept float otherwise)")
+    op.add_argument("--factor-split", choices=FACTOR_SPLITS, default=default(OptimizeConfig, "factor_split"),
+                    help="with --quantize: how each low-rank layer's scale is split between its factors "
+                         "(default: %(default)s)")
     op.add_argument("--atol", type=float, default=default(OptimizeConfig, "atol"),
                     help="fp32 parity tolerance (default: %(default)s)")
     op.add_argument("--allow-fusion-loss", action="store_true",
@@ -470,21 +488,26 @@ def _decoder_note(parity: dict[str, Any]) -> str:
 
 
 def _cmd_optimize(a: argparse.Namespace) -> int:
-    cfg = OptimizeConfig(device=a.device, level=a.level, fp16=a.fp16, int8=a.int8, atol=a.atol,
+    cfg = OptimizeConfig(device=a.device, level=a.level, fp16=a.fp16, quantize=a.quantize, block_size=a.block_size,
+                         symmetric=a.symmetric, accuracy_level=a.accuracy_level, per_channel=a.per_channel,
+                         quantize_lm_head=a.quantize_lm_head, factor_split=a.factor_split, atol=a.atol,
                          allow_fusion_loss=a.allow_fusion_loss, fuse_attention=a.fuse_attention)
     from .exporters import optimize_onnx
 
     result = optimize_onnx(a.onnx, cfg, a.out, overwrite=a.overwrite)
     fused = ", ".join(f"{k} {v}" for k, v in result.fusions.items() if v)
-    print(f"optimised for {cfg.device} ({cfg.level}{', fp16' if cfg.fp16 else ''}{', int8' if cfg.int8 else ''}) "
-          f"in {result.seconds:.1f} s; fused: {fused or 'none'}; low-rank layers kept: {result.low_rank_layers}")
+    print(f"optimised for {cfg.device} ({cfg.level}{', fp16' if cfg.fp16 else ''}"
+          f"{', ' + cfg.quantize if cfg.quantize else ''}) in {result.seconds:.1f} s; fused: {fused or 'none'}; "
+          f"low-rank layers kept: {result.low_rank_layers}")
+    if result.quantization is not None:
+        print(_quantization_line(result.quantization))
     if result.reference_fusions is not None:
         status = "all kept" if result.fusions_complete else "FEWER than the dense reference (allowed)"
         print(f"fusions vs dense-structured reference: {status} ({result.reference_fusions})")
     if result.parity is not None:
         shapes = result.parity["shapes"]
         floors = ""
-        if "sqnr_db" in shapes[0]:  # an int8 decoder: the floors it is held to
+        if "sqnr_db" in shapes[0]:  # a quantised decoder: the floors it is held to
             floors = (f"; logits signal-to-noise >= {min(r['sqnr_db'] for r in shapes):.1f} dB, top-1 agreement "
                       f">= {min(r['agreement'] for r in shapes):.3f}")
         print(f"parity vs unoptimised graph: max |diff| {result.parity['max_abs_diff']:.2e}{floors}"
@@ -493,6 +516,15 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
         print("parity not run: CUDA graphs are checked on a CUDA machine")
     print(f"wrote {result.onnx_path}")
     return EXIT_OK
+
+
+def _quantization_line(q: Any) -> str:
+    scheme = q.scheme + (f", block {q.block_size}{', symmetric' if q.symmetric else ''}" if q.bits == 4 else
+                         f"{', per channel' if q.per_channel else ''}")
+    sizes = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in q.weight_bytes.items() if v)
+    head = "" if q.head is None else f"; head {'quantised' if q.head_quantized else 'kept float'}"
+    return (f"quantised ({scheme}): {q.quantized} of {q.matmuls} MatMuls, {q.factors_quantized} of {q.factors} "
+            f"low-rank factors ({q.factor_split} split){head}; weights read: {sizes}")
 
 
 def _cmd_validate(a: argparse.Namespace) -> int:

@@ -332,6 +332,8 @@ EXPORT_TASKS = ("text-classification", "token-classification", "question-answeri
                 "text-generation", "text-generation-with-past")
 MIN_OPSET = 14  # scaled-dot-product attention and the exporters' BERT configs need 14
 DEVICES = ("cpu", "cuda")
+QUANTIZATIONS = ("int8", "int4")
+FACTOR_SPLITS = ("balanced", "svd", "exported")
 RUN_DEVICES = ("cpu", "cuda", "tensorrt")  # where graphs run; graphs are built for cpu or cuda
 LEVELS = ("O1", "O2", "O3")
 
@@ -386,14 +388,32 @@ class OptimizeConfig(_Config):
         level: ``O1`` (ONNX Runtime's basic graph rewrites), ``O2`` (+ transformer fusions: attention,
             embedding and skip layer norms, bias + GELU), ``O3`` (+ GELU approximation, FastGelu).
         fp16: float16 weights with float32 inputs/outputs (CUDA only).
-        int8: dynamic int8 quantisation of the MatMul weights (CPU only).
+        quantize: weight quantisation after the fusions: ``int8`` (ONNX Runtime's dynamic int8, MatMulInteger;
+            CPU only) or ``int4`` (4-bit weight-only ``MatMulNBits``, block-wise; CPU and CUDA); ``None`` keeps
+            float weights. Every MatMul by a constant weight is quantised, low-rank factors included; the LM head
+            only with ``quantize_lm_head``. ``int8: true`` in a YAML file is the same as ``quantize: int8``.
+        block_size: ``int4``: weights per scale along the input dimension, a power of two in [16, 256].
+        symmetric: ``int4``: scales only (no zero points).
+        accuracy_level: ``int4``: ONNX Runtime's ``MatMulNBits`` compute precision, 0 (the provider's default) to 4
+            (int8 activations on the CPU, the fastest there).
+        quantize_lm_head: quantise the head too (the projection onto the graph's output logits; kept float
+            otherwise: a causal LM's is its largest single weight, and its errors reach every logit).
+        per_channel: ``int8``: one scale per output column of each weight instead of one per tensor.
+        factor_split: with ``quantize``, how each low-rank layer's scale is split between its two factors first:
+            ``balanced`` rescales every rank direction by a power of two so both factors span the same range
+            (the product is unchanged, bit for bit); ``svd`` rebuilds both from the product's own singular value
+            decomposition, ``P sqrt(S)`` and ``sqrt(S) Q^T`` (the same product to float rounding); ``exported``
+            keeps the factors as the compression wrote them (see ``exporters.lowrank.resplit_factors``).
         atol: largest absolute difference allowed between the optimised and the unoptimised graph (fp32).
-        int8_atol: for ``int8``, the largest absolute output difference allowed (int8 weights are lossy).
-        int8_min_sqnr_db: for ``int8`` decoders, the floor on the logits' signal-to-noise ratio
-            ``10 log10(sum ref^2 / sum (int8 - ref)^2)`` over prefills and decode steps (an absolute logit
+        int8_atol, int4_atol: for encoders, the largest absolute output difference allowed (lossy weights).
+        int8_min_sqnr_db, int4_min_sqnr_db: for quantised decoders, the floor on the logits' signal-to-noise ratio
+            ``10 log10(sum ref^2 / sum (quantised - ref)^2)`` over prefills and decode steps (an absolute logit
             tolerance does not carry across vocabularies and logit scales; the ratio does).
-        int8_min_agreement: for ``int8`` decoders, the floor on the share of those positions whose top-1 next
-            token agrees with the float32 graph's.
+        int8_min_agreement, int4_min_agreement: for quantised decoders, the floor on the share of those
+            positions whose top-1 next token agrees with the float graph's. The int4 floors catch a broken graph,
+            not a lossy one: ONNX Runtime's round-to-nearest int4 (block 32) of the dense SmolLM2-135M itself
+            measures 3.7 dB and 0.52 at its worst parity shape (perplexity 25.9 -> 30.7 on held-out speeches), so
+            the quality of a quantised model is the gate's to judge (``max_perplexity_ratio``).
         validate_shapes: (batch, sequence) pairs for the parity check.
         allow_fusion_loss: accept a graph with fewer fused operators than its dense-structured reference (an
             error otherwise); the manifest and the validation report say so.
@@ -406,11 +426,20 @@ class OptimizeConfig(_Config):
     device: str = "cpu"
     level: str = "O2"
     fp16: bool = False
-    int8: bool = False
+    quantize: str | None = None
+    block_size: int = 32
+    symmetric: bool = False
+    accuracy_level: int = 0
+    quantize_lm_head: bool = False
+    per_channel: bool = False
+    factor_split: str = "svd"
     atol: float = 1e-3
     int8_atol: float = 0.1
     int8_min_sqnr_db: float = 20.0
     int8_min_agreement: float = 0.9
+    int4_atol: float = 0.5
+    int4_min_sqnr_db: float = 2.0
+    int4_min_agreement: float = 0.3
     validate_shapes: tuple[tuple[int, int], ...] = ((3, 23), (1, 41))
     allow_fusion_loss: bool = False
     fuse_attention: bool = True
@@ -418,23 +447,78 @@ class OptimizeConfig(_Config):
     def __post_init__(self) -> None:
         _check_choice("device", self.device, DEVICES)
         _check_choice("level", self.level, LEVELS)
-        for name in ("fp16", "int8", "allow_fusion_loss", "fuse_attention"):
+        for name in ("fp16", "symmetric", "quantize_lm_head", "per_channel", "allow_fusion_loss", "fuse_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.quantize is not None:
+            _check_choice("quantize", self.quantize, QUANTIZATIONS)
+        _check_choice("factor_split", self.factor_split, FACTOR_SPLITS)
+        _check_int("block_size", self.block_size, 16)
+        if self.block_size > 256 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size={self.block_size} must be a power of two in [16, 256] (MatMulNBits "
+                              "takes 16, 32, 64, 128 or 256)")
+        _check_int("accuracy_level", self.accuracy_level, 0)
+        if self.accuracy_level > 4:
+            raise ConfigError(f"accuracy_level={self.accuracy_level} must be 0 (the provider's default) to 4")
+        defaults = OptimizeConfig.__dataclass_fields__
+        int4_only = [n for n in ("symmetric", "accuracy_level")
+                     if getattr(self, n) != defaults[n].default]
+        if self.quantize != "int4" and (int4_only or self.block_size != defaults["block_size"].default):
+            names = int4_only + (["block_size"] if self.block_size != defaults["block_size"].default else [])
+            raise ConfigError(f"{', '.join(names)} set for quantize={self.quantize!r}: they apply to int4 only "
+                              "(--quantize int4)")
+        if self.quantize_lm_head and self.quantize is None:
+            raise ConfigError("quantize_lm_head set without quantize; give --quantize int8 or int4")
+        if self.per_channel and self.quantize != "int8":
+            raise ConfigError(f"per_channel set for quantize={self.quantize!r}: it applies to int8 only "
+                              "(--quantize int8)")
         if self.fp16 and self.device != "cuda":
             raise ConfigError(
                 "fp16 needs device='cuda': ONNX Runtime's CPU provider has no float16 kernels for the fused "
                 "transformer operators, so a float16 CPU graph runs slower than float32"
             )
-        if self.int8 and self.device != "cpu":
-            raise ConfigError("int8 dynamic quantisation targets the CPU provider; use device='cpu'")
-        if self.fp16 and self.int8:
-            raise ConfigError("choose fp16 or int8, not both")
+        if self.quantize == "int8" and self.device != "cpu":
+            raise ConfigError("int8 dynamic quantisation targets the CPU provider (the CUDA provider has no "
+                              "DynamicQuantizeMatMul); use device='cpu', or quantize='int4' for CUDA")
+        if self.fp16 and self.quantize is not None:
+            raise ConfigError(f"choose fp16 or quantize={self.quantize!r}, not both (quantised graphs keep float32 "
+                              "activations)")
         _check_float("atol", self.atol, 0.0, 1e3, low_open=True)
-        _check_float("int8_atol", self.int8_atol, 0.0, 1e3, low_open=True)
-        _check_float("int8_min_sqnr_db", self.int8_min_sqnr_db, 0.0, 300.0, low_open=False)
-        _check_float("int8_min_agreement", self.int8_min_agreement, 0.0, 1.0, low_open=False)
+        for bits in ("int8", "int4"):
+            _check_float(f"{bits}_atol", getattr(self, f"{bits}_atol"), 0.0, 1e3, low_open=True)
+            _check_float(f"{bits}_min_sqnr_db", getattr(self, f"{bits}_min_sqnr_db"), 0.0, 300.0, low_open=False)
+            _check_float(f"{bits}_min_agreement", getattr(self, f"{bits}_min_agreement"), 0.0, 1.0, low_open=False)
         object.__setattr__(self, "validate_shapes", _check_shapes("validate_shapes", self.validate_shapes))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> OptimizeConfig:
+        """As :meth:`_Config.from_dict`; ``int8: true`` (the older spelling) is ``quantize: int8``."""
+        data = dict(data or {})
+        if "int8" in data:
+            int8 = data.pop("int8")
+            if not isinstance(int8, bool):
+                raise ConfigError(f"int8={int8!r} must be true or false")
+            if int8 and data.get("quantize") not in (None, "int8"):
+                raise ConfigError(f"int8: true contradicts quantize: {data['quantize']}; give quantize only")
+            if int8:
+                data["quantize"] = "int8"
+        return super().from_dict(data)
+
+    @property
+    def int8(self) -> bool:
+        return self.quantize == "int8"
+
+    @property
+    def lossy_atol(self) -> float:
+        """The encoders' output tolerance for this graph: ``atol`` for float weights, else the quantised one."""
+        return getattr(self, f"{self.quantize}_atol") if self.quantize else self.atol
+
+    @property
+    def floors(self) -> tuple[float, float] | None:
+        """``(min_sqnr_db, min_agreement)`` a quantised decoder is held to; ``None`` for float weights."""
+        if self.quantize is None:
+            return None
+        return getattr(self, f"{self.quantize}_min_sqnr_db"), getattr(self, f"{self.quantize}_min_agreement")
 
 
 @dataclass(frozen=True)

@@ -426,7 +426,8 @@ STAGE_PACKAGES: dict[str, tuple[str, ...]] = {
 # against them instead (see _still_valid).
 _CHECK_ONLY = {
     "export": {"atol", "validate_shapes"},
-    "optimize": {"atol", "int8_atol", "int8_min_sqnr_db", "int8_min_agreement", "validate_shapes", "allow_fusion_loss"},
+    "optimize": {"atol", "int8_atol", "int8_min_sqnr_db", "int8_min_agreement", "int4_atol", "int4_min_sqnr_db",
+                 "int4_min_agreement", "validate_shapes", "allow_fusion_loss"},
 }
 # DataConfig fields a stage's artifact does not depend on: the inference batch size; and, for compression
 # (which evaluates nothing inside the pipeline), the evaluation split and its cap.
@@ -466,13 +467,21 @@ def _calibration_settings(cfg: CalibrationConfig) -> dict[str, Any]:
     return _without(cfg.to_dict(), unused)
 
 
-def _parity_holds(manifest: Mapping[str, Any], atol: float, shapes: tuple[tuple[int, int], ...]) -> str | None:
+def _parity_holds(manifest: Mapping[str, Any], atol: float, shapes: tuple[tuple[int, int], ...],
+                  floors: tuple[float, float] | None = None) -> str | None:
     parity = manifest.get("parity")
     if parity is None:  # a CUDA graph, not run where it was built
         return None
-    checked = {(r["batch"], r["sequence"]) for r in parity.get("shapes", [])}
+    rows = parity.get("shapes", [])
+    checked = {(r["batch"], r["sequence"]) for r in rows}
     if not set(shapes) <= checked:
         return f"parity was checked on {sorted(checked)}, not on every shape of {list(shapes)}"
+    if floors is not None and rows and "sqnr_db" in rows[0]:  # a quantised decoder: held to its floors
+        sqnr, agreement = min(r["sqnr_db"] for r in rows), min(r["agreement"] for r in rows)
+        if sqnr < floors[0] or agreement < floors[1]:
+            return (f"its logits' signal-to-noise {sqnr:.1f} dB / top-1 agreement {agreement:.3f} fall below the "
+                    f"floors {floors[0]} dB / {floors[1]}")
+        return None
     if not parity.get("max_abs_diff", float("inf")) <= atol:
         return f"its parity difference {parity.get('max_abs_diff')} exceeds atol {atol}"
     return None
@@ -484,8 +493,8 @@ def _still_valid(stage: str, cfg: PipelineConfig, folder: Path) -> str | None:
     if stage == "export":
         return _parity_holds(manifest, cfg.export.atol, cfg.export.validate_shapes)
     if stage == "optimize":
-        atol = cfg.optimize.int8_atol if cfg.optimize.int8 else cfg.optimize.atol
-        problem = _parity_holds(manifest, atol, cfg.optimize.validate_shapes)
+        problem = _parity_holds(manifest, cfg.optimize.lossy_atol, cfg.optimize.validate_shapes,
+                                cfg.optimize.floors)
         if problem is None and manifest.get("fusions_complete") is False and not cfg.optimize.allow_fusion_loss:
             problem = "it lost fused operators, and allow_fusion_loss is off"
         return problem

@@ -282,7 +282,7 @@ def test_external_data(tmp_path, lm_tokenizer):
 @pytest.mark.parametrize(("family", "variant"), [("llama", "svd"), ("gpt2", "baseline")])
 def test_int8_on_the_low_rank_graph_within_its_floors(decoders, tmp_path, family, variant):
     _, exported, fp32 = decoders(family, variant)
-    result = optimize_onnx(exported.out_dir, OptimizeConfig(int8=True), tmp_path / "int8")
+    result = optimize_onnx(exported.out_dir, OptimizeConfig(quantize="int8"), tmp_path / "int8")
     cfg = OptimizeConfig()
     for row in result.parity["shapes"]:
         assert row["sqnr_db"] >= cfg.int8_min_sqnr_db and row["agreement"] >= cfg.int8_min_agreement

@@ -137,7 +137,7 @@ def test_optimised_folder_loads_in_optimum_and_pipeline(built, tokenizer):
 @pytest.mark.parametrize("variant", ["baseline", "fwsvd"])
 def test_int8_runs_on_cpu_within_tolerance(built, tmp_path, variant, tokenizer):
     _, exported, _ = built("bert", "text-classification", variant)
-    result = optimize_onnx(exported.out_dir, OptimizeConfig(int8=True), tmp_path / "int8")
+    result = optimize_onnx(exported.out_dir, OptimizeConfig(quantize="int8"), tmp_path / "int8")
     assert result.parity["passed"]
     # int8 weights are lossy: their outputs are held to a signal-to-noise floor against the float32 graph
     reference, quantised = make_session(exported.onnx_path), make_session(result.onnx_path)

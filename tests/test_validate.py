@@ -333,7 +333,8 @@ def test_pipeline_keys_name_what_made_the_artifact(monkeypatch):
     assert pipeline.stage_key("optimize", "k", {"level": "O2"}) == pipeline.stage_key(
         "optimize", "k", {"level": "O2"})
     assert set(pipeline._without(OptimizeConfig().to_dict(), pipeline._CHECK_ONLY["optimize"])) == {
-        "device", "level", "fp16", "int8", "fuse_attention"}
+        "device", "level", "fp16", "quantize", "block_size", "symmetric", "accuracy_level", "quantize_lm_head",
+        "per_channel", "factor_split", "fuse_attention"}
     # lowrank.py (the restore) and attention.py are code the optimise stage runs; families.py chooses its passes
     assert {"exporters", "families.py"} <= set(pipeline.STAGE_CODE["optimize"])
 

@@ -521,12 +521,13 @@ def export_parity(session: Any, model: torch.nn.Module, tokenizer: Any,
 def optimised_parity(reference: Path, candidate: Path, tokenizer: Any, cfg: OptimizeConfig) -> dict[str, Any]:
     """An optimised decoder graph against the graph it was optimised from (CPU).
 
-    float32: ``cfg.atol`` and identical greedy tokens; int8: ``cfg.int8_min_sqnr_db`` and
-    ``cfg.int8_min_agreement`` (see :class:`Tolerance`).
+    float32: ``cfg.atol`` and identical greedy tokens; quantised: the floors of ``cfg.floors`` (signal-to-noise
+    and top-1 agreement, see :class:`Tolerance`).
     """
-    if cfg.int8:
-        tolerance = Tolerance(min_sqnr_db=cfg.int8_min_sqnr_db, min_agreement=cfg.int8_min_agreement)
-        what = "int8 vs float32 ONNX"
+    if cfg.floors is not None:
+        sqnr, agreement = cfg.floors
+        tolerance = Tolerance(min_sqnr_db=sqnr, min_agreement=agreement)
+        what = f"{cfg.quantize} vs float32 ONNX"
     else:
         tolerance, what = Tolerance(atol=cfg.atol), "optimised vs unoptimised ONNX"
     # the two sessions take turns: idle threads must sleep, not spin on the cores the other one needs

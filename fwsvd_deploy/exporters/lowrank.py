@@ -202,6 +202,79 @@ def densify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LowRankIndex]:
     return model, index
 
 
+def resplit_factors(model: onnx.ModelProto, split: str) -> tuple[onnx.ModelProto, int]:
+    """A copy in which every factorised layer's scale is split between its factors as ``split`` says.
+
+    The compression writes ``down = L^-T V`` (the whitening inverse, columns of unit output variance) and
+    ``up = S U^T diag(1/r)`` (the singular values): one factor holds the inverse whitening's range, the other the
+    singular values'. Quantisation with one scale per tensor (int8) or per block of input rows (int4) loses the
+    small entries of a factor whose range is wide. ``split``:
+
+    * ``exported``: the factors as written;
+    * ``balanced``: each rank direction ``j`` scaled by a power of two ``2^k``, ``down[:, j] * 2^k`` and
+      ``up[j, :] / 2^k``, with ``k`` the rounded half log2 of the ratio of their largest entries, so both factors
+      span the same range: every entry moves only in its exponent, and the product is unchanged bit for bit;
+    * ``svd``: the factors rebuilt from the product's own singular value decomposition ``D U = P S Q^T``,
+      ``down = P sqrt(S)``, ``up = sqrt(S) Q^T``: both with orthogonal columns scaled alike (the product is the
+      same to float rounding).
+
+    A down-projection feeding several up-projections (joint q/k/v) is split once for all of them. Factors another
+    layer also reads (ALBERT's shared layer) are left as they are.
+
+    Returns:
+        The copy and the number of factorised layers rewritten.
+    """
+    if split == "exported":
+        return model, 0
+    model = inline_identities(model)
+    graph = model.graph
+    inits = _initializers(graph)
+    users = Counter(name for n in graph.node for name in n.input)
+    groups: dict[str, tuple[onnx.NodeProto, list[onnx.NodeProto]]] = {}
+    for down_node, up_node in find_pairs(model):
+        groups.setdefault(down_node.output[0], (down_node, []))[1].append(up_node)
+    done = 0
+    for down_node, ups in groups.values():
+        names = [down_node.input[1], *(u.input[1] for u in ups)]
+        if any(users[n] != 1 for n in names) or len(set(names)) != len(names):
+            continue
+        down = numpy_helper.to_array(inits[names[0]])
+        parts = [_up_weight(u, inits) for u in ups]
+        up = np.concatenate(parts, axis=1)
+        if split == "balanced":
+            down, up = _balanced(down, up)
+        else:
+            down, up = _svd_split(down, up)
+        start = 0
+        for node, part in zip(ups, parts, strict=True):
+            piece = up[:, start:start + part.shape[1]].astype(part.dtype)
+            start += part.shape[1]
+            transposed = node.op_type == "Gemm" and node_attribute(node, "transB", 0)
+            inits[node.input[1]].CopyFrom(numpy_helper.from_array(
+                np.ascontiguousarray(piece.T if transposed else piece), node.input[1]))
+        inits[names[0]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(down), names[0]))
+        done += 1
+    return model, done
+
+
+def _balanced(down: np.ndarray, up: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    d, u = np.abs(down).max(axis=0), np.abs(up).max(axis=1)
+    ok = (d > 0) & (u > 0)
+    k = np.zeros(down.shape[1])
+    k[ok] = np.round(0.5 * (np.log2(u[ok]) - np.log2(d[ok])))
+    return (np.ldexp(down, k.astype(np.int32)[None, :]).astype(down.dtype),
+            np.ldexp(up, -k.astype(np.int32)[:, None]).astype(up.dtype))
+
+
+def _svd_split(down: np.ndarray, up: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # D U = Qd Rd Ru^T Qu^T with thin QRs; the SVD of the small core gives the product's own singular directions
+    qd, rd = np.linalg.qr(down.astype(np.float64))
+    qu, ru = np.linalg.qr(up.T.astype(np.float64))
+    p, s, qt = np.linalg.svd(rd @ ru.T)
+    root = np.sqrt(s)
+    return ((qd @ p) * root).astype(down.dtype), (root[:, None] * (qt @ qu.T)).astype(up.dtype)
+
+
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copied = onnx.ModelProto()
     copied.CopyFrom(model)

@@ -20,7 +20,8 @@ from ..modeling import is_causal_lm, load_tokenizer
 from ..outputs import atomic_output_dir, check_output_dir
 from .attention import AttentionFusion, attention_blocker, attention_blocks, fuse_decoder_attention
 from .decoder import check_positions, optimised_parity
-from .lowrank import MS_DOMAIN, densify, find_pairs, inline_identities, restore
+from .lowrank import MS_DOMAIN, densify, find_pairs, inline_identities, resplit_factors, restore
+from .quantize import Quantization, check_quantizable, quantize_graph
 from .runtime import ONNX_FILE, make_session, parity_report, run_session
 
 # Fused operators by kind; an attention layer may be Attention, MultiHeadAttention, GroupQueryAttention or (int8)
@@ -61,6 +62,7 @@ class OptimizeResult:
     parity: dict[str, Any] | None
     seconds: float
     attention: AttentionFusion | None = None  # the decoder attention fusion, for families that have one
+    quantization: Quantization | None = None  # what weight quantisation did, with cfg.quantize
 
     @property
     def fusions_complete(self) -> bool:
@@ -219,17 +221,25 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
         ParityError: the optimised graph disagrees with the unoptimised one (CPU; CUDA graphs are not run here).
     """
     src = Path(onnx_dir)
+    scheme = ((read_manifest(src) or {}).get("quantization") or {}).get("scheme")
+    if scheme is not None:  # before the checker, which knows none of the contrib operators it wrote
+        raise ConfigError(f"{src} is quantised already ({scheme}); give the float folder written by "
+                          "'fwsvd-deploy export'")
     model = load_onnx(src)
     check_output_dir(out_dir, overwrite, inputs=[src])
     config = _read_config(src)
     family = _family(config)
     heads, hidden = _heads_and_hidden(config)
+    check_quantizable(model, cfg, hidden)
     decoder = is_causal_lm(config)
     tokenizer = load_tokenizer(str(src)) if cfg.device == "cpu" else None
     if decoder and tokenizer is not None:
         check_positions(config, cfg.validate_shapes, tokenizer, str(src))
     start = time.perf_counter()
     pairs = len(find_pairs(inline_identities(model)))
+    resplit = 0
+    if cfg.quantize is not None:
+        model, resplit = resplit_factors(model, cfg.factor_split)
     reference_fusions = None
     attention = None
     if cfg.level == "O1":
@@ -256,23 +266,23 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
         path = tmp / ONNX_FILE
         large = optimized.ByteSize() > 2**31 - 1000
         if cfg.level == "O1":
-            _basic_rewrites(src / ONNX_FILE, path)
+            source = src / ONNX_FILE
+            if resplit:  # the rewrites start from the re-split factors
+                source = tmp / "resplit.onnx"
+                onnx.save_model(model, str(source), save_as_external_data=large, location="resplit.onnx_data")
+            _basic_rewrites(source, path)
+            for item in tmp.glob("resplit.onnx*"):
+                item.unlink()
             optimized = onnx.load(str(path))
         else:
             onnx.save_model(optimized, str(path), save_as_external_data=large, location=f"{ONNX_FILE}_data")
-        if cfg.int8:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            quantized = tmp / "model.int8.onnx"
-            try:
-                # outputs of contrib operators have no inferred type; they are float32 here
-                quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8,
-                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-                                 use_external_data_format=large)
-            except Exception as exc:
-                raise ExportError(f"int8 quantisation failed: {first_line(exc)}") from exc
-            quantized.replace(path)
-            optimized = onnx.load(str(path))
+        quantization = None
+        if cfg.quantize is not None:
+            optimized, quantization = quantize_graph(optimized, cfg, tmp)
+            path.unlink()
+            for data in tmp.glob(f"{ONNX_FILE}_data"):
+                data.unlink()
+            onnx.save_model(optimized, str(path), save_as_external_data=large, location=f"{ONNX_FILE}_data")
         for item in src.iterdir():
             if item.is_file() and item.suffix in _COPY_SUFFIXES and item.name != "manifest.json":
                 shutil.copy(item, tmp / item.name)
@@ -291,13 +301,14 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
             candidate = make_session(path, "cpu")
             parity = parity_report(
                 candidate, tokenizer, lambda inputs, names: run_session(reference, inputs), cfg.validate_shapes,
-                cfg.int8_atol if cfg.int8 else cfg.atol, what="optimised vs unoptimised ONNX",
+                cfg.lossy_atol,
+                what=f"{cfg.quantize} vs float32 ONNX" if cfg.quantize else "optimised vs unoptimised ONNX",
             )
         else:
             parity_note = "not run here: a CUDA graph is checked on a CUDA machine (fwsvd-deploy validate)"
         seconds = time.perf_counter() - start
         result = OptimizeResult(Path(out_dir), Path(out_dir) / ONNX_FILE, fusions, reference_fusions,
-                                operator_counts(optimized), pairs, parity, seconds, attention)
+                                operator_counts(optimized), pairs, parity, seconds, attention, quantization)
         upstream = read_manifest(src) or {}
         write_manifest(tmp, {
             "kind": "onnx-optimized",
@@ -313,6 +324,7 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
             "allow_fusion_loss": cfg.allow_fusion_loss,
             "operators": result.operators,
             "attention_fusion": attention.to_dict() if attention is not None else None,
+            "quantization": quantization.to_dict() if quantization is not None else None,
             "kv_cache": upstream.get("kv_cache"),
             "artifacts": {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.suffix in (".onnx", ".onnx_data")},
             "parity": parity,

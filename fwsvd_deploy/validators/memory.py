@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 
 from ..errors import DeviceUnavailableError, ExportError
+from ..exporters.quantize import weight_bytes
 from ..exporters.runtime import ONNX_FILE, require_provider
 from .latency import synthetic_token
 
@@ -172,6 +173,7 @@ def measure_memory(folder: str | Path, device: str = "cpu", batch: int = 8, seq:
     out: dict[str, Any] = {
         "disk_bytes": disk_bytes(folder),
         "parameters": parameter_count(folder),
+        "weight_bytes": weight_bytes(onnx.load(str(folder / ONNX_FILE), load_external_data=False)),
         "host": session_memory(folder, device, batch, seq, threads, decoder),
     }
     if device == "cpu":

@@ -153,6 +153,12 @@ def markdown(report: dict[str, Any], checks: list[Check]) -> str:
                      f"{_ratio(c['disk_bytes'], b['disk_bytes'])} |")
         lines.append(f"| parameters | {b['parameters']:,} | {c['parameters']:,} | "
                      f"{_ratio(c['parameters'], b['parameters'])} |")
+        if "weight_bytes" in b and "weight_bytes" in c:  # what the matrix products read, by kind of weight
+            for kind in ("float", "int8", "int4", "scales"):
+                wb, wc = b["weight_bytes"].get(kind, 0), c["weight_bytes"].get(kind, 0)
+                if wb or wc:
+                    lines.append(f"| matrix weights: {kind} (MB) | {wb / 2**20:.1f} | {wc / 2**20:.1f} | "
+                                 f"{_ratio(wc, wb) if wb else '-'} |")
         if b["host"].get("available") and c["host"].get("available"):
             hb, hc = b["host"]["session_mb"], c["host"]["session_mb"]
             lines.append(f"| session peak host memory (MB) | {hb:.0f} | {hc:.0f} | {_ratio(hc, hb)} |")

@@ -11,6 +11,7 @@ from typing import Any
 from ..config import DataConfig, GateConfig, ValidateConfig, check_gate_measured
 from ..data import load_eval_split
 from ..errors import ConfigError, GateFailedError
+from ..exporters.quantize import check_runs_on
 from ..exporters.runtime import ONNX_FILE, make_session, onnx_config, require_provider
 from ..manifest import folder_fingerprint, read_manifest, write_manifest
 from ..modeling import check_sequence_lengths
@@ -118,6 +119,8 @@ def validate(
     require_provider(cfg.device)
     check_output_dir(out_dir, overwrite, inputs=[baseline, candidate, data_cfg.dataset, data_cfg.eval_dataset])
     task = check_compatible(baseline, candidate, cfg.device)
+    for folder in (baseline, candidate):
+        check_runs_on(folder / ONNX_FILE, cfg.device)
     check_thresholds_apply(gate, task)
     if task != CAUSAL_LM_TASK:
         check_no_pytorch_models(pytorch_models, task)
@@ -229,7 +232,8 @@ def _describe(folder: Path) -> dict[str, Any]:
             "fusions": manifest.get("fusions"), "compressed": (manifest.get("input") or {}).get("compressed"),
             "built_for": settings.get("device") if manifest.get("kind") == "onnx-optimized" else None,
             "fusions_complete": manifest.get("fusions_complete"),
-            "allow_fusion_loss": bool(settings.get("allow_fusion_loss", False))}
+            "allow_fusion_loss": bool(settings.get("allow_fusion_loss", False)),
+            "quantization": manifest.get("quantization")}
 
 
 def _fusions(described: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
