@@ -30,12 +30,12 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from fwsvd_deploy.config import OptimizeConfig
 from fwsvd_deploy.exporters import optimize_onnx
 from fwsvd_deploy.exporters.optimize import fused_operator_counts
+from fwsvd_deploy.exporters.quantize import weight_bytes as quantized_weight_bytes
 from fwsvd_deploy.manifest import read_manifest
 from fwsvd_deploy.validators.generation import measure_generation
 
@@ -43,22 +43,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the constant weights MatMul/Gemm nodes read (through Transpose/Identity of an initializer)."""
-    inits = {i.name: i for i in model.graph.initializer}
-    producer = {o: n for n in model.graph.node for o in n.output}
-    seen: set[str] = set()
-    total = 0
-    for node in model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
-            continue
-        name = node.input[1]
-        while name not in inits and name in producer and producer[name].op_type in ("Transpose", "Identity"):
-            name = producer[name].input[0]
-        if name in inits and name not in seen:
-            seen.add(name)
-            tensor = inits[name]
-            total += int(np.prod(tensor.dims)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    return total
+    """Bytes of the constant weights matrix products read, quantised ones (int8, int4 and their scales) included."""
+    return sum(quantized_weight_bytes(model).values())
 
 
 def describe(folder: Path) -> dict:

@@ -405,15 +405,18 @@ class OptimizeConfig(_Config):
             decomposition, ``P sqrt(S)`` and ``sqrt(S) Q^T`` (the same product to float rounding); ``exported``
             keeps the factors as the compression wrote them (see ``exporters.lowrank.resplit_factors``).
         atol: largest absolute difference allowed between the optimised and the unoptimised graph (fp32).
-        int8_atol, int4_atol: for encoders, the largest absolute output difference allowed (lossy weights).
-        int8_min_sqnr_db, int4_min_sqnr_db: for quantised decoders, the floor on the logits' signal-to-noise ratio
+        int8_atol: for int8 encoders, the largest absolute output difference allowed (lossy weights).
+        int8_min_sqnr_db: for int8 decoders, the floor on the logits' signal-to-noise ratio
             ``10 log10(sum ref^2 / sum (quantised - ref)^2)`` over prefills and decode steps (an absolute logit
             tolerance does not carry across vocabularies and logit scales; the ratio does).
-        int8_min_agreement, int4_min_agreement: for quantised decoders, the floor on the share of those
-            positions whose top-1 next token agrees with the float graph's. The int4 floors catch a broken graph,
-            not a lossy one: ONNX Runtime's round-to-nearest int4 (block 32) of the dense SmolLM2-135M itself
-            measures 3.7 dB and 0.52 at its worst parity shape (perplexity 25.9 -> 30.7 on held-out speeches), so
+        int8_min_agreement: for int8 decoders, the floor on the share of those positions whose top-1 next token
+            agrees with the float graph's.
+        int4_atol: for int4 encoders, as ``int8_atol``.
+        int4_min_sqnr_db: for int4 decoders, as ``int8_min_sqnr_db``. The int4 floors catch a broken graph, not a
+            lossy one: ONNX Runtime's round-to-nearest int4 (block 32) of the dense SmolLM2-135M itself measures
+            3.7 dB and 0.52 agreement at its worst parity shape (perplexity 25.9 -> 30.7 on held-out speeches), so
             the quality of a quantised model is the gate's to judge (``max_perplexity_ratio``).
+        int4_min_agreement: for int4 decoders, as ``int8_min_agreement``.
         validate_shapes: (batch, sequence) pairs for the parity check.
         allow_fusion_loss: accept a graph with fewer fused operators than its dense-structured reference (an
             error otherwise); the manifest and the validation report say so.

@@ -160,3 +160,26 @@ def test_search_follows_the_perplexity_ratio(tmp_path, lm_tokenizer, toy_text, c
     trial = summary["trials"][0]
     assert trial["metric"] == "perplexity" and trial["failed_checks"] == ["perplexity_ratio"]
     assert summary["gate"]["max_perplexity_ratio"] == 1e-3
+
+
+def test_search_under_a_fixed_int4_quantisation(tmp_path, lm_tokenizer, toy_text, capsys):
+    """``optimize: {quantize: int4}`` quantises both graphs of every trial; the report shows the bytes of each
+    weight kind."""
+    model = tmp_path / "llama"
+    save_model(lm_decoder("llama", lm_tokenizer), model, lm_tokenizer)
+    config = _config(tmp_path, model, toy_text)
+    data = yaml.safe_load(config.read_text())
+    data["optimize"] |= {"quantize": "int4", "block_size": 32}
+    config.write_text(yaml.safe_dump(data))
+    out = tmp_path / "s"
+    code = main(["--quiet", "search", "--config", str(config), "--out", str(out), "--low", "0.3", "--high", "0.7",
+                 "--steps", "1"])
+    assert code == 0, capsys.readouterr().err
+    optimized = list((out / "stages").glob("optimize-*"))
+    assert len(optimized) >= 2 and any(p.name.startswith("optimize-baseline-") for p in optimized)
+    for folder in optimized:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["quantization"]["scheme"] == "int4" and manifest["quantization"]["block_size"] == 32
+    report = next((out / "search").glob("ratio-*")) / "report.md"
+    text = report.read_text()
+    assert "| matrix weights: int4 (MB) |" in text and "| matrix weights: float (MB) |" in text

@@ -118,9 +118,10 @@ def validate(
     check_gate_measured(cfg, gate)
     require_provider(cfg.device)
     check_output_dir(out_dir, overwrite, inputs=[baseline, candidate, data_cfg.dataset, data_cfg.eval_dataset])
+    for folder in (baseline, candidate):  # before any session is opened on the provider
+        if (folder / ONNX_FILE).is_file():
+            check_runs_on(folder / ONNX_FILE, cfg.device)
     task = check_compatible(baseline, candidate, cfg.device)
-    for folder in (baseline, candidate):
-        check_runs_on(folder / ONNX_FILE, cfg.device)
     check_thresholds_apply(gate, task)
     if task != CAUSAL_LM_TASK:
         check_no_pytorch_models(pytorch_models, task)
