@@ -168,7 +168,9 @@ def decoder_graphs(tmp_path_factory, tokenizer):
         exported = export_onnx(root / f"{name}-pt", ExportConfig(task="text-generation-with-past"),
                                root / f"{name}-onnx")
         for variant, cfg in (("cpu", OptimizeConfig()), ("cuda", OptimizeConfig(device="cuda")),
-                             ("fp16", OptimizeConfig(device="cuda", fp16=True))):
+                             ("fp16", OptimizeConfig(device="cuda", fp16=True)),
+                             ("int4-cpu", OptimizeConfig(quantize="int4")),
+                             ("int4-cuda", OptimizeConfig(device="cuda", quantize="int4"))):
             out[f"{name}-{variant}"] = optimize_onnx(exported.out_dir, cfg, root / f"{name}-{variant}")
     text = root / "notes.txt"
     words = ("the", "film", "was", "great", "dull", "and", "moving", "overall", "a", "story")
@@ -207,6 +209,23 @@ def test_cuda_fp16_decoder_tracks_the_cpu_float32_graph(decoder_graphs, tokenize
     report = decoder_parity(fp16, reference, tokenizer, OptimizeConfig().validate_shapes,
                             Tolerance(min_sqnr_db=TOL["fp16_snr_db"], min_agreement=0.99), what="CUDA fp16 vs CPU")
     assert report["passed"] and all(row["sqnr_db"] >= TOL["fp16_snr_db"] for row in report["shapes"])
+
+
+@pytest.mark.parametrize("name", ["base", "svd"])
+def test_cuda_int4_decoder_runs_matmulnbits_on_the_device_and_tracks_the_cpu_int4_graph(decoder_graphs, tokenizer,
+                                                                                         name):
+    """The same 4-bit weights through the CUDA and the CPU MatMulNBits kernels, factors included."""
+    from fwsvd_deploy.exporters.decoder import OnnxDecoder, Tolerance, decoder_parity
+
+    cuda_graph = decoder_graphs[f"{name}-int4-cuda"]
+    quantized = cuda_graph.quantization.quantized
+    assert quantized > 0 and cuda_graph.operators["MatMulNBits"] == quantized
+    reference = OnnxDecoder(make_session(decoder_graphs[f"{name}-int4-cpu"].onnx_path, "cpu"))
+    cuda = make_session(cuda_graph.onnx_path, "cuda")
+    assert cuda.get_providers()[0] == "CUDAExecutionProvider"
+    report = decoder_parity(OnnxDecoder(cuda), reference, tokenizer, OptimizeConfig().validate_shapes,
+                            Tolerance(min_sqnr_db=TOL["fp16_snr_db"], min_agreement=0.99), what="CUDA vs CPU int4")
+    assert report["passed"]
 
 
 def test_causal_lm_validation_on_cuda(decoder_graphs, tmp_path):

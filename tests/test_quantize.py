@@ -203,7 +203,7 @@ def test_int8_spelling_and_pipeline_yaml():
     with pytest.raises(ConfigError, match="contradicts"):
         OptimizeConfig.from_dict({"int8": True, "quantize": "int4"})
     cfg = PipelineConfig.from_dict({"task": "causal-lm", "optimize": {"quantize": "int4", "block_size": 64}})
-    assert cfg.optimize.quantize == "int4" and cfg.optimize.block_size == 64 and cfg.optimize.floors == (2.0, 0.3)
+    assert cfg.optimize.quantize == "int4" and cfg.optimize.block_size == 64 and cfg.optimize.floors == (2.0, 0.1)
 
 
 def test_a_block_that_does_not_divide_the_hidden_size_is_refused(decoder, tmp_path):
