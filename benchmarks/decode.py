@@ -40,6 +40,8 @@ from fwsvd_deploy.manifest import read_manifest
 from fwsvd_deploy.validators.generation import measure_generation
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import graph_folders  # noqa: E402
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
@@ -82,12 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="where the unfused graphs go (default: a temporary folder)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
-    graphs = {}
-    for item in args.graph:
-        name, sep, folder = item.partition("=")
-        if not sep or not Path(folder, "model.onnx").is_file():
-            ap.error(f"--graph {item!r}: give NAME=FOLDER, a folder holding model.onnx")
-        graphs[name] = Path(folder)
+    graphs = graph_folders(ap, args.graph)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         if args.unfused:

@@ -27,10 +27,7 @@ Writes benchmarks/results/frontier.json, frontier.md and frontier.png.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -44,6 +41,9 @@ from fwsvd_deploy.manifest import read_manifest
 from fwsvd_deploy.validators.memory import disk_bytes
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import graph_folders, provenance  # noqa: E402
+
 VARIANTS = {"int8": {"quantize": "int8"}, "int4 b32": {"quantize": "int4", "block_size": 32}}
 # coarser blocks for the dense graph too: 64, not 128, which does not divide SmolLM2's hidden size (576 = 9 x 64)
 DENSE_ONLY = {"int4 b64": {"quantize": "int4", "block_size": 64}}
@@ -78,12 +78,9 @@ def on_frontier(points: dict[str, tuple[float, float]], lower_is_better: bool) -
     def better(a: float, b: float) -> bool:
         return a < b if lower_is_better else a > b
 
-    out = {}
-    for name, (size, quality) in points.items():
-        out[name] = not any(
-            (s <= size and (q == quality or better(q, quality))) and (s < size or better(q, quality))
-            for other, (s, q) in points.items() if other != name)
-    return out
+    return {name: not any(s <= size and not better(quality, q) and (s < size or better(q, quality))
+                          for other, (s, q) in points.items() if other != name)
+            for name, (size, quality) in points.items()}
 
 
 def decoder_rows(graphs: dict[str, Path], args: argparse.Namespace) -> tuple[dict, dict]:
@@ -154,12 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
-    given = {}
-    for item in args.graph:
-        name, sep, folder = item.partition("=")
-        if not sep or not Path(folder, "model.onnx").is_file():
-            ap.error(f"--graph {item!r}: give NAME=FOLDER, a folder holding model.onnx")
-        given[name] = Path(folder)
+    given = graph_folders(ap, args.graph)
     args.work.mkdir(parents=True, exist_ok=True)
     graphs, meta = {}, {}
     for i, (name, folder) in enumerate(given.items()):
@@ -191,28 +183,13 @@ def main(argv: list[str] | None = None) -> int:
             bytes_ratio = row["weight_bytes_total"] / rows[base]["weight_bytes_total"]
             row["vs_dense_int4"] = {"decode_ratio": time_ratio, "bytes_ratio": bytes_ratio,
                                     "per_byte": time_ratio / bytes_ratio}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE).stdout.strip()
-    result = {"command": " ".join(["python", "benchmarks/frontier.py", *(argv or sys.argv[1:])]),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": f"{platform.node()} {platform.machine()}, {_cpu()}", "device": "cpu", "commit": commit,
-              "quality": quality, **extra, "rows": rows}
+    result = {**provenance("frontier.py", argv), "quality": quality, **extra, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     (args.out / f"{args.name}.md").write_text(markdown(result))
     plot(result, args.out / f"{args.name}.png")
     print(markdown(result))
     return 0
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def markdown(r: dict) -> str:

@@ -21,10 +21,7 @@ Writes benchmarks/results/NAME.json and NAME.md (--name, default quantize_split)
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -36,6 +33,9 @@ from fwsvd_deploy.exporters import optimize_onnx
 from fwsvd_deploy.manifest import read_manifest
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import graph_folders, provenance  # noqa: E402
+
 SCHEMES = {"int8": {"quantize": "int8"}, "int8 per channel": {"quantize": "int8", "per_channel": True},
            "int4 block 32": {"quantize": "int4", "block_size": 32}}
 SPLITS = ("exported", "balanced", "svd")
@@ -72,12 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default="quantize_split", help="results file stem (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
-    graphs = {}
-    for item in args.graph:
-        name, sep, folder = item.partition("=")
-        if not sep or not Path(folder, "model.onnx").is_file():
-            ap.error(f"--graph {item!r}: give NAME=FOLDER, a folder holding model.onnx")
-        graphs[name] = Path(folder)
+    graphs = graph_folders(ap, args.graph)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, folder in graphs.items():
@@ -106,12 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row)
                     print(f"{name} {scheme} {split}: {quality['sqnr_db']:.2f} dB, agreement {quality['agreement']:.4f}",
                           flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE).stdout.strip()
-    result = {"command": " ".join(["python", "benchmarks/quantize_split.py", *(argv or sys.argv[1:])]),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": f"{platform.node()} {platform.processor() or platform.machine()}", "device": "cpu",
-              "commit": commit, "rows": rows}
+    result = {**provenance("quantize_split.py", argv), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     (args.out / f"{args.name}.md").write_text(markdown(result))

@@ -7,7 +7,7 @@ in blocks of ``block_size`` along the input dimension, one scale, and without ``
 block and output column; float activations: CPU and CUDA). A factor's input dimension that is no multiple of the
 block (a rank of 143) is padded with zeros by the quantiser.
 
-Which factor carries a layer's scale matters to both: see :func:`~.lowrank.balance_factors`.
+Which factor carries a layer's scale matters to both: see :func:`~.lowrank.resplit_factors`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from onnx import numpy_helper
 
 from ..config import OptimizeConfig
 from ..errors import ConfigError, ExportError, first_line
+from .lowrank import _consumers, _initializers
 
 # Operators a quantised graph carries: int8 dynamic (CPU kernels only) and the 4-bit weight-only MatMul.
 INT8_OPS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger", "DynamicQuantizeLinear",
@@ -84,10 +85,6 @@ def check_quantizable(model: onnx.ModelProto, cfg: OptimizeConfig, hidden: int) 
                           "every dense layer would be padded; choose a power of two that divides it")
 
 
-def _initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
-    return {i.name: i for i in graph.initializer}
-
-
 def constant_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The MatMul nodes whose second input is a 2-D float initializer: what weight quantisation takes."""
     inits = _initializers(model.graph)
@@ -128,10 +125,7 @@ def factor_weights(model: onnx.ModelProto) -> set[str]:
     """The initializers of low-rank factors: the weights of constant MatMuls that feed only constant MatMuls or
     Gemms (through a ``Split``, where the restore pass joined the down-projections of q, k and v), and theirs."""
     inits = _initializers(model.graph)
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(model.graph)
     outputs = {o.name for o in model.graph.output}
 
     def readers(name: str) -> list[onnx.NodeProto] | None:
