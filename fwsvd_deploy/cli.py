@@ -34,6 +34,7 @@ from .config import (
     PIPELINE_TASKS,
     QKV_MODES,
     QUANTIZATIONS,
+    REFITS,
     RUN_DEVICES,
     TRAINABLE,
     CalibrationConfig,
@@ -72,7 +73,8 @@ class _Parser(argparse.ArgumentParser):
 def _add_data_args(p: argparse.ArgumentParser, eval_batch_size: int) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=default(DataConfig, "dataset"),
-                   help="built-in 'rotten_tomatoes', a CSV/TSV/JSON/JSONL/Parquet file, or hub NAME[:CONFIG] "
+                   help="built-in 'rotten_tomatoes' (labelled), 'speeches' or 'headlines' (text, causal LMs), a "
+                        "CSV/TSV/JSON/JSONL/Parquet (or, for text, .txt) file, or hub NAME[:CONFIG] "
                         "(default: %(default)s)")
     g.add_argument("--eval-dataset", default=None, help="separate file or hub dataset for evaluation")
     g.add_argument("--train-split", default=default(DataConfig, "train_split"))
@@ -191,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--qkv", default=default(CompressionConfig, "qkv"), choices=QKV_MODES,
                    help="factorise q/k/v one by one, or stacked with one shared down-projection, which ONNX "
                         "Runtime runs as its fused Attention operator (default: %(default)s)")
+    g.add_argument("--refit", default=default(CompressionConfig, "refit"), choices=REFITS,
+                   help="after down is chosen, solve up by least squares against the dense layer's output (up), "
+                        "then down and up again (alternate) (default: %(default)s)")
     g = cp.add_argument_group("calibration")
     g.add_argument("--calibration-samples", "--fisher-samples", dest="calibration_samples", type=int,
                    default=default(CalibrationConfig, "num_samples"),
@@ -202,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--calibration-cache", "--fisher-cache", dest="calibration_cache", default=None,
                    help="cache folder for calibration statistics, or 'none' (default: calibration/ under "
                         "$FWSVD_DEPLOY_CACHE or ~/.cache/fwsvd-deploy)")
+    g.add_argument("--sequential", action="store_true",
+                   help="compress the transformer blocks in order, each on the inputs the compressed blocks before "
+                        "it give (one block's activations held at a time)")
+    g.add_argument("--offload-dir", default=None,
+                   help="with --sequential: keep the block activations in a temporary folder here, not in memory")
     g.add_argument("--no-eval", action="store_true", help="skip evaluation before and after")
     _add_data_args(cp, default(DataConfig, "batch_size"))
 
@@ -436,12 +446,13 @@ def _cmd_compress(a: argparse.Namespace) -> int:
         target_modules=_targets(a.targets), exclude_modules=None if a.exclude is None else _targets(a.exclude),
         rank_overrides=_overrides(a.rank_override), qkv=a.qkv, rank_multiple=a.rank_multiple,
         asvd_alpha=a.asvd_alpha, whitening_damp=a.whitening_damp, fisher_power=a.fisher_power,
-        min_rank_fraction=a.min_rank_fraction,
+        min_rank_fraction=a.min_rank_fraction, refit=a.refit,
     )
     data = _data_config(a)
     calibration = CalibrationConfig(num_samples=a.calibration_samples, estimator=a.fisher_estimator,
                                     batch_size=a.calibration_batch_size,
-                                    cache_dir=_calibration_cache(a.calibration_cache))
+                                    cache_dir=_calibration_cache(a.calibration_cache), sequential=a.sequential,
+                                    offload_dir=None if a.offload_dir is None else os.path.expanduser(a.offload_dir))
     from .pipeline import run_compress
 
     outcome = run_compress(a.model, data, calibration, comp, a.out, evaluate_model=not a.no_eval,

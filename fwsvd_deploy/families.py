@@ -43,6 +43,9 @@ class Family:
             in the family's graph; it then runs only the passes that build them. ``None``: every pass of the model type.
         fuse_attention: the exported rotary attention is fused into ``GroupQueryAttention`` after ONNX Runtime's
             passes (CPU graphs; :mod:`fwsvd_deploy.exporters.attention`).
+        blocks: the name suffix of the ``ModuleList`` holding the transformer blocks in depth order, which
+            sequential calibration walks; ``None`` where the blocks share weights (ALBERT runs one layer group at
+            every depth, so no block can be fitted to its own inputs).
     """
 
     model_type: str
@@ -53,6 +56,7 @@ class Family:
     ort_model_type: str | None
     fusions: tuple[str, ...] | None = None
     fuse_attention: bool = False
+    blocks: str | None = None
 
 
 _BERT_QKV = ("query", "key", "value")
@@ -60,16 +64,16 @@ _PROJ_QKV = ("q_proj", "k_proj", "v_proj")
 _RMS_ROPE = ("simplified_layer_norm", "skip_simplified_layer_norm", "rotary_embedding")
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    Family("bert", "encoder", _BERT_QKV, None, "mha", "bert"),
-    Family("roberta", "encoder", _BERT_QKV, None, "mha", "bert"),
-    Family("electra", "encoder", _BERT_QKV, None, "mha", "bert"),
+    Family("bert", "encoder", _BERT_QKV, None, "mha", "bert", blocks="encoder.layer"),
+    Family("roberta", "encoder", _BERT_QKV, None, "mha", "bert", blocks="encoder.layer"),
+    Family("electra", "encoder", _BERT_QKV, None, "mha", "bert", blocks="encoder.layer"),
     Family("albert", "encoder", _BERT_QKV, None, "mha", "bert"),
-    Family("distilbert", "encoder", ("q_lin", "k_lin", "v_lin"), None, "mha", "bert"),
-    Family("gpt2", "decoder", None, "c_attn", "mha", "gpt2", ("layer_norm", "skip_layer_norm", "gelu")),
-    Family("llama", "decoder", _PROJ_QKV, None, "gqa", "gpt2", _RMS_ROPE, fuse_attention=True),
-    Family("mistral", "decoder", _PROJ_QKV, None, "gqa", "gpt2", _RMS_ROPE, fuse_attention=True),
-    Family("qwen2", "decoder", _PROJ_QKV, None, "gqa", "gpt2", _RMS_ROPE, fuse_attention=True),
-    Family("opt", "decoder", _PROJ_QKV, None, "mha", "gpt2", ("layer_norm",)),
+    Family("distilbert", "encoder", ("q_lin", "k_lin", "v_lin"), None, "mha", "bert", blocks="transformer.layer"),
+    Family("gpt2", "decoder", None, "c_attn", "mha", "gpt2", ("layer_norm", "skip_layer_norm", "gelu"), blocks="h"),
+    Family("llama", "decoder", _PROJ_QKV, None, "gqa", "gpt2", _RMS_ROPE, fuse_attention=True, blocks="layers"),
+    Family("mistral", "decoder", _PROJ_QKV, None, "gqa", "gpt2", _RMS_ROPE, fuse_attention=True, blocks="layers"),
+    Family("qwen2", "decoder", _PROJ_QKV, None, "gqa", "gpt2", _RMS_ROPE, fuse_attention=True, blocks="layers"),
+    Family("opt", "decoder", _PROJ_QKV, None, "mha", "gpt2", ("layer_norm",), blocks="decoder.layers"),
 )}
 
 # Every query/key/value naming the table knows, for models whose family is not in it.

@@ -22,10 +22,12 @@ from .checkpoint import write_model
 from .compression.apply import compress, plan_units, resolve_targets
 from .compression.fisher import DEFAULT_EXAMPLES, classifier_batches
 from .compression.report import CompressionReport
+from .compression.sequential import check_offload_dir, check_walkable, compress_sequential, find_blocks
 from .compression.statistics import CalibrationStats, check_cache_dir, collect_statistics
 from .compression.svd import max_saving_rank
 from .config import (
     GREEDY_ALLOCATIONS,
+    METHOD_STATISTICS,
     CalibrationConfig,
     CompressionConfig,
     DataConfig,
@@ -36,7 +38,7 @@ from .config import (
     SearchConfig,
 )
 from .data import (
-    BUILTIN_SPEECHES,
+    BUILTIN_TEXTS,
     TaskData,
     TextData,
     align_labels,
@@ -246,27 +248,44 @@ def _check_windows(train: TextData, evaluation: TextData, tokenizer: Any, data_c
         lm_windows(text, tokenizer, data_cfg.max_length, count=1, seed=data_cfg.seed)
 
 
+def calibration_batches(tokenizer: Any, cal_cfg: CalibrationConfig, data_cfg: DataConfig,
+                        train: TaskData | TextData) -> list[dict[str, Any]]:
+    """The calibration batches: ``cal_cfg.num_samples`` labelled examples of a classifier (512 by default), or as many
+    token windows of ``data_cfg.max_length`` of a causal LM (64 by default), drawn with ``data_cfg.seed``."""
+    if isinstance(train, TextData):
+        count = DEFAULT_WINDOWS if cal_cfg.num_samples is None else cal_cfg.num_samples
+        windows = lm_windows(train, tokenizer, data_cfg.max_length, count=count, seed=data_cfg.seed)
+        return window_batches(windows, cal_cfg.batch_size)
+    sample = train.sample(DEFAULT_EXAMPLES if cal_cfg.num_samples is None else cal_cfg.num_samples,
+                          seed=data_cfg.seed)
+    return classifier_batches(sample, tokenizer, cal_cfg.batch_size, data_cfg.max_length)
+
+
+def dense_statistics(comp_cfg: CompressionConfig, cal_cfg: CalibrationConfig) -> tuple[str, ...]:
+    """What the pass over the dense model collects: the method's statistics, or under sequential calibration only
+    what cannot come block by block (the Fisher, and the spectra a greedy allocation compares across layers)."""
+    if not cal_cfg.sequential:
+        return comp_cfg.statistics
+    if comp_cfg.rank is None and comp_cfg.allocation != "uniform":
+        return METHOD_STATISTICS[comp_cfg.method]  # the dense decompositions' spectra
+    return tuple(k for k in comp_cfg.statistics if k == "fisher")
+
+
 def calibrate(model: Any, tokenizer: Any, comp_cfg: CompressionConfig, cal_cfg: CalibrationConfig,
               data_cfg: DataConfig, train: TaskData | TextData, *, targets: list[Any] | None = None,
-              progress: bool | None = None) -> CalibrationStats | None:
-    """The calibration pass for ``comp_cfg.method``: Fisher and/or input statistics on the training split.
+              progress: bool | None = None, batches: list[dict[str, Any]] | None = None) -> CalibrationStats | None:
+    """The calibration pass over the dense model: Fisher and/or input statistics on the training split.
 
     A classifier calibrates on ``cal_cfg.num_samples`` labelled examples (512 by default), a causal LM on as many
     token windows of ``data_cfg.max_length`` (64 by default), both drawn with ``data_cfg.seed``.
     """
-    kinds = comp_cfg.statistics
+    kinds = dense_statistics(comp_cfg, cal_cfg)
     if not kinds:
         return None
     if targets is None:
         targets = resolve_targets(model, comp_cfg.target_modules, comp_cfg.exclude_modules)
-    if isinstance(train, TextData):
-        count = DEFAULT_WINDOWS if cal_cfg.num_samples is None else cal_cfg.num_samples
-        windows = lm_windows(train, tokenizer, data_cfg.max_length, count=count, seed=data_cfg.seed)
-        batches = window_batches(windows, cal_cfg.batch_size)
-    else:
-        sample = train.sample(DEFAULT_EXAMPLES if cal_cfg.num_samples is None else cal_cfg.num_samples,
-                              seed=data_cfg.seed)
-        batches = classifier_batches(sample, tokenizer, cal_cfg.batch_size, data_cfg.max_length)
+    if batches is None:
+        batches = calibration_batches(tokenizer, cal_cfg, data_cfg, train)
     return collect_statistics(model, batches, targets, kinds=kinds, estimator=cal_cfg.estimator,
                               cache_dir=cal_cfg.cache_dir, progress=progress)
 
@@ -325,6 +344,7 @@ def run_compress(
     source = resolve_model(model_spec)
     check_output_dir(out_dir, overwrite, inputs=[source, *_data_inputs(data_cfg)])
     check_cache_dir(cal_cfg.cache_dir)
+    check_offload_dir(cal_cfg.offload_dir)
     config = check_model_input(model_spec, data_cfg, allow_compressed=False, allow_pickle=allow_pickle)
     causal = is_causal_lm(config)
     if causal:
@@ -333,23 +353,34 @@ def run_compress(
         _check_windows(train, evaluation, tokenizer, data_cfg)
         model = load_causal_lm(model_spec, allow_compressed=False, allow_pickle=allow_pickle)
     else:
-        if comp_cfg.needs_fisher and data_cfg.dataset == BUILTIN_SPEECHES:
+        if comp_cfg.needs_fisher and data_cfg.dataset in BUILTIN_TEXTS:
             raise DatasetError(f"method {comp_cfg.method!r} takes Fisher from a classifier's task loss, which needs "
-                               "labelled examples; 'speeches' is unlabelled text (use it with causal LMs, or pick "
-                               "--method svd-llm, which needs no labels)")
+                               f"labelled examples; {data_cfg.dataset!r} is unlabelled text (use it with causal LMs, "
+                               "or pick --method svd-llm, which needs no labels)")
         model, tokenizer, (train, evaluation) = _load_task(model_spec, data_cfg, allow_compressed=False,
                                                            allow_pickle=allow_pickle)
     targets = _check_rank_saves(model, comp_cfg)
+    if cal_cfg.sequential:
+        find_blocks(model, targets)
     input_hash = model_fingerprint(model)
     before = _evaluate_any(model, tokenizer, evaluation, data_cfg, progress) if evaluate_model else None
-    stats = calibrate(model, tokenizer, comp_cfg, cal_cfg, data_cfg, train, targets=targets, progress=progress)
+    batches = calibration_batches(tokenizer, cal_cfg, data_cfg, train)
+    stats = calibrate(model, tokenizer, comp_cfg, cal_cfg, data_cfg, train, targets=targets, progress=progress,
+                      batches=batches)
     start = time.perf_counter()
-    report = compress(model, comp_cfg, stats)
+    if cal_cfg.sequential:
+        report = compress_sequential(model, comp_cfg, batches, stats, offload_dir=cal_cfg.offload_dir,
+                                     progress=progress)
+    else:
+        report = compress(model, comp_cfg, stats)
+    examples = sum(int(b["input_ids"].shape[0]) for b in batches)
+    del batches
     seconds = time.perf_counter() - start
     after = _evaluate_any(model, tokenizer, evaluation, data_cfg, progress) if evaluate_model else None
-    calibration_record = None if stats is None else {
-        **cal_cfg.to_dict(), "kinds": list(comp_cfg.statistics), "num_examples": stats.num_examples,
-        "seconds": stats.seconds, "from_cache": stats.from_cache, "key": stats.key,
+    calibration_record = None if stats is None and not cal_cfg.sequential else {
+        **cal_cfg.to_dict(), "kinds": list(comp_cfg.statistics), "num_examples": examples,
+        "seconds": 0.0 if stats is None else stats.seconds, "from_cache": stats is not None and stats.from_cache,
+        "key": None if stats is None else stats.key,
     }
     evaluation_record = None if after is None else {
         "split": getattr(evaluation, "source", ""), "examples": after.num_examples,
@@ -397,6 +428,9 @@ def _report_markdown(report: CompressionReport, before: EvalResult | None, after
         kinds = " and ".join(k for k, have in (("Fisher", stats.fisher is not None),
                                                 ("input statistics", stats.second_moment is not None)) if have)
         timing = f"{kinds} over {stats.num_examples} calibration examples: {source}; " + timing
+    if report.settings.get("sequential"):
+        timing += (f" (sequential: {report.settings['block_forwards']} block forwards, "
+                   f"{report.settings['sequential_seconds']:.1f} s)")
     lines.append(timing)
     return "\n".join(lines) + "\n"
 
@@ -463,7 +497,7 @@ def _without(settings: Mapping[str, Any], unused: set[str]) -> dict[str, Any]:
 
 def _calibration_settings(cfg: CalibrationConfig) -> dict[str, Any]:
     """Calibration settings that change the statistics: the batch size only for ``batch_mean`` Fisher."""
-    unused = {"cache_dir"} | ({"batch_size"} if cfg.estimator == "per_example" else set())
+    unused = {"cache_dir", "offload_dir"} | ({"batch_size"} if cfg.estimator == "per_example" else set())
     return _without(cfg.to_dict(), unused)
 
 
@@ -614,6 +648,9 @@ def check_pipeline(cfg: PipelineConfig, out_dir: str | Path, *, overwrite: bool 
     check_model_input(cfg.model, cfg.data, allow_compressed=False)
     if cfg.compression.statistics:
         check_cache_dir(cfg.calibration.cache_dir)
+    if cfg.calibration.sequential:
+        check_walkable(config)
+        check_offload_dir(cfg.calibration.offload_dir)
     if causal:
         load_text(cfg.data, cfg.data.train_split)
         load_text(_validation_data(cfg), _validation_data(cfg).eval_split)

@@ -6,6 +6,7 @@ module is swapped, so an error never leaves a half-compressed model.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,8 +14,9 @@ import torch
 from torch import nn
 
 from ..config import CompressionConfig
-from ..errors import ConfigError, FisherError
+from ..errors import ConfigError, FisherError, NumericalError
 from .factorize import (
+    UnitStats,
     allocation_gains,
     as_statistics,
     decompose_unit,
@@ -25,10 +27,10 @@ from .factorize import (
 from .layers import LowRankLinear
 from .ranks import allocated_dense, fixed_ranks, greedy_ranks, loss_floors, saving_cap, uniform_ranks
 from .report import CompressionReport, LayerReport
-from .svd import low_rank_params, max_saving_rank, output_error, relative_error
+from .svd import low_rank_params, max_saving_rank, output_error, refit_down, refit_up, relative_error
 from .targets import SUPPORTED_TYPES, Target, Unit, plan_units, resolve_targets
 
-__all__ = ["apply_plan", "compress", "compressed_layers", "resolve_targets", "swap_modules"]
+__all__ = ["allocate", "apply_plan", "compress", "compressed_layers", "factorised", "resolve_targets", "swap_modules"]
 
 
 def _check_coverage(stats: Any, targets: list[Target]) -> None:
@@ -67,42 +69,57 @@ def compress(model: nn.Module, cfg: CompressionConfig, statistics: Any = None) -
     _check_coverage(stats, targets)
     units = plan_units(targets, cfg.qkv)
     params_before = sum(p.numel() for p in model.parameters())
-    unit_stats = {u.name: unit_statistics(u, stats) for u in units}
+    # One unit's decomposition at a time: what is kept is its factors up to the largest rank any allocation can give
+    # it (each direction is one column of up and one row of down, so a lower rank is a slice), in the weight's dtype.
+    kept: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+    gains: dict[str, torch.Tensor] = {}
     whitenings: dict[str, Any] = {}
-    decomps = {u.name: decompose_unit(u, cfg, unit_stats[u.name], whitenings) for u in units}
-    ranks, chosen_dense = _allocate(units, cfg, decomps, unit_stats)
-
+    for u in units:
+        ustats = unit_statistics(u, stats)
+        if ustats.group not in whitenings:  # units reading one input are consecutive: keep only its whitening
+            whitenings.clear()
+        decomp = decompose_unit(u, cfg, ustats, whitenings)
+        if greedy(cfg):
+            gains[u.name] = allocation_gains(decomp, cfg, ustats)
+        cap = min(decomp.max_rank, max_saving_rank(u.shape))
+        if cap >= 1:
+            up, down = decomp.factors(cap, dtype=u.members[0].module.weight.dtype)
+            kept[u.name] = (up, down, decomp.row_scale)
+        del decomp, ustats
+    whitenings.clear()
+    ranks, chosen_dense = allocate(units, cfg, gains if greedy(cfg) else None)
     replacements: dict[str, LowRankLinear] = {}
     layers: list[LayerReport] = []
+    damped: list[str] = []
     for u in units:
         rank = ranks[u.name]
-        m, n = u.shape
-        params_before_unit = m * n + u.bias_params
-        fisher, covariance = unit_stats[u.name].fisher, unit_stats[u.name].covariance
+        ustats = unit_statistics(u, stats)
         if rank is None:
-            layers.append(LayerReport(
-                name=u.name, kind=u.kind, shape=(m, n), rank=None, params_before=params_before_unit,
-                params_after=params_before_unit, plain_error=0.0, fisher_error=None if fisher is None else 0.0,
-                skipped=_dense_reason((m, n), u.name in chosen_dense, cfg.rank_multiple),
-                output_error=None if covariance is None else 0.0,
-            ))
+            kept.pop(u.name, None)
+            layers.append(dense_layer_report(u, ustats, u.name in chosen_dense, cfg))
             continue
-        decomp = decomps[u.name]
-        up, down = decomp.factors(rank, dtype=torch.float64)
-        approx = up @ down
-        new = _factorised(u, up.to(u.members[0].module.weight.dtype), down.to(u.members[0].module.weight.dtype))
-        replacements.update(new)
-        kept = {id(p): p.numel() for layer in new.values() for p in layer.parameters()}
-        layers.append(LayerReport(
-            name=u.name, kind=u.kind, shape=(m, n), rank=rank, params_before=params_before_unit,
-            params_after=sum(kept.values()),
-            plain_error=relative_error(decomp.weight, approx),
-            fisher_error=None if fisher is None else relative_error(decomp.weight, approx, fisher),
-            skipped=None,
-            output_error=None if covariance is None else output_error(decomp.weight, approx, covariance),
-        ))
-
+        full_up, full_down, row_scale = kept.pop(u.name)
+        up, down = full_up[:, :rank].to(torch.float64), full_down[:rank].to(torch.float64)
+        weight = u.weight.detach().to(torch.float64)
+        if cfg.refit != "none" and ustats.covariance is not None:
+            up, down, singular = refit(u.name, weight, up, down, ustats.covariance, ustats.covariance, cfg, row_scale)
+            if singular:
+                damped.append(u.name)
+        replacements.update(factorised(u, up, down))
+        layers.append(layer_report(u, rank, weight, up, down, ustats))
+    warn_damped(damped, cfg)
     swap_modules(model, replacements)
+    return build_report(model, cfg, layers, params_before)
+
+
+def greedy(cfg: CompressionConfig) -> bool:
+    """The allocation reads every unit's spectrum (``fisher``, ``loss``), not just the shapes."""
+    return cfg.rank is None and cfg.allocation != "uniform"
+
+
+def build_report(model: nn.Module, cfg: CompressionConfig, layers: list[LayerReport], params_before: int,
+                 **settings: Any) -> CompressionReport:
+    """The report of a finished compression of ``model``."""
     return CompressionReport(
         method=cfg.method,
         fisher_axis=cfg.fisher_axis if cfg.method == "fwsvd" else None,
@@ -113,7 +130,66 @@ def compress(model: nn.Module, cfg: CompressionConfig, statistics: Any = None) -
         model_params_before=params_before,
         model_params_after=sum(p.numel() for p in model.parameters()),
         rank_multiple=cfg.rank_multiple,
-        settings=_method_settings(cfg),
+        settings={**_method_settings(cfg), **settings},
+    )
+
+
+def refit(name: str, weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor, cross: torch.Tensor,
+          covariance: torch.Tensor, cfg: CompressionConfig, row_scale: torch.Tensor | None = None,
+          ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``cfg.refit`` of one unit's factors (float64), and whether a singular system had to be damped.
+
+    Raises:
+        NumericalError: naming the layer, when a factor is not finite.
+    """
+    up, lam = refit_up(weight, down, cross, covariance, cfg.whitening_damp)
+    damped = lam > 0
+    if cfg.refit == "alternate":
+        rows = None if row_scale is None else row_scale.square()
+        down, lam = refit_down(weight, up, cross, covariance, rows, cfg.whitening_damp)
+        damped |= lam > 0
+        up, lam = refit_up(weight, down, cross, covariance, cfg.whitening_damp)
+        damped |= lam > 0
+    for label, tensor in (("up", up), ("down", down)):
+        if not torch.isfinite(tensor).all():
+            raise NumericalError(f"the refit {label} factor of {name} is not finite; rerun with refit none")
+    return up, down, damped
+
+
+def warn_damped(names: list[str], cfg: CompressionConfig) -> None:
+    """Say which refits solved a singular system (damped by ``whitening_damp`` x its mean diagonal)."""
+    if names:
+        logging.getLogger("fwsvd_deploy").warning(
+            "the refit of %d layer(s) (e.g. %s) solved a singular system; it was damped by %g x its mean diagonal",
+            len(names), names[0], cfg.whitening_damp)
+
+
+def dense_layer_report(u: Unit, stats: UnitStats, chosen: bool, cfg: CompressionConfig) -> LayerReport:
+    """The report of a unit left dense."""
+    m, n = u.shape
+    params = m * n + u.bias_params
+    return LayerReport(
+        name=u.name, kind=u.kind, shape=(m, n), rank=None, params_before=params, params_after=params,
+        plain_error=0.0, fisher_error=None if stats.fisher is None else 0.0,
+        skipped=_dense_reason((m, n), chosen, cfg.rank_multiple),
+        output_error=None if stats.covariance is None else 0.0,
+    )
+
+
+def layer_report(u: Unit, rank: int, weight: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                 stats: UnitStats) -> LayerReport:
+    """The report of a factorised unit: its parameters and its errors against the weight ``(out, in)``."""
+    m, n = u.shape
+    approx = up.to(torch.float64) @ down.to(torch.float64)
+    w = weight.to(torch.float64)
+    bias = u.bias_params
+    return LayerReport(
+        name=u.name, kind=u.kind, shape=(m, n), rank=rank, params_before=m * n + bias,
+        params_after=rank * (m + n) + bias,  # each member's up and bias, one down shared by the members
+        plain_error=relative_error(w, approx),
+        fisher_error=None if stats.fisher is None else relative_error(w, approx, stats.fisher),
+        skipped=None,
+        output_error=None if stats.covariance is None else output_error(w, approx, stats.covariance),
     )
 
 
@@ -141,9 +217,12 @@ def _dense_reason(shape: tuple[int, int], chosen: bool, multiple: int) -> str:
             f"{low_rank_params(shape, cap) / (m * n):.1%} of its parameters")
 
 
-def _allocate(units: list[Unit], cfg: CompressionConfig, decomps: Mapping[str, Any],
-              unit_stats: Mapping[str, Any]) -> tuple[dict[str, int | None], set[str]]:
-    """Each unit's rank (``None``: dense), and the units the greedy allocation chose to keep dense."""
+def allocate(units: list[Unit], cfg: CompressionConfig,
+             gains: Mapping[str, torch.Tensor] | None) -> tuple[dict[str, int | None], set[str]]:
+    """Each unit's rank (``None``: dense), and the units the greedy allocation chose to keep dense.
+
+    ``gains`` (per unit, the error each singular direction removes) is needed by the greedy allocations only.
+    """
     shapes = {u.name: u.shape for u in units}
     chosen_dense: set[str] = set()
     if cfg.rank is not None:
@@ -151,7 +230,7 @@ def _allocate(units: list[Unit], cfg: CompressionConfig, decomps: Mapping[str, A
     elif cfg.allocation == "uniform":
         ranks = uniform_ranks(shapes, cfg.ratio, cfg.rank_multiple)  # type: ignore[arg-type]
     else:
-        gains = {u.name: allocation_gains(decomps[u.name], cfg, unit_stats[u.name]) for u in units}
+        assert gains is not None
         floors = None
         if cfg.allocation == "loss":
             floors = loss_floors(shapes, cfg.ratio, cfg.min_rank_fraction)  # type: ignore[arg-type]
@@ -161,8 +240,11 @@ def _allocate(units: list[Unit], cfg: CompressionConfig, decomps: Mapping[str, A
     return ranks, chosen_dense - overridden
 
 
-def _factorised(unit: Unit, up: torch.Tensor, down: torch.Tensor) -> dict[str, LowRankLinear]:
-    """The replacement of each member of ``unit``; q/k/v members share the first one's down-projection."""
+def factorised(unit: Unit, up: torch.Tensor, down: torch.Tensor) -> dict[str, LowRankLinear]:
+    """The replacement of each member of ``unit``, in its weight's dtype; q/k/v members share the first one's
+    down-projection."""
+    dtype = unit.members[0].module.weight.dtype
+    up, down = up.to(dtype), down.to(dtype)
     out: dict[str, LowRankLinear] = {}
     shared = None
     start = 0

@@ -184,6 +184,18 @@ class _FisherHooks:
         self.calls.clear()
 
 
+def real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A layer input's token vectors as ``(tokens, features)`` float32, padding tokens (``mask`` 0) left out."""
+    rows = x.detach()
+    if mask is not None:
+        mask = mask.bool()
+        if rows.dim() == 3 and tuple(rows.shape[:2]) == tuple(mask.shape):
+            rows = rows[mask]
+        elif rows.dim() == 2 and rows.shape[0] == mask.numel():
+            rows = rows[mask.reshape(-1)]  # the batch flattened to (batch * tokens, features)
+    return rows.reshape(-1, rows.shape[-1]).float()
+
+
 class _InputHooks:
     """Second moments and absolute sums of each distinct targeted input, real (unpadded) tokens only."""
 
@@ -212,12 +224,7 @@ class _InputHooks:
             raise FisherError(f"{name} read the input of {group} in one batch and of {known} in another")
         if group != name and seen is not None:
             return  # the group's owner already counted this tensor
-        rows = x.detach()
-        if self.mask is not None and rows.dim() == 3 and tuple(rows.shape[:2]) == tuple(self.mask.shape):
-            rows = rows[self.mask]
-        elif self.mask is not None and rows.dim() == 2 and rows.shape[0] == self.mask.numel():
-            rows = rows[self.mask.reshape(-1)]  # the batch flattened to (batch * tokens, features)
-        rows = rows.reshape(-1, rows.shape[-1]).float()
+        rows = real_rows(x, self.mask)
         if group not in self.moments:
             self.moments[group] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
             self.abs_sums[group] = torch.zeros(rows.shape[1], dtype=torch.float64)

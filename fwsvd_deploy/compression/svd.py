@@ -264,6 +264,72 @@ def whitened(weight: torch.Tensor, second_moment: torch.Tensor, damp: float = 1e
     return _svd(w, row, right, method)
 
 
+def _damped_solve(system: torch.Tensor, rhs: torch.Tensor, damp: float,
+                  always: bool = False) -> tuple[torch.Tensor, float]:
+    """``system^-1 rhs`` for a symmetric positive semi-definite ``system``, and the damping ``lambda`` it took.
+
+    ``lambda = damp * mean(diag)`` is added to the diagonal always (``always``, as the whitening damps a second
+    moment), or only when the system is singular or nearly (smallest eigenvalue at most ``1e-10`` of the largest);
+    ``0.0`` means it was solved as it is.
+    """
+    a = (system + system.T) / 2
+    mean_diag = float(a.diagonal().mean())
+    step = damp * mean_diag if mean_diag > 0 else damp
+    lam = step if always else 0.0
+    if not always:
+        values = torch.linalg.eigvalsh(a)
+        top = float(values.max()) if values.numel() else 0.0
+        if top <= 0 or float(values.min()) <= top * 1e-10:
+            lam = step
+    eye = torch.eye(a.shape[0], dtype=a.dtype)
+    factor, info = torch.linalg.cholesky_ex(a + lam * eye)
+    while int(info) != 0:  # rounding left it indefinite: damp ten times more until it is not
+        lam = max(lam, step) * 10
+        factor, info = torch.linalg.cholesky_ex(a + lam * eye)
+    return torch.cholesky_solve(rhs, factor), lam
+
+
+def refit_up(weight: torch.Tensor, down: torch.Tensor, cross: torch.Tensor, second_moment: torch.Tensor,
+             damp: float = 1e-4) -> tuple[torch.Tensor, float]:
+    """The least-squares ``up`` for a fixed ``down``: ``up = W X down^T (down C down^T)^-1``.
+
+    It minimises ``E || W x_t - up down x ||^2`` over calibration tokens, where ``x`` is what the layer reads
+    (``C = E[x x^T]``) and ``x_t`` what the dense model's layer read (``X = E[x_t x^T]``; ``X = C`` when the two are
+    the same). Output rows decouple, so any row weighting gives the same ``up``.
+
+    Args:
+        weight: ``(out, in)``; down: ``(r, in)``; cross: ``X``, ``(in, in)``; second_moment: ``C``, ``(in, in)``.
+        damp: the damping of a singular ``down C down^T``, relative to its mean diagonal.
+
+    Returns:
+        ``up`` ``(out, r)`` in float64, and the damping used (``0.0``: the system was regular).
+    """
+    w, d = weight.to(torch.float64), down.to(torch.float64)
+    system = d @ second_moment.to(torch.float64) @ d.T
+    rhs = d @ cross.to(torch.float64).T @ w.T  # (r, out) = (W X d^T)^T
+    solution, lam = _damped_solve(system, rhs, damp)
+    return solution.T.contiguous(), lam
+
+
+def refit_down(weight: torch.Tensor, up: torch.Tensor, cross: torch.Tensor, second_moment: torch.Tensor,
+               row_weight: torch.Tensor | None = None, damp: float = 1e-4) -> tuple[torch.Tensor, float]:
+    """The least-squares ``down`` for a fixed ``up``: ``down = (up^T D up)^-1 up^T D W X C^-1``.
+
+    The same objective as :func:`refit_up`, with output row ``i`` weighted by ``D_ii`` (``row_weight``; ``None``:
+    equal weights), the weighting the method chose its subspace under.
+
+    Returns:
+        ``down`` ``(r, in)`` in float64, and the damping of the ``r x r`` system (``0.0``: it was regular); ``C`` is
+        always damped by ``damp`` x its mean diagonal, as the whitening damps it.
+    """
+    w, u = weight.to(torch.float64), up.to(torch.float64)
+    weighted = u if row_weight is None else u * row_weight.to(torch.float64)[:, None]
+    left, lam = _damped_solve(weighted.T @ u, weighted.T @ w @ cross.to(torch.float64), damp)  # (r, in)
+    # C^-1 left^T, C damped as the whitening damps it (its near-null directions carry no signal to fit)
+    down_t, _ = _damped_solve(second_moment.to(torch.float64), left.T, damp, always=True)
+    return down_t.T.contiguous(), lam
+
+
 def relative_error(weight: torch.Tensor, approx: torch.Tensor, fisher: torch.Tensor | None = None) -> float:
     """``||W - W'|| / ||W||`` in Frobenius norm, or in the ``F``-weighted norm ``sqrt(sum F * x^2)``."""
     w = weight.detach().to(torch.float64)
