@@ -401,6 +401,18 @@ def collect_statistics(
     )
 
 
+BACKWARD_TOKENS = 512  # tokens per backward pass of the per-example Fisher (at least one example)
+
+
+def _slices(batch: Batch) -> list[Batch]:
+    """``batch`` cut along its examples into slices of about ``BACKWARD_TOKENS`` tokens (at least one example)."""
+    n, length = batch["input_ids"].shape[0], max(int(batch["input_ids"].shape[-1]), 1)
+    step = max(1, BACKWARD_TOKENS // length)
+    if step >= n:
+        return [batch]
+    return [{k: v[i:i + step] for k, v in batch.items()} for i in range(0, n, step)]
+
+
 def _gradient_source(model: nn.Module) -> Any:
     """Let the backward pass start from the input embeddings' output instead of the weights.
 
@@ -459,24 +471,28 @@ def _run_pass(model: nn.Module, batches: Sequence[Batch], targets: list[Target],
         bar = progress_bar(mine, progress=progress if rank == 0 else False, desc=desc, unit="batch")
         for batch in bar:
             examples += int(batch["input_ids"].shape[0])
-            if input_hooks is not None:
-                input_hooks.start_batch(batch.get("attention_mask"))
-            if fisher_hooks is not None:
-                fisher_hooks.start_batch(int(batch["input_ids"].shape[0]))
-            if with_fisher:
-                losses = per_example_losses(model, batch, kind)  # type: ignore[arg-type]
-                if not torch.isfinite(losses).all():
-                    raise FisherError("the task loss is NaN or inf on a calibration batch")
-                (losses.mean() if estimator == "batch_mean" else losses.sum()).backward()
-                fisher_hooks.finish_batch()  # type: ignore[union-attr]
-                for t in targets:
-                    t.module.weight.grad = None
-                bar.set_postfix(loss=f"{float(losses.detach().mean()):.4f}")
-            else:
-                from ..losses import forward_inputs
+            # per-example Fisher sums over examples, so its backward runs on slices of the batch: the same sums,
+            # with the activations of BACKWARD_TOKENS tokens held for the backward instead of the whole batch's
+            parts = _slices(batch) if with_fisher and estimator == "per_example" else [batch]
+            for part in parts:
+                if input_hooks is not None:
+                    input_hooks.start_batch(part.get("attention_mask"))
+                if fisher_hooks is not None:
+                    fisher_hooks.start_batch(int(part["input_ids"].shape[0]))
+                if with_fisher:
+                    losses = per_example_losses(model, part, kind)  # type: ignore[arg-type]
+                    if not torch.isfinite(losses).all():
+                        raise FisherError("the task loss is NaN or inf on a calibration batch")
+                    (losses.mean() if estimator == "batch_mean" else losses.sum()).backward()
+                    fisher_hooks.finish_batch()  # type: ignore[union-attr]
+                    for t in targets:
+                        t.module.weight.grad = None
+                    bar.set_postfix(loss=f"{float(losses.detach().mean()):.4f}")
+                else:
+                    from ..losses import forward_inputs
 
-                with torch.no_grad():
-                    model(**forward_inputs(model, batch))
+                    with torch.no_grad():
+                        model(**forward_inputs(model, part))
     finally:
         for handle in handles:
             handle.remove()
