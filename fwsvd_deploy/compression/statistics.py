@@ -296,7 +296,8 @@ def _all_reduce(tensors: Iterable[torch.Tensor]) -> None:
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
 
 
-def check_cache_dir(cache_dir: str | Path | None) -> None:
+def check_cache_dir(cache_dir: str | Path | None, what: str = "calibration cache", alternative: str = ", or 'none'",
+                    ) -> None:
     """Refuse, before any work, a calibration cache path that is a file or cannot be created.
 
     Raises:
@@ -309,10 +310,9 @@ def check_cache_dir(cache_dir: str | Path | None) -> None:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise FisherError(f"calibration cache path {path} is not a folder ({probe} is a file); give a folder, "
-                          "or 'none'")
+        raise FisherError(f"{what} path {path} is not a folder ({probe} is a file); give a folder{alternative}")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise FisherError(f"calibration cache folder {path} is not writable; give another, or 'none'")
+        raise FisherError(f"{what} folder {path} is not writable; give another{alternative}")
 
 
 def collect_statistics(
