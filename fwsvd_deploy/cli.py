@@ -264,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--no-fuse-attention", dest="fuse_attention", action="store_false",
                     help="keep a Llama/Mistral/Qwen2 decoder's exported attention instead of fusing it into "
                          "GroupQueryAttention (which takes several new tokens on top of a cache only at batch 1)")
+    genai = op.add_mutually_exclusive_group()
+    genai.add_argument("--genai", dest="genai", action="store_const", const=True, default=None,
+                       help="require genai_config.json (onnxruntime-genai serving) beside the graph; written by "
+                            "default for every decoder exported with its KV cache")
+    genai.add_argument("--no-genai", dest="genai", action="store_const", const=False,
+                       help="write no genai_config.json")
 
     va = sub.add_parser("validate", help="compare a candidate ONNX model with its baseline and apply the gate",
                         description="Accuracy (ONNX Runtime), latency and memory of both models on the same data, "
@@ -502,7 +508,7 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
     cfg = OptimizeConfig(device=a.device, level=a.level, fp16=a.fp16, quantize=a.quantize, block_size=a.block_size,
                          symmetric=a.symmetric, accuracy_level=a.accuracy_level, per_channel=a.per_channel,
                          quantize_lm_head=a.quantize_lm_head, factor_split=a.factor_split, atol=a.atol,
-                         allow_fusion_loss=a.allow_fusion_loss, fuse_attention=a.fuse_attention)
+                         allow_fusion_loss=a.allow_fusion_loss, fuse_attention=a.fuse_attention, genai=a.genai)
     from .exporters import optimize_onnx
 
     result = optimize_onnx(a.onnx, cfg, a.out, overwrite=a.overwrite)
@@ -525,6 +531,8 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
               + _decoder_note(result.parity))
     else:
         print("parity not run: CUDA graphs are checked on a CUDA machine")
+    if result.genai_config is not None:
+        print(f"onnxruntime-genai: {result.genai_config.name} written (onnxruntime_genai.Model(folder) serves it)")
     print(f"wrote {result.onnx_path}")
     return EXIT_OK
 

