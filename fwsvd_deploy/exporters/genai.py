@@ -77,8 +77,8 @@ def genai_config(config: Any, layout: CacheLayout, graph_inputs: list[str], *, d
     """
     generation = generation or {}
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
     inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
     if "position_ids" in graph_inputs:
         inputs["position_ids"] = "position_ids"
