@@ -83,3 +83,21 @@ def next_token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor |
         keep = mask[:, 1:].bool() & mask[:, :-1].bool()
         return float(nll[keep].sum()), int(keep.sum())
     return float(nll.sum()), int(target.numel())
+
+
+# Causal LMs whose logits are their output embeddings applied to the base model's last hidden state, unscaled.
+_PLAIN_HEAD_TYPES = ("llama", "mistral", "qwen2", "gpt2", "opt")
+
+
+def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """``(base model, LM head)`` of a causal LM whose logits are ``head(base(...).last_hidden_state)``, so that
+    perplexity can take one window's logits at a time (a batch of 8 windows of 256 tokens has 400 MB of logits
+    for a 49,152-token vocabulary); ``None`` for another model, which is run whole."""
+    if getattr(getattr(model, "config", None), "model_type", None) not in _PLAIN_HEAD_TYPES:
+        return None
+    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(body, nn.Module) or body is model or not isinstance(head, nn.Module):
+        return None
+    return body, head

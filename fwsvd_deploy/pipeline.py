@@ -375,6 +375,9 @@ def run_compress(
         report = compress(model, comp_cfg, stats)
     examples = sum(int(b["input_ids"].shape[0]) for b in batches)
     del batches
+    if stats is not None:  # what was collected stays on record; the tensors (without a cache: in memory) go
+        stats = replace(stats, **{k: {} for k in ("fisher", "second_moment", "abs_sum")
+                                  if getattr(stats, k) is not None})
     seconds = time.perf_counter() - start
     after = _evaluate_any(model, tokenizer, evaluation, data_cfg, progress) if evaluate_model else None
     calibration_record = None if stats is None and not cal_cfg.sequential else {

@@ -135,19 +135,29 @@ def evaluate_lm(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8,
                 progress: bool | None = None) -> EvalResult:
     """Perplexity of a causal LM over token windows: ``exp`` of the token-weighted mean next-token loss.
 
-    Each window is scored on its own (no context carried over): ``length - 1`` predicted tokens per window.
+    Each window is scored on its own (no context carried over): ``length - 1`` predicted tokens per window. The
+    head runs on one window at a time where the model allows it (:func:`~fwsvd_deploy.losses.split_head`): the
+    same losses, with one window's logits in memory instead of the batch's.
     """
     from .data import window_batches
-    from .losses import next_token_nll
+    from .losses import next_token_nll, split_head
 
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     batches = window_batches(windows, batch_size)
+    split = split_head(model)
     for batch in progress_bar(batches, progress=progress, desc="Perplexity", unit="batch", leave=False):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        nll, n = next_token_nll(logits, batch["input_ids"])
-        total, count = total + nll, count + n
+        if split is None:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            nll, n = next_token_nll(logits, batch["input_ids"])
+            total, count = total + nll, count + n
+            continue
+        body, head = split
+        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        for row, ids in zip(hidden, batch["input_ids"], strict=True):  # one window's logits at a time
+            nll, n = next_token_nll(head(row[None]), ids[None])
+            total, count = total + nll, count + n
     model.train(was_training)
     loss = total / max(count, 1)
     return EvalResult({"perplexity": math.exp(loss), "loss": loss, "tokens": float(count)}, int(windows.shape[0]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_model, toy_data
+from conftest import DECODERS, tiny_decoder, tiny_model, toy_data
 from fwsvd_deploy import CompressionConfig, FinetuneConfig, LowRankLinear, compress, evaluate, finetune
 
 
@@ -97,3 +97,22 @@ def test_factors_only_needs_a_compressed_model(tokenizer):
 
     with pytest.raises(FwsvdError, match="needs a compressed model"):
         finetune_lm(tiny_decoder("llama"), _text_windows(tokenizer, 8), FinetuneConfig(trainable="factors"))
+
+
+@pytest.mark.parametrize("family", DECODERS)
+@pytest.mark.parametrize("compressed", [False, True])
+def test_perplexity_one_window_of_logits_at_a_time_is_the_whole_batch_s(family, compressed):
+    """evaluate_lm runs the head window by window (split_head); the losses are those of the full logits."""
+    from fwsvd_deploy.losses import next_token_nll, split_head
+    from fwsvd_deploy.training import evaluate_lm
+
+    model = tiny_decoder(family)
+    if compressed:
+        compress(model, CompressionConfig(method="svd", ratio=0.5))
+    assert split_head(model) is not None
+    windows = torch.randint(5, 200, (5, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        nll, n = next_token_nll(model(input_ids=windows).logits, windows)
+    got = evaluate_lm(model, windows, batch_size=2)
+    assert got.metrics["tokens"] == n == 5 * 16
+    assert got.metrics["loss"] == pytest.approx(nll / n, rel=1e-6)
