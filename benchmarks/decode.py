@@ -19,6 +19,14 @@ decode can gain, the nodes in the graph and its fused operators.
         --graph keep-0.6=runs/smollm2/stages/optimize-candidate-<keep 0.6 key>
 
 Writes benchmarks/results/decode.json and decode.md.
+
+With ``--shape NAME`` (see ``shapes.py``: smollm2-135m, qwen2.5-0.5b, llama-3.2-1b, llama-2-7b, mistral-7b) the graphs
+are built instead of given: a decoder of that published architecture with random weights, dense and factorised
+at each of --keeps, exported with its cache and optimised into --work (reused by a later run), then timed the
+same way. Those results go to benchmarks/results/decode-shapes.json and .md, one entry per shape and device,
+with the bytes floor (weights read per token, candidate / baseline) beside each ratio:
+
+    python benchmarks/decode.py --shape qwen2.5-0.5b --keeps 0.8,0.6 --batches 1
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ from fwsvd_deploy.validators.generation import measure_generation
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import graph_folders  # noqa: E402
+from common import graph_folders, provenance  # noqa: E402
+from shapes import SHAPES, build, parameters, shape_config  # noqa: E402
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
@@ -72,8 +81,11 @@ def unfused(folder: Path, work: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--graph", action="append", required=True, metavar="NAME=FOLDER",
+    ap.add_argument("--graph", action="append", metavar="NAME=FOLDER",
                     help="an optimised decoder folder; the first is the baseline")
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="build the graphs: a published architecture, random "
+                    "weights (instead of --graph)")
+    ap.add_argument("--keeps", default="0.8,0.6", help="with --shape: the kept fractions to factorise at")
     ap.add_argument("--unfused", action="store_true", help="also time every graph with its attention unfused")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt-len", type=int, default=128)
@@ -84,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=None, help="where the unfused graphs go (default: a temporary folder)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
+    if (args.shape is None) == (args.graph is None):
+        ap.error("give --graph NAME=FOLDER (at least one) or --shape NAME, not both")
+    if args.shape is not None:
+        return shape_run(ap, args, argv)
     graphs = graph_folders(ap, args.graph)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
@@ -103,6 +119,104 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "decode.md").write_text(markdown(result))
     print(markdown(result))
     return 0
+
+
+def _keeps(ap: argparse.ArgumentParser, text: str) -> list[float]:
+    try:
+        keeps = [float(k) for k in text.split(",")]
+    except ValueError:
+        keeps = []
+    if not keeps or not all(0.0 < k < 1.0 for k in keeps):
+        ap.error(f"--keeps {text!r}: give kept fractions in (0, 1), comma-separated")
+    return keeps
+
+
+def shape_graphs(name: str, keeps: list[float], work: Path) -> dict[str, Path]:
+    """The optimised dense and factorised graphs of shape ``name``, built into ``work`` (kept, reused)."""
+    from fwsvd_deploy.config import ExportConfig
+    from fwsvd_deploy.exporters import export_onnx
+    from fwsvd_deploy.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")  # its ids lie inside every shape's vocabulary but Llama 2's
+    graphs = {}
+    for keep in [None, *keeps]:
+        label = "baseline" if keep is None else f"keep-{keep:g}"
+        optimised = work / name / f"{label}-opt"
+        if not (optimised / "model.onnx").is_file():
+            model_dir = build(name, keep, work / name / label, tokenizer) if not (work / name / label).is_dir() \
+                else work / name / label
+            exported = work / name / f"{label}-onnx"
+            if not (exported / "model.onnx").is_file():
+                export_onnx(model_dir, ExportConfig(task="text-generation-with-past"), exported, overwrite=True)
+            optimize_onnx(exported, OptimizeConfig(), optimised, overwrite=True)
+        graphs[label] = optimised
+    return graphs
+
+
+def shape_run(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
+    keeps = _keeps(ap, args.keeps)
+    config = shape_config(args.shape)
+    if config.vocab_size < 49152:
+        ap.error(f"--shape {args.shape}: its vocabulary ({config.vocab_size}) is smaller than the SmolLM2 "
+                 "tokenizer's the parity checks use")
+    if args.prompt_len + args.new_tokens > config.max_position_embeddings:
+        ap.error(f"--prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} is beyond {args.shape}'s "
+                 f"{config.max_position_embeddings} positions")
+    need = 4 * parameters(config) * 4  # fp32 weights: the model, its export, two optimiser copies
+    import psutil
+
+    if need > psutil.virtual_memory().total:
+        ap.error(f"--shape {args.shape}: {parameters(config) / 1e9:.2f} B parameters need about {need / 2**30:.0f} "
+                 f"GiB to build in float32 here, more than this machine's "
+                 f"{psutil.virtual_memory().total / 2**30:.0f} GiB")
+    work = args.work or Path(tempfile.gettempdir()) / "fwsvd-shapes"
+    graphs = shape_graphs(args.shape, keeps, work)
+    info = {name: describe(folder) for name, folder in graphs.items()}
+    timing = measure_generation(graphs, batch_sizes=tuple(int(b) for b in args.batches.split(",")),
+                                prompt_len=args.prompt_len, new_tokens=args.new_tokens, threads=args.threads,
+                                warmup=args.warmup, rounds=args.rounds, progress=True)
+    for name in info:
+        info[name]["weight_bytes_ratio"] = info[name]["weight_bytes"] / info["baseline"]["weight_bytes"]
+    entry = {"shape": args.shape, "parameters": parameters(config), "keeps": keeps,
+             **provenance("decode.py", argv), "graphs": info, "generation": timing}
+    path = args.out / "decode-shapes.json"
+    runs = json.loads(path.read_text())["runs"] if path.is_file() else []
+    runs = [r for r in runs if (r["shape"], r["generation"]["device"]) != (args.shape, timing["device"])] + [entry]
+    args.out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"runs": runs}, indent=2))
+    (args.out / "decode-shapes.md").write_text(shapes_markdown(runs))
+    print(shapes_markdown([entry]))
+    return 0
+
+
+def shapes_markdown(runs: list[dict]) -> str:
+    lines = ["# Decode speed at published sizes (random weights)", "",
+             "Each decoder is built from its architecture's public config with random weights (speed depends on "
+             "the graph's shapes, not on the values), factorised with uniform ranks (every layer keeps the same "
+             "fraction of its parameters), exported with the KV cache and optimised as `fwsvd-deploy run` does "
+             "(`benchmarks/shapes.py`). Decode: a prefill, then one token per step on the returned cache, "
+             "interleaved call by call. The bytes floor is the candidate's weights read per token over the "
+             "baseline's: what a memory-bound step can gain at best.", ""]
+    for r in runs:
+        g = r["generation"]
+        env = g.get("environment", {})
+        lines += [f"## {r['shape']} ({r['parameters'] / 1e9:.2f} B parameters), {g['device']}, {g['threads']} threads",
+                  "", f"`{r['command']}` ({r['date']}, commit {r['commit']}, {r['machine']}, onnxruntime "
+                  f"{env.get('versions', {}).get('onnxruntime')})", "",
+                  f"Prefill {g['prompt_tokens']} tokens, then {g['new_tokens']} decode steps; {g['rounds']} rounds.",
+                  "", "| batch | graph | weights read per token | bytes floor | decode ms/token | decode ratio | "
+                  "ratio / floor | prefill ms | prefill ratio |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for cell in g["cells"]:
+            for name, d in r["graphs"].items():
+                m, ratio = cell["models"][name], cell["ratios"].get(name)
+                floor = d["weight_bytes_ratio"]
+                dec = f"**{ratio['decode']['p50']:.3f}**" if ratio else ""
+                over = f"{ratio['decode']['p50'] / floor:.3f}" if ratio else ""
+                pre = f"{ratio['prefill']['p50']:.3f}" if ratio else ""
+                lines.append(f"| {cell['batch']} | {name} | {d['weight_bytes'] / 1e6:,.0f} MB | {floor:.3f} | "
+                             f"{m['decode']['mean_ms']:.2f} | {dec} | {over} | {m['prefill']['p50_ms']:.1f} | {pre} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def markdown(r: dict) -> str:
