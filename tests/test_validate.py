@@ -334,7 +334,7 @@ def test_pipeline_keys_name_what_made_the_artifact(monkeypatch):
         "optimize", "k", {"level": "O2"})
     assert set(pipeline._without(OptimizeConfig().to_dict(), pipeline._CHECK_ONLY["optimize"])) == {
         "device", "level", "fp16", "quantize", "block_size", "symmetric", "accuracy_level", "quantize_lm_head",
-        "per_channel", "factor_split", "fuse_attention"}
+        "per_channel", "factor_split", "fuse_attention", "genai"}
     # lowrank.py (the restore) and attention.py are code the optimise stage runs; families.py chooses its passes
     assert {"exporters", "families.py"} <= set(pipeline.STAGE_CODE["optimize"])
 
