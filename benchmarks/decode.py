@@ -105,13 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work or Path(tmp)
         if args.unfused:
             graphs |= {f"{name} (attention unfused)": unfused(folder, work) for name, folder in list(graphs.items())}
-        info = {name: describe(folder) for name, folder in graphs.items()}
-        timing = measure_generation(graphs, batch_sizes=tuple(int(b) for b in args.batches.split(",")),
-                                    prompt_len=args.prompt_len, new_tokens=args.new_tokens, threads=args.threads,
-                                    warmup=args.warmup, rounds=args.rounds, progress=True)
-    base = next(iter(graphs))
-    for name in info:
-        info[name]["weight_bytes_ratio"] = info[name]["weight_bytes"] / info[base]["weight_bytes"]
+        info, timing = timed(graphs, args)
     result = {"command": " ".join(["python", "benchmarks/decode.py", *(argv or sys.argv[1:])]), "graphs": info,
               "generation": timing}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -119,6 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "decode.md").write_text(markdown(result))
     print(markdown(result))
     return 0
+
+
+def timed(graphs: dict[str, Path], args: argparse.Namespace) -> tuple[dict, dict]:
+    """Each graph described, with its weight bytes over the first's, and the generation timings of all."""
+    info = {name: describe(folder) for name, folder in graphs.items()}
+    timing = measure_generation(graphs, batch_sizes=tuple(int(b) for b in args.batches.split(",")),
+                                prompt_len=args.prompt_len, new_tokens=args.new_tokens, threads=args.threads,
+                                warmup=args.warmup, rounds=args.rounds, progress=True)
+    base = info[next(iter(graphs))]["weight_bytes"]
+    for name in info:
+        info[name]["weight_bytes_ratio"] = info[name]["weight_bytes"] / base
+    return info, timing
 
 
 def _keeps(ap: argparse.ArgumentParser, text: str) -> list[float]:
@@ -137,14 +143,15 @@ def shape_graphs(name: str, keeps: list[float], work: Path) -> dict[str, Path]:
     from fwsvd_deploy.exporters import export_onnx
     from fwsvd_deploy.modeling import load_tokenizer
 
-    tokenizer = load_tokenizer("smollm2-135m")  # its ids lie inside every shape's vocabulary but Llama 2's
+    tokenizer = load_tokenizer("smollm2-135m")  # the parity checks' tokens; shape_run refuses smaller vocabularies
     graphs = {}
     for keep in [None, *keeps]:
         label = "baseline" if keep is None else f"keep-{keep:g}"
         optimised = work / name / f"{label}-opt"
         if not (optimised / "model.onnx").is_file():
-            model_dir = build(name, keep, work / name / label, tokenizer) if not (work / name / label).is_dir() \
-                else work / name / label
+            model_dir = work / name / label
+            if not model_dir.is_dir():  # written whole or not at all (save_model's temporary folder)
+                build(name, keep, model_dir, tokenizer)
             exported = work / name / f"{label}-onnx"
             if not (exported / "model.onnx").is_file():
                 export_onnx(model_dir, ExportConfig(task="text-generation-with-past"), exported, overwrite=True)
@@ -170,13 +177,7 @@ def shape_run(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
                  f"GiB to build in float32 here, more than this machine's "
                  f"{psutil.virtual_memory().total / 2**30:.0f} GiB")
     work = args.work or Path(tempfile.gettempdir()) / "fwsvd-shapes"
-    graphs = shape_graphs(args.shape, keeps, work)
-    info = {name: describe(folder) for name, folder in graphs.items()}
-    timing = measure_generation(graphs, batch_sizes=tuple(int(b) for b in args.batches.split(",")),
-                                prompt_len=args.prompt_len, new_tokens=args.new_tokens, threads=args.threads,
-                                warmup=args.warmup, rounds=args.rounds, progress=True)
-    for name in info:
-        info[name]["weight_bytes_ratio"] = info[name]["weight_bytes"] / info["baseline"]["weight_bytes"]
+    info, timing = timed(shape_graphs(args.shape, keeps, work), args)
     entry = {"shape": args.shape, "parameters": parameters(config), "keeps": keeps,
              **provenance("decode.py", argv), "graphs": info, "generation": timing}
     path = args.out / "decode-shapes.json"

@@ -148,15 +148,14 @@ def evaluate_lm(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8,
     batches = window_batches(windows, batch_size)
     split = split_head(model)
     for batch in progress_bar(batches, progress=progress, desc="Perplexity", unit="batch", leave=False):
+        ids, inputs = batch["input_ids"], {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if split is None:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            nll, n = next_token_nll(logits, batch["input_ids"])
-            total, count = total + nll, count + n
-            continue
-        body, head = split
-        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        for row, ids in zip(hidden, batch["input_ids"], strict=True):  # one window's logits at a time
-            nll, n = next_token_nll(head(row[None]), ids[None])
+            pieces = [(model(**inputs).logits, ids)]
+        else:  # one window's logits at a time
+            hidden = split[0](**inputs).last_hidden_state
+            pieces = ((split[1](row[None]), window[None]) for row, window in zip(hidden, ids, strict=True))
+        for logits, window in pieces:
+            nll, n = next_token_nll(logits, window)
             total, count = total + nll, count + n
     model.train(was_training)
     loss = total / max(count, 1)

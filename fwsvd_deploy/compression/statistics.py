@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -264,19 +264,18 @@ class LazyTensors(Mapping[str, torch.Tensor]):
     """Tensors of a safetensors file, each read when asked for and not kept: the statistics of a 135 M decoder are
     1.2 GB, and compression needs one layer's at a time.
 
-    ``prefix`` selects the keys that start with it (and drops it from their names).
+    ``prefix`` selects the keys that start with it (and drops it from their names); ``meta`` is the file's
+    ``meta`` metadata entry (JSON), read with the keys.
     """
 
     def __init__(self, path: str | Path, prefix: str = "") -> None:
-        from safetensors import safe_open
-
         self.path, self.prefix = str(path), prefix
         with safe_open(self.path, "pt") as f:
-            self._keys = tuple(k[len(prefix):] for k in f.keys() if k.startswith(prefix))  # noqa: SIM118 (a safe_open handle, not a dict)
+            keys = f.keys()
+            self.meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        self._keys = dict.fromkeys(k[len(prefix):] for k in keys if k.startswith(prefix))  # ordered, O(1) lookup
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         if key not in self._keys:
             raise KeyError(key)
         with safe_open(self.path, "pt") as f:
@@ -292,16 +291,13 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         return key in self._keys
 
 
-def _load_cache(path: Path, kind: str, targets: list[Target]) -> tuple[LazyTensors, dict] | None:
-    """The cached tensors (read on demand) and metadata, or ``None`` on a miss; an unreadable file is a miss."""
+def _load_cache(path: Path, kind: str, targets: list[Target]) -> LazyTensors | None:
+    """The cached tensors (read on demand, their metadata in ``.meta``), or ``None`` on a miss; an unreadable file
+    is a miss."""
     if not path.is_file():
         return None
-    from safetensors import safe_open
-
     try:
         tensors = LazyTensors(path)
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         import logging
 
@@ -311,9 +307,9 @@ def _load_cache(path: Path, kind: str, targets: list[Target]) -> tuple[LazyTenso
     names = {t.name for t in targets}
     if kind == FISHER and set(tensors) != names:
         return None
-    if kind == INPUTS and set(meta.get("input_of", {})) != names:
+    if kind == INPUTS and set(tensors.meta.get("input_of", {})) != names:
         return None
-    return tensors, meta
+    return tensors
 
 
 def _save_cache(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -391,7 +387,7 @@ def collect_statistics(
         if loss != "causal_lm" and "labels" not in batches[0]:
             raise FisherError("Fisher needs labelled examples; the calibration data has no labels")
     keys: dict[str, str] = {}
-    cached: dict[str, tuple[dict[str, torch.Tensor], dict]] = {}
+    cached: dict[str, LazyTensors] = {}
     model_hash, data_hash = model_fingerprint(model), ""
     if cache_dir is not None:
         data_hash = _batches_fingerprint(batches)
@@ -431,12 +427,12 @@ def collect_statistics(
             torch.distributed.barrier()
     fisher = result.get("fisher")
     if FISHER in cached:
-        fisher = cached[FISHER][0]
+        fisher = cached[FISHER]
     moments, abs_sums = result.get("moments"), result.get("abs_sums")
     input_of, tokens = result.get("input_of", {}), result.get("tokens", {})
     if INPUTS in cached:
-        tensors, meta = cached[INPUTS]
-        moments, abs_sums = LazyTensors(tensors.path, "moment."), LazyTensors(tensors.path, "abs.")
+        path, meta = cached[INPUTS].path, cached[INPUTS].meta
+        moments, abs_sums = LazyTensors(path, "moment."), LazyTensors(path, "abs.")
         input_of, tokens = dict(meta["input_of"]), {k: int(v) for k, v in meta["tokens"].items()}
     paths = tuple(str(Path(cache_dir) / f"{k}-{keys[k]}.safetensors") for k in kinds) if cache_dir else ()
     return CalibrationStats(

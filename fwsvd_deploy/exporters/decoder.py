@@ -320,7 +320,8 @@ def greedy(decoder: Decoder, ids: np.ndarray, mask: np.ndarray, tokens: int, *,
     logits, state = decoder.start(ids, mask, positions_of(mask))
     chosen, seen = [], []
     for i in range(tokens):
-        seen.append(logits[:, -1])
+        if keep_logits:
+            seen.append(logits[:, -1])
         token = logits[:, -1].argmax(axis=-1)[:, None].astype(np.int64)
         chosen.append(token)
         if i + 1 == tokens:

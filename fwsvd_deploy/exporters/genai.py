@@ -88,8 +88,8 @@ def genai_config(config: Any, layout: CacheLayout, graph_inputs: list[str], *, d
     def special(key: str) -> Any:
         return _token_id(generation.get(key, getattr(config, key, None)))
 
-    search = {key: generation.get(key, default) for key, default in _SEARCH_DEFAULTS.items()}
-    search = {key: (search[key] if search[key] is not None else default) for key, default in _SEARCH_DEFAULTS.items()}
+    search = {key: default if generation.get(key) is None else generation[key]
+              for key, default in _SEARCH_DEFAULTS.items()}
     return {
         "model": {
             "bos_token_id": special("bos_token_id"),
