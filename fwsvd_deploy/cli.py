@@ -384,6 +384,10 @@ def _add_measure_args(p: argparse.ArgumentParser) -> None:
                    help="decode steps timed (default: %(default)s)")
     g.add_argument("--gen-batch-sizes", default=_csv(default(ValidateConfig, "gen_batch_sizes")),
                    help="batch sizes of the timed generation (default: %(default)s)")
+    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture each decode step in a CUDA graph and replay it, on one shared max-length KV cache "
+                        "(--device cuda; graphs optimised with --device cuda --fp16). Default: on for CUDA where "
+                        "every graph allows it")
 
 
 def _int_list(flag: str, value: str) -> tuple[int, ...]:
@@ -397,7 +401,8 @@ def _validate_config(a: argparse.Namespace, **extra: Any) -> ValidateConfig:
     return ValidateConfig(device=a.device, threads=a.threads, batch_sizes=_int_list("--batch-sizes", a.batch_sizes),
                           seq_lens=_int_list("--seq-lens", a.seq_lens), rounds=a.rounds, warmup=a.warmup,
                           prompt_len=a.prompt_len, new_tokens=a.new_tokens,
-                          gen_batch_sizes=_int_list("--gen-batch-sizes", a.gen_batch_sizes), **extra)
+                          gen_batch_sizes=_int_list("--gen-batch-sizes", a.gen_batch_sizes),
+                          cuda_graph=a.cuda_graph, **extra)
 
 
 def _progress(a: argparse.Namespace) -> bool | None:
@@ -630,7 +635,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 
         result = measure_generation(names, device=cfg.device, batch_sizes=cfg.gen_batch_sizes,
                                     prompt_len=cfg.prompt_len, new_tokens=cfg.new_tokens, threads=cfg.threads,
-                                    warmup=cfg.warmup, rounds=cfg.rounds, progress=_progress(a))
+                                    warmup=cfg.warmup, rounds=cfg.rounds, progress=_progress(a),
+                                    cuda_graph=cfg.cuda_graph)
         lines = generation_table(result)
     else:
         result = measure_latency(names, device=cfg.device, batch_sizes=cfg.batch_sizes, seq_lens=cfg.seq_lens,

@@ -444,8 +444,9 @@ class OptimizeConfig(_Config):
         validate_shapes: (batch, sequence) pairs for the parity check.
         allow_fusion_loss: accept a graph with fewer fused operators than its dense-structured reference (an
             error otherwise); the manifest and the validation report say so.
-        fuse_attention: for decoders of the rotary families (Llama, Mistral, Qwen2) on the CPU, fuse each exported
-            attention block into one ``GroupQueryAttention`` (baseline and candidate alike). ``False`` keeps the
+        fuse_attention: for decoders of the rotary families (Llama, Mistral, Qwen2) on the CPU and on CUDA in
+            float16, fuse each exported attention block into one ``GroupQueryAttention`` (baseline and candidate
+            alike; on CUDA with each row's length instead of a padding bias, so rows must not be left-padded). ``False`` keeps the
             exported attention, which also takes several new tokens on top of a cache at any batch size (ONNX
             Runtime's operator takes them only at batch 1; generation feeds one token per step).
         genai: write ``genai_config.json`` beside a decoder's graph, so that onnxruntime-genai serves the folder
@@ -626,6 +627,9 @@ class ValidateConfig(_Config):
         gen_batch_sizes: the batch sizes the generation is timed at.
         parity_windows: a causal language model's ONNX-vs-PyTorch perplexity check (when PyTorch folders are
             given) runs on this many of the evaluation windows, the first ones; ``None``: on all of them.
+        cuda_graph: a causal language model's timed decode steps are captured in a CUDA graph and replayed, on one
+            shared max-length KV cache (``device: cuda``, graphs optimised for CUDA in float16); ``None``: on CUDA
+            whenever both graphs allow it, off elsewhere; ``true`` on another device is refused.
     """
 
     device: str = "cpu"
@@ -644,10 +648,17 @@ class ValidateConfig(_Config):
     new_tokens: int = 32
     gen_batch_sizes: tuple[int, ...] = (1, 8)
     parity_windows: int | None = None
+    cuda_graph: bool | None = None
 
     def __post_init__(self) -> None:
         _check_int("parity_windows", self.parity_windows, 1, optional=True)
         _check_choice("device", self.device, RUN_DEVICES)
+        if self.cuda_graph not in (None, True, False):
+            raise ConfigError(f"cuda_graph={self.cuda_graph!r} must be true, false or null (on for CUDA where the "
+                              "graphs allow it)")
+        if self.cuda_graph and self.device != "cuda":
+            raise ConfigError(f"cuda_graph needs device cuda, not {self.device}: CUDA graphs are captured by the "
+                              "CUDA provider; drop --cuda-graph (or cuda_graph: true)")
         _check_int("prompt_len", self.prompt_len, 1)
         _check_int("new_tokens", self.new_tokens, 1)
         object.__setattr__(self, "gen_batch_sizes", _check_int_list("gen_batch_sizes", self.gen_batch_sizes))

@@ -129,3 +129,14 @@ def replace_dir(new: Path, target: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the system (glibc's ``malloc_trim``), so that a model copy
+    let go between stages of a long step no longer counts in the process's resident memory."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -135,9 +135,10 @@ def test_rotary_attention_becomes_one_group_query_attention_per_layer(decoders, 
     exported attention and the model's own mask construction gone; parity is asserted above on left-padded rows."""
     _, exported, optimized = decoders(family, variant)
     n = _layers(family)
-    assert optimized.attention == AttentionFusion(n, n, None)
+    assert optimized.attention == AttentionFusion(n, n, None, "bias")
     manifest = json.loads((optimized.out_dir / "manifest.json").read_text())
-    assert manifest["attention_fusion"] == {"fused": n, "blocks": n, "note": None}
+    assert manifest["attention_fusion"] == {"fused": n, "blocks": n, "note": None, "padding": "bias",
+                                           "shares_cache": False}
     graph = onnx.load(str(optimized.onnx_path)).graph
     ops = [node.op_type for node in graph.node]
     assert ops.count("GroupQueryAttention") == n and "Softmax" not in ops and "IsNaN" not in ops
@@ -206,13 +207,13 @@ def test_fused_attention_takes_a_chunk_on_top_of_the_cache_at_batch_1(decoders, 
 
 
 def test_attention_fusion_blockers(tmp_path, lm_tokenizer):
-    """CUDA graphs and binding sliding windows keep the exported attention, saying why; parity still holds. A window
+    """Float32 CUDA graphs and binding sliding windows keep the exported attention, saying why; parity holds. A window
     of 8 is shorter than the parity prefills: PyTorch's sliding-window cache keeps the last positions only, and the
     export compares those."""
     from transformers import AutoModelForCausalLM, MistralConfig
 
     assert attention_blocker(LM_DECODER_CONFIGS["llama"](), "cpu") is None
-    assert "CPU only" in attention_blocker(LM_DECODER_CONFIGS["llama"](), "cuda")
+    assert "float16 only" in attention_blocker(LM_DECODER_CONFIGS["llama"](), "cuda")
     assert attention_blocker(LM_DECODER_CONFIGS["mistral"](), "cpu") is None  # window 4096 > 128 positions
     config = MistralConfig(**{**LM_DECODER_CONFIGS["mistral"]().to_dict(), "sliding_window": 8})
     config.bos_token_id, config.eos_token_id = lm_tokenizer.bos_token_id, lm_tokenizer.eos_token_id
@@ -265,7 +266,7 @@ def test_text_generation_without_cache(tmp_path, lm_tokenizer):
     assert "prefill_cache" not in exported.parity["shapes"][0]
     optimized = optimize_onnx(exported.out_dir, OptimizeConfig(), tmp_path / "opt")
     assert optimized.parity["passed"] and optimized.fusions_complete and optimized.low_rank_layers == 14
-    assert optimized.attention == AttentionFusion(2, 2, None)  # no cache: no past, fresh present outputs
+    assert optimized.attention == AttentionFusion(2, 2, None, "bias")  # no cache: no past, fresh present outputs
 
 
 def test_external_data(tmp_path, lm_tokenizer):
@@ -299,10 +300,21 @@ def test_fp16_cuda_graph_is_written_and_refuses_to_run_without_cuda(decoders, tm
     result = optimize_onnx(exported.out_dir, OptimizeConfig(device="cuda", fp16=True), tmp_path / "fp16")
     model = onnx.load(str(result.onnx_path))
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
-    assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in model.graph.input
-               if i.name.startswith("past_key_values"))
-    assert result.parity is None and result.fusions == {**fp32.fusions, "attention": 0}
-    assert result.attention.fused == 0 and "CPU only" in result.attention.note
+    kinds = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+    cache = [name for name in kinds if name.startswith(("past_key_values.", "present."))]
+    assert len(cache) == 8 and all(kinds[name] == onnx.TensorProto.FLOAT16 for name in cache)  # no Cast on the cache
+    assert kinds["logits"] == onnx.TensorProto.FLOAT
+    # Casts only at the edge: the logits' and the two int ones of the attention's lengths, none inside a block
+    producers = {o: n for n in model.graph.node for o in n.output}
+    casts = [n for n in model.graph.node if n.op_type == "Cast"]
+    assert result.operators["Cast"] == len(casts) == 3
+    assert {n.output[0] for n in casts if n.output[0] in kinds} == {"logits"}
+    assert all(producers[n.input[0]].op_type in ("Gather", "ReduceSum") for n in casts if n.output[0] != "logits")
+    assert result.parity is None and result.fusions == fp32.fusions  # attention fused for CUDA too
+    assert result.attention == AttentionFusion(2, 2, None, "lengths") and result.attention.shares_cache
+    manifest = json.loads((result.out_dir / "manifest.json").read_text())
+    assert manifest["kv_cache"]["dtype_bytes"] == 2
+    assert manifest["kv_cache"]["bytes_per_token"] == exported.kv_cache.bytes_per_token // 2
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(DeviceUnavailableError, match="CUDA is not available"):
             make_session(result.onnx_path, "cuda")

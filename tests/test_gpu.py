@@ -200,15 +200,60 @@ def test_cuda_decoder_matches_the_cpu_graph_with_the_cache(decoder_graphs, token
     assert report["passed"] and report["greedy"]["identical"]
 
 
-@pytest.mark.parametrize("name", ["base", "svd"])
-def test_cuda_fp16_decoder_tracks_the_cpu_float32_graph(decoder_graphs, tokenizer, name):
-    from fwsvd_deploy.exporters.decoder import OnnxDecoder, Tolerance, decoder_parity
+def _decode_logits(folder, device, batch=2, **kwargs):
+    """Decode-step logits of a fixed unpadded generation (9 prompt tokens, 6 steps) through the timed loop."""
+    from fwsvd_deploy.validators.decoder import DecoderGraph
+    from fwsvd_deploy.validators.generation import Generation, generation_tokens
 
-    reference = OnnxDecoder(make_session(decoder_graphs[f"{name}-cpu"].onnx_path, "cpu"))
-    fp16 = OnnxDecoder(make_session(decoder_graphs[f"{name}-fp16"].onnx_path, "cuda"))
-    report = decoder_parity(fp16, reference, tokenizer, OptimizeConfig().validate_shapes,
-                            Tolerance(min_sqnr_db=TOL["fp16_snr_db"], min_agreement=0.99), what="CUDA fp16 vs CPU")
-    assert report["passed"] and all(row["sqnr_db"] >= TOL["fp16_snr_db"] for row in report["shapes"])
+    session = make_session(folder / "model.onnx", device, cuda_graph=kwargs.get("cuda_graph", False))
+    graph = DecoderGraph.from_session(session, folder)
+    runner = Generation(session, graph, generation_tokens(graph.vocab, batch, 15), 9, device, **kwargs)
+    runner.run()  # a first generation: the CUDA graph is captured on the first runs of its decode step
+    return np.stack(runner.run(keep_logits=True)[2]).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["base", "svd"])
+def test_cuda_fp16_decoder_tracks_the_cpu_float32_graph(decoder_graphs, name):
+    """The fp16 graph's attention is fused with lengths (CUDA's kernel): checked on unpadded rows, as generation
+    feeds them, against the float32 CPU graph; its KV cache is float16 in and out."""
+    fp16 = decoder_graphs[f"{name}-fp16"]
+    assert fp16.attention.shares_cache and fp16.operators["Cast"] == 3
+    want = _decode_logits(decoder_graphs[f"{name}-cpu"].out_dir, "cpu")
+    got = _decode_logits(fp16.out_dir, "cuda")
+    assert snr_db(want, got) >= TOL["fp16_snr_db"]
+    assert (want.argmax(-1) == got.argmax(-1)).mean() >= 0.99
+
+
+@pytest.mark.parametrize("name", ["base", "svd"])
+def test_captured_decode_steps_replay_what_the_growing_cache_computes(decoder_graphs, name):
+    """One shared max-length cache, the decode step captured once as a CUDA graph and replayed per token, the
+    inputs refilled in place: the same logits as the uncaptured loop on a cache grown each step."""
+    folder = decoder_graphs[f"{name}-fp16"].out_dir
+    grown = _decode_logits(folder, "cuda")
+    shared = _decode_logits(folder, "cuda", shared_cache=True)
+    captured = _decode_logits(folder, "cuda", shared_cache=True, cuda_graph=True)
+    assert snr_db(grown, shared) >= TOL["fp16_snr_db"] and snr_db(grown, captured) >= TOL["fp16_snr_db"]
+    assert np.abs(shared - captured).max() <= 1e-3  # the same kernels, replayed
+
+
+def test_generation_on_cuda_captures_where_both_graphs_allow_it(decoder_graphs):
+    from fwsvd_deploy.errors import ConfigError
+    from fwsvd_deploy.validators.generation import measure_generation
+
+    def pair(variant):
+        return {"baseline": decoder_graphs[f"base-{variant}"].out_dir,
+                "candidate": decoder_graphs[f"svd-{variant}"].out_dir}
+
+    timing = measure_generation(pair("fp16"), device="cuda", batch_sizes=(1, 4), prompt_len=8, new_tokens=6,
+                                warmup=1, rounds=3, progress=False)
+    assert timing["cuda_graph"] and timing["kv_cache"] == "one shared max-length buffer"
+    assert all(c["models"][r]["decode"]["mean_ms"] > 0 for c in timing["cells"] for r in ("baseline", "candidate"))
+    plain = measure_generation(pair("cuda"), device="cuda", batch_sizes=(1,), prompt_len=8, new_tokens=4, warmup=1,
+                               rounds=2, progress=False)
+    assert plain["cuda_graph"] is False and plain["kv_cache"] == "grown each step"
+    with pytest.raises(ConfigError, match="shapes change under a captured graph"):
+        measure_generation(pair("cuda"), device="cuda", batch_sizes=(1,), prompt_len=8, new_tokens=4,
+                           cuda_graph=True, progress=False)
 
 
 @pytest.mark.parametrize("name", ["base", "svd"])

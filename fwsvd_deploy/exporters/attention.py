@@ -31,7 +31,14 @@ model's own mask construction) goes.
 
 Limits, both ONNX Runtime's: the operator takes several new tokens at once on top of a cache only at batch 1
 (prefill with an empty cache and one-token decode steps take any batch, which is what generation does), and the
-additive bias is implemented on the CPU here; CUDA graphs keep the exported attention.
+additive bias is implemented on the CPU only.
+
+For CUDA (``padding="lengths"``: float16 graphs, the operator's CUDA kernel takes no float32) the block is fused
+without the bias, as onnxruntime-genai's graphs are: ``seqlens_k`` is each row's count of real tokens minus one
+(``ReduceSum`` of ``attention_mask``), ``total_length`` the mask's width. Rows must then be unpadded or padded on
+the right (what generation feeds), and the graph can run on one preallocated max-length cache that past and present
+share (the same buffer bound to both): the mask may be as wide as the buffer, zeros after each row's tokens, so that
+every decode step has the same shapes, which a captured CUDA graph needs.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from .lowrank import MS_DOMAIN, GraphBuilder, node_attribute
 
 _ONNX_DOMAINS = ("", "ai.onnx")
 _REPEAT_OPS = ("Reshape", "Expand", "Unsqueeze")  # repeat_kv: Unsqueeze -> Expand -> Reshape
+PADDING = ("bias", "lengths")  # how the fused operator learns each row's tokens: additive bias, or seqlens_k
 _HEADS_FIRST = [0, 2, 1, 3]  # [batch, seq, heads, dim] <-> [batch, heads, seq, dim]
 
 
@@ -61,14 +69,23 @@ class AttentionFusion:
         fused: attention blocks now one ``GroupQueryAttention``.
         blocks: attention blocks found (Softmax nodes of the graph).
         note: why nothing was fused, when that is so.
+        padding: how the fused operators mask padding (:data:`PADDING`); ``None`` when none was fused.
     """
 
     fused: int
     blocks: int
     note: str | None = None
+    padding: str | None = None
+
+    @property
+    def shares_cache(self) -> bool:
+        """Whether the graph can run on one max-length cache buffer shared by past and present, fed a mask as wide
+        as the buffer: every block fused, each row's length given by ``seqlens_k``."""
+        return self.padding == "lengths" and self.fused == self.blocks > 0
 
     def to_dict(self) -> dict[str, object]:
-        return {"fused": self.fused, "blocks": self.blocks, "note": self.note}
+        return {"fused": self.fused, "blocks": self.blocks, "note": self.note, "padding": self.padding,
+                "shares_cache": self.shares_cache}
 
 
 @dataclass(frozen=True)
@@ -233,13 +250,21 @@ def attention_blocks(model: onnx.ModelProto) -> int:
     return sum(1 for n in model.graph.node if n.op_type == "Softmax" and n.domain in _ONNX_DOMAINS)
 
 
-def attention_blocker(config: object, device: str, enabled: bool = True) -> str | None:
+def attention_padding(device: str) -> str:
+    """How the fused operator of a ``device`` graph masks padding (:data:`PADDING`): a bias on the CPU, lengths
+    on CUDA."""
+    return "bias" if device == "cpu" else "lengths"
+
+
+def attention_blocker(config: object, device: str, enabled: bool = True, fp16: bool = False) -> str | None:
     """Why a decoder of ``config`` optimised for ``device`` keeps its exported attention; ``None`` when it need not."""
     if not enabled:
         return "fuse_attention is off"
-    if device != "cpu":
-        return (f"GroupQueryAttention with a padding bias is fused for the CPU only; the {device} graph keeps the "
-                "exported attention")
+    if device == "cuda" and not fp16:
+        return ("GroupQueryAttention's CUDA kernel takes float16 only; the float32 CUDA graph keeps the exported "
+                "attention (optimise with --fp16 to fuse it)")
+    if device not in ("cpu", "cuda"):
+        return f"attention is fused for the CPU and CUDA only; the {device} graph keeps the exported attention"
     window = getattr(config, "sliding_window", None)
     positions = getattr(config, "max_position_embeddings", None)
     if window is not None and (positions is None or int(window) < int(positions)):
@@ -277,9 +302,10 @@ def runtime_supports_fusion() -> bool:
         return False
 
 
-def _shared_inputs(build: GraphBuilder) -> tuple[list[onnx.NodeProto], str, str, str]:
+def _shared_inputs(build: GraphBuilder, padding: str = "bias") -> tuple[list[onnx.NodeProto], str, str, str]:
     """Nodes computing ``seqlens_k`` (int32 ``[batch]``), ``total_length`` (int32 scalar) and the padding bias
-    (float32 ``[batch, 1, seq, total]``) from ``input_ids`` and ``attention_mask``; and those three names."""
+    (float32 ``[batch, 1, seq, total]``) from ``input_ids`` and ``attention_mask``; and those three names (the bias
+    ``""`` with ``padding="lengths"``, where ``seqlens_k`` counts each row's real tokens instead)."""
     const = build.initializer
     nodes: list[onnx.NodeProto] = []
 
@@ -293,7 +319,12 @@ def _shared_inputs(build: GraphBuilder) -> tuple[list[onnx.NodeProto], str, str,
     mask_shape = op("Shape", ["attention_mask"], "mask_shape")
     total = op("Cast", [op("Gather", [mask_shape, one], "total_1d", axis=0)], "total_1d_int32", to=TensorProto.INT32)
     total_scalar = op("Squeeze", [total, zero], "total_length")
-    last = op("Sub", [total, const(np.array([1], np.int32), "attention_one_int32")], "last_index")
+    one_int32 = const(np.array([1], np.int32), "attention_one_int32")
+    if padding == "lengths":
+        tokens = op("Cast", [op("ReduceSum", ["attention_mask", one], "tokens", keepdims=0)], "tokens_int32",
+                    to=TensorProto.INT32)
+        return nodes, op("Sub", [tokens, one_int32], "seqlens_k"), total_scalar, ""
+    last = op("Sub", [total, one_int32], "last_index")
     seqlens = op("Expand", [last, op("Slice", [mask_shape, zero, one], "batch")], "seqlens_k")
     padded = op("Equal", ["attention_mask", const(np.array(0, np.int64), "attention_zero_scalar")], "padded")
     minimum = const(np.array(np.finfo(np.float32).min, np.float32), "attention_mask_min")
@@ -305,12 +336,16 @@ def _shared_inputs(build: GraphBuilder) -> tuple[list[onnx.NodeProto], str, str,
     return nodes, seqlens, total_scalar, bias
 
 
-def fuse_decoder_attention(model: onnx.ModelProto, *, num_heads: int, num_kv_heads: int) -> tuple[
-        onnx.ModelProto, AttentionFusion]:
+def fuse_decoder_attention(model: onnx.ModelProto, *, num_heads: int, num_kv_heads: int,
+                           padding: str = "bias") -> tuple[onnx.ModelProto, AttentionFusion]:
     """A copy of a topologically sorted decoder graph with every exported rotary attention block fused.
 
+    ``padding`` is how the operator learns which keys are real: ``"bias"`` (any padding; the CPU), or
+    ``"lengths"`` (unpadded or right-padded rows; CUDA, and a shared max-length cache).
     A graph in which no block matches comes back as it was, with the reason in the result's ``note``.
     """
+    if padding not in PADDING:
+        raise ValueError(f"padding must be one of {PADDING}, not {padding!r}")
     graph_inputs = {i.name for i in model.graph.input}
     blocks_seen = attention_blocks(model)
     if not {"input_ids", "attention_mask"} <= graph_inputs:
@@ -319,7 +354,7 @@ def fuse_decoder_attention(model: onnx.ModelProto, *, num_heads: int, num_kv_hea
     if mask_type != TensorProto.INT64:
         return model, AttentionFusion(0, blocks_seen, f"attention_mask is {TensorProto.DataType.Name(mask_type)}, "
                                                       "not INT64 as optimum exports it")
-    if not runtime_supports_fusion():
+    if padding == "bias" and not runtime_supports_fusion():
         return model, AttentionFusion(0, blocks_seen, "this ONNX Runtime's GroupQueryAttention takes no attention "
                                                       "bias on the CPU; attention left as exported")
     copied = onnx.ModelProto()
@@ -331,7 +366,7 @@ def fuse_decoder_attention(model: onnx.ModelProto, *, num_heads: int, num_kv_hea
         return model, AttentionFusion(0, blocks_seen, "no attention block of the exported rotary form was found")
     build = GraphBuilder(copied.graph)
     name = build.unique
-    shared, seqlens, total, bias = _shared_inputs(build)
+    shared, seqlens, total, bias = _shared_inputs(build, padding)
     replaced = {id(n) for b in blocks for n in b.replaced}
     # each block's new nodes go where its output was produced; the shared inputs (of graph inputs only) first
     new_nodes: dict[int, list[onnx.NodeProto]] = {}
@@ -347,9 +382,11 @@ def fuse_decoder_attention(model: onnx.ModelProto, *, num_heads: int, num_kv_hea
             rotated.append(out)
         outputs = [block.out3, block.present_key or name(f"present_key_{i}"),
                    block.present_value or name(f"present_value_{i}")]
+        inputs = [*rotated, block.v3, block.past_key, block.past_value, seqlens, total, "", "", "", bias]
+        while not inputs[-1]:  # no bias: the optional inputs after total_length are left off
+            inputs.pop()
         nodes.append(helper.make_node(
-            "GroupQueryAttention",
-            [*rotated, block.v3, block.past_key, block.past_value, seqlens, total, "", "", "", bias], outputs,
+            "GroupQueryAttention", inputs, outputs,
             name=name(f"GroupQueryAttention_{i}"), domain=MS_DOMAIN, num_heads=num_heads, kv_num_heads=num_kv_heads,
             scale=float(block.scale), do_rotary=0, local_window_size=-1))
         out_node = block.replaced[-1]
@@ -365,7 +402,7 @@ def fuse_decoder_attention(model: onnx.ModelProto, *, num_heads: int, num_kv_hea
     _tidy(copied)
     if not any(o.domain == MS_DOMAIN for o in copied.opset_import):
         copied.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return copied, AttentionFusion(len(blocks), blocks_seen)
+    return copied, AttentionFusion(len(blocks), blocks_seen, padding=padding)
 
 
 def _tidy(model: onnx.ModelProto) -> None:

@@ -65,7 +65,8 @@ class CacheLayout:
         present_outputs: the matching outputs, ``present.N.key`` / ``.value``.
         num_kv_heads: key/value heads (fewer than the query heads under grouped-query attention).
         head_dim: size of one head.
-        dtype_bytes: bytes per cached number (4: float32 inputs, also for float16 graphs that keep float32 I/O).
+        dtype_bytes: bytes per cached number (4: float32; 2 in the manifest of a float16 graph, whose cache is
+            float16 in and out).
     """
 
     past_inputs: tuple[str, ...]

@@ -5,8 +5,9 @@ and outputs (``input_ids``, ``attention_mask``, ``position_ids``, ``past_key_val
 ``logits``, ``present.%d.key`` / ``.value``: the names optimum-onnx writes, which are also genai's own), the
 cache's shape (layers, key/value heads, head size), the special tokens and the search defaults. The tokenizer
 files already sit in the folder. The graph itself is left as it is: genai feeds it a cache that grows by one
-position per step (``past_present_share_buffer: false``), which is what our graphs take on every provider;
-genai's shared max-length buffer needs a ``GroupQueryAttention`` built for it and is not written.
+position per step (``past_present_share_buffer: false``), which is what our graphs take on every provider. CPU
+graphs mask padding with a bias that genai's shared max-length buffer would not fill in; the CUDA float16 graphs
+(attention fused with lengths) could share one, but genai on CUDA has not been run against them, so none is written.
 """
 
 from __future__ import annotations

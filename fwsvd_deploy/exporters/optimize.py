@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -17,8 +18,14 @@ from ..errors import ConfigError, ExportError, FusionLossError, first_line
 from ..families import Family, family_of, optimisable
 from ..manifest import file_sha256, folder_fingerprint, read_manifest, write_manifest
 from ..modeling import is_causal_lm, load_tokenizer
-from ..outputs import atomic_output_dir, check_output_dir
-from .attention import AttentionFusion, attention_blocker, attention_blocks, fuse_decoder_attention
+from ..outputs import atomic_output_dir, check_output_dir, release_memory
+from .attention import (
+    AttentionFusion,
+    attention_blocker,
+    attention_blocks,
+    attention_padding,
+    fuse_decoder_attention,
+)
 from .decoder import CacheLayout, check_positions, optimised_parity
 from .genai import GENAI_FILE, check_servable, write_genai_config
 from .lowrank import MS_DOMAIN, densify, find_pairs, inline_identities, resplit_factors, restore
@@ -251,11 +258,15 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
     attention = None
     if cfg.level == "O1":
         optimized = model  # basic rewrites happen when the session loads the graph (see below)
-    else:
+    else:  # each stage's input is let go as soon as the next exists: one or two copies of the model at a time
         dense, index = densify(model)
+        del model
+        release_memory()
         if decoder:
             dense = constants_to_initializers(dense)
         fused = _ort_optimize(dense, cfg, family, heads, hidden)
+        del dense
+        release_memory()
         if decoder and family.fuse_attention:
             fused, attention = _fuse_attention(fused, cfg, config, heads)
         if len(index):
@@ -263,11 +274,17 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
             optimized = restore(fused, index)
         else:
             optimized = fused
+        del fused, index
+        release_memory()
     if cfg.fp16:
         from onnxruntime.transformers.onnx_model import OnnxModel
 
         wrapper = OnnxModel(optimized)
-        wrapper.convert_float_to_float16(keep_io_types=True)
+        # a decoder's KV cache stays float16 in and out (no Cast on past or present, half the cache's memory);
+        # float inputs and outputs otherwise stay float32, with their Casts at the graph's edge
+        past = {i.name for i in optimized.graph.input if i.name.startswith("past_key_values.")}
+        keep = True if not past else [o.name for o in optimized.graph.output if not o.name.startswith("present.")]
+        wrapper.convert_float_to_float16(keep_io_types=keep)
         optimized = wrapper.model
     with atomic_output_dir(out_dir, overwrite, inputs=[src]) as tmp:
         path = tmp / ONNX_FILE
@@ -298,6 +315,9 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
             genai = write_genai_config(tmp, config, layout, [i.name for i in optimized.graph.input],
                                        device=cfg.device)
         fusions = fusion_counts(optimized)
+        operators, fused_operators = operator_counts(optimized), fused_operator_counts(optimized)
+        del optimized  # written; the parity check's sessions read the file
+        release_memory()
         if not fusions_complete(fusions, reference_fusions) and not cfg.allow_fusion_loss:
             raise FusionLossError(
                 f"the optimised graph lost fused operators: {_fusion_gap(fusions, reference_fusions)} fewer than "
@@ -319,7 +339,7 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
             parity_note = "not run here: a CUDA graph is checked on a CUDA machine (fwsvd-deploy validate)"
         seconds = time.perf_counter() - start
         result = OptimizeResult(Path(out_dir), Path(out_dir) / ONNX_FILE, fusions, reference_fusions,
-                                operator_counts(optimized), pairs, parity, seconds, attention, quantization,
+                                operators, pairs, parity, seconds, attention, quantization,
                                 None if genai is None else Path(out_dir) / genai.name)
         write_manifest(tmp, {
             "kind": "onnx-optimized",
@@ -329,14 +349,15 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
                                          "num_heads": heads, "hidden_size": hidden},
             "low_rank_layers": pairs,
             "fusions": fusions,
-            "fused_operators": fused_operator_counts(optimized),
+            "fused_operators": fused_operators,
             "reference_fusions": reference_fusions,
             "fusions_complete": result.fusions_complete,
             "allow_fusion_loss": cfg.allow_fusion_loss,
             "operators": result.operators,
             "attention_fusion": attention.to_dict() if attention is not None else None,
             "quantization": quantization.to_dict() if quantization is not None else None,
-            "kv_cache": upstream.get("kv_cache"),
+            "kv_cache": (dataclasses.replace(layout, dtype_bytes=2).to_dict() if cfg.fp16 and layout is not None
+                         else upstream.get("kv_cache")),
             "genai_config": None if genai is None else genai.name,
             "artifacts": {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.suffix in (".onnx", ".onnx_data")},
             "parity": parity,
@@ -351,11 +372,12 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
 
 def _fuse_attention(model: onnx.ModelProto, cfg: OptimizeConfig, config: Any,
                     heads: int) -> tuple[onnx.ModelProto, AttentionFusion]:
-    blocker = attention_blocker(config, cfg.device, cfg.fuse_attention)
+    blocker = attention_blocker(config, cfg.device, cfg.fuse_attention, cfg.fp16)
     if blocker is not None:
         return model, AttentionFusion(0, attention_blocks(model), blocker)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    fused, attention = fuse_decoder_attention(model, num_heads=heads, num_kv_heads=int(kv_heads))
+    fused, attention = fuse_decoder_attention(model, num_heads=heads, num_kv_heads=int(kv_heads),
+                                              padding=attention_padding(cfg.device))
     if attention.note is not None:
         logging.getLogger("fwsvd_deploy").warning("attention not fused: %s", attention.note)
     elif attention.fused < attention.blocks:

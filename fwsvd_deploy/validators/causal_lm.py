@@ -100,7 +100,7 @@ def causal_lm_results(
         results["generation"] = measure_generation(
             folders, device=cfg.device, batch_sizes=cfg.gen_batch_sizes, prompt_len=cfg.prompt_len,
             new_tokens=cfg.new_tokens, threads=cfg.threads, warmup=cfg.warmup, rounds=cfg.rounds, progress=progress,
-            sessions=sessions)
+            sessions=sessions, cuda_graph=cfg.cuda_graph)
     del sessions
     if cfg.memory:
         results["memory"] = {

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from ..exporters.runtime import GPU_DEVICES, ONNX_FILE, make_session
+from ..errors import ConfigError
+from ..manifest import read_manifest
 from ..progress import progress_bar
 from .decoder import DecoderGraph
 from .latency import environment, round_ratio, summarize
@@ -36,34 +38,108 @@ def generation_tokens(vocab: int, batch: int, length: int, seed: int = 0) -> np.
     return np.random.default_rng(seed).integers(low, vocab, size=(batch, length), dtype=np.int64)
 
 
-class Generation:
-    """One generation of fixed tokens, callable repeatedly; returns ``(prefill_ms, [decode_ms, ...])``."""
+def cache_sharing(folder: str | Path) -> str | None:
+    """Why the optimised decoder in ``folder`` cannot run on one shared max-length cache buffer (and so under a
+    captured CUDA graph); ``None`` when it can: every attention block fused into ``GroupQueryAttention`` with
+    lengths for padding (:attr:`~fwsvd_deploy.exporters.attention.AttentionFusion.shares_cache`)."""
+    fusion = (read_manifest(Path(folder)) or {}).get("attention_fusion")
+    if not isinstance(fusion, dict):
+        return "its manifest records no attention fusion (optimise it with 'fwsvd-deploy optimize')"
+    if fusion.get("shares_cache"):
+        return None
+    if not fusion.get("fused"):
+        return f"its attention is not fused ({fusion.get('note') or 'no block matched'})"
+    if fusion.get("padding") != "lengths":
+        return ("its fused attention masks padding with a bias, not lengths (a CPU graph: optimise it with "
+                "--device cuda --fp16)")
+    return f"only {fusion.get('fused')} of its {fusion.get('blocks')} attention blocks are fused"
 
-    def __init__(self, session: Any, graph: DecoderGraph, tokens: np.ndarray, prompt_len: int, device: str) -> None:
+
+class Generation:
+    """One generation of fixed tokens, callable repeatedly; returns ``(prefill_ms, [decode_ms, ...])``.
+
+    By default each call's presents are the next call's past (the cache grows by a token a step, a new tensor each
+    time). With ``shared_cache`` the cache is one buffer per past input, ``(batch, kv_heads, prompt + new tokens,
+    head_dim)``, allocated once and bound as both past and present, as onnxruntime-genai's
+    ``past_present_share_buffer`` does; decode steps then feed a mask as wide as the buffer (zeros after each row's
+    tokens), so every step has the same shapes and addresses. Only graphs whose fused attention reads lengths can
+    (:func:`cache_sharing`). ``cuda_graph`` (CUDA, a session made with ``cuda_graph=True``, ``shared_cache``)
+    then captures the decode step as CUDA graph ``graph_id`` on its first runs and replays it after; the prefill,
+    of another shape, runs outside any graph.
+    """
+
+    def __init__(self, session: Any, graph: DecoderGraph, tokens: np.ndarray, prompt_len: int, device: str, *,
+                 shared_cache: bool = False, cuda_graph: bool = False, graph_id: int = 1) -> None:
         import onnxruntime as ort
 
+        if cuda_graph and not shared_cache:
+            raise ValueError("a captured CUDA graph needs the shared cache (every step of the same shapes)")
         self.session = session
         self.graph = graph
         self.device = "cuda" if device in GPU_DEVICES else "cpu"
         self.outputs = [o.name for o in session.get_outputs()]
+        self.shared_cache = shared_cache
+        self.cuda_graph = cuda_graph
 
         def place(feed: dict[str, np.ndarray]) -> dict[str, Any]:
             return {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), self.device, 0)
                     for k, v in feed.items()}
 
-        self.prefill = place(graph.prefill_feed(tokens[:, :prompt_len]))
-        self.steps = [place(graph.step_inputs(tokens[:, t:t + 1], t)) for t in range(prompt_len, tokens.shape[1])]
+        batch, total = tokens.shape
+        steps = range(prompt_len, total)
+        if not shared_cache:
+            self.prefill = place(graph.prefill_feed(tokens[:, :prompt_len]))
+            self.steps = [place(graph.step_inputs(tokens[:, t:t + 1], t)) for t in steps]
+            return
+        self.cache = place({name: np.zeros((batch, h, total, d), dtype=graph.dtype)
+                            for name, h, d in zip(graph.past, graph.kv_heads, graph.head_dim, strict=True)})
+        self.prefill = {**place(graph.step_inputs(tokens[:, :prompt_len], 0)), **self.cache}
+        feeds = [self._wide_mask(graph.step_inputs(tokens[:, t:t + 1], t), total) for t in steps]
+        if cuda_graph:  # one set of input tensors, refilled in place before each step (the captured addresses)
+            self.step_values = place(feeds[0]) if feeds else {}
+            self.step_feeds = feeds
+            logits = session.get_outputs()[self.outputs.index("logits")]
+            dtype = np.float16 if logits.type == "tensor(float16)" else np.float32
+            self.logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1, graph.vocab), dtype, self.device, 0)
+            self.prefill_options = ort.RunOptions()
+            self.prefill_options.add_run_config_entry("gpu_graph_id", "-1")
+            self.step_options = ort.RunOptions()
+            self.step_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        else:
+            self.steps = [{**place(feed), **self.cache} for feed in feeds]
 
-    def _run(self, feed: Mapping[str, Any]) -> tuple[float, list[Any]]:
+    @staticmethod
+    def _wide_mask(feed: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
+        """A decode step's feed with its mask as wide as the shared cache: ones over the tokens so far, then
+        zeros."""
+        batch, seen = feed["attention_mask"].shape
+        mask = np.zeros((batch, width), dtype=np.int64)
+        mask[:, :seen] = 1
+        return {**feed, "attention_mask": mask}
+
+    def _run(self, feed: Mapping[str, Any], options: Any = None, logits: Any = None) -> tuple[float, list[Any]]:
         import time
 
         binding = self.session.io_binding()
         for name, value in feed.items():
             binding.bind_ortvalue_input(name, value)
-        for name in self.outputs:
-            binding.bind_output(name, self.device)
+        if self.shared_cache:
+            presents = dict(zip(self.graph.presents, self.graph.past, strict=True))
+            for name in self.outputs:
+                if name in presents:
+                    binding.bind_ortvalue_output(name, self.cache[presents[name]])
+                elif name == "logits" and logits is not None:
+                    binding.bind_ortvalue_output(name, logits)
+                else:
+                    binding.bind_output(name, self.device)
+        else:
+            for name in self.outputs:
+                binding.bind_output(name, self.device)
         start = time.perf_counter()
-        self.session.run_with_iobinding(binding)
+        if options is None:
+            self.session.run_with_iobinding(binding)
+        else:
+            self.session.run_with_iobinding(binding, options)
         if self.device != "cpu":
             binding.synchronize_outputs()
         ms = (time.perf_counter() - start) * 1000
@@ -74,24 +150,39 @@ class Generation:
         return prefill_ms, decode_ms
 
     def run(self, keep_logits: bool = False) -> tuple[float, list[float], list[np.ndarray]]:
-        """Prefill and decode times; with ``keep_logits`` (CPU), each decode step's logits too, copied after timing."""
+        """Prefill and decode times; with ``keep_logits``, each decode step's logits too, copied after timing."""
         logits: list[np.ndarray] = []
         prefill_ms, *decode_ms = self.calls(logits if keep_logits else None)
         return prefill_ms, decode_ms, logits
 
     def calls(self, logits: list[np.ndarray] | None = None) -> Iterator[float]:
-        """The prefill, then each decode step fed the previous call's presents: yields each call's time (ms) as it
-        returns, so that other models' calls can run in between. Appends each decode step's logits to ``logits``
-        (CPU), copied after timing."""
+        """The prefill, then each decode step fed the previous call's presents (or, with the shared cache, the
+        same buffers): yields each call's time (ms) as it returns, so that other models' calls can run in between.
+        Appends each decode step's logits to ``logits``, copied after timing."""
+        index = self.outputs.index("logits")
+        if self.cuda_graph:
+            ms, _ = self._run(self.prefill, self.prefill_options)
+            yield ms
+            for feed in self.step_feeds:
+                for name, value in feed.items():  # the captured graph reads these addresses
+                    self.step_values[name].update_inplace(value)
+                ms, out = self._run({**self.step_values, **self.cache}, self.step_options, self.logits)
+                yield ms
+                if logits is not None:
+                    logits.append(out[index].numpy())
+            return
         ms, out = self._run(self.prefill)
         yield ms
         for step in self.steps:
-            values = dict(zip(self.outputs, out, strict=True))
-            past = {p: values[q] for p, q in zip(self.graph.past, self.graph.presents, strict=True)}
-            ms, out = self._run({**step, **past})
+            if self.shared_cache:
+                feed = step
+            else:
+                values = dict(zip(self.outputs, out, strict=True))
+                feed = {**step, **{p: values[q] for p, q in zip(self.graph.past, self.graph.presents, strict=True)}}
+            ms, out = self._run(feed)
             yield ms
             if logits is not None:
-                logits.append(out[self.outputs.index("logits")].numpy())
+                logits.append(out[index].numpy())
 
 
 def interleaved_generations(runners: Mapping[str, Generation], warmup: int,
@@ -127,6 +218,7 @@ def measure_generation(
     rounds: int = 10,
     progress: bool | None = None,
     sessions: Mapping[str, tuple[Any, DecoderGraph]] | None = None,
+    cuda_graph: bool | None = None,
 ) -> dict[str, Any]:
     """Time a generation of every model at every batch size, interleaved call by call, the order alternating
     round by round (:func:`interleaved_generations`).
@@ -138,7 +230,11 @@ def measure_generation(
 
     Args:
         models: name -> ONNX folder; ratios are against the first.
-        sessions: name -> (session, graph) already open for these folders (made here when ``None``).
+        sessions: name -> (session, graph) already open for these folders (made here when ``None``, or when CUDA
+            graphs are used: those sessions are made for them).
+        cuda_graph: capture each decode step in a CUDA graph and replay it, on the shared cache
+            (:class:`Generation`); ``None``: on CUDA whenever every model's graph allows it
+            (:func:`use_cuda_graph`).
 
     Returns:
         ``{"cells": [{batch, models: {name: {prefill, decode, decode_per_round, prefill_tokens_per_s,
@@ -147,19 +243,22 @@ def measure_generation(
         per-token decode time); ``decode_per_round`` the mean decode call of each round. Ratios are of medians
         over rounds (``decode``: of ``decode_per_round``), with the 10th/90th percentiles of the per-round ratio.
     """
-    if sessions is None:
+    captured = use_cuda_graph(models, device, cuda_graph)
+    if sessions is None or captured:
         sessions = {}
         for name, folder in models.items():
-            session = make_session(Path(folder) / ONNX_FILE, device, threads=threads, spin_after_run=False)
+            session = make_session(Path(folder) / ONNX_FILE, device, threads=threads, spin_after_run=False,
+                                   cuda_graph=captured)
             sessions[name] = (session, DecoderGraph.from_session(session, Path(folder)))
     names = list(models)
     cells = []
-    for batch in progress_bar(batch_sizes, progress=progress, desc="Generation", unit="batch size"):
+    for i, batch in enumerate(progress_bar(batch_sizes, progress=progress, desc="Generation", unit="batch size")):
         runners = {}
         for name in names:
             session, graph = sessions[name]
             tokens = generation_tokens(graph.vocab, batch, prompt_len + new_tokens)
-            runners[name] = Generation(session, graph, tokens, prompt_len, device)
+            runners[name] = Generation(session, graph, tokens, prompt_len, device, shared_cache=captured,
+                                       cuda_graph=captured, graph_id=i + 1)  # one captured graph per batch size
         runs = interleaved_generations(runners, warmup, rounds)
         per_model, prefill, per_round = {}, {}, {}
         for name in names:
@@ -177,7 +276,34 @@ def measure_generation(
                          "decode": round_ratio(per_round[name], per_round[base])} for name in names[1:]}
         cells.append({"batch": batch, "models": per_model, "ratios": ratios})
     return {"device": device, "threads": threads, "warmup": warmup, "rounds": rounds, "prompt_tokens": prompt_len,
-            "new_tokens": new_tokens, "cells": cells, "environment": environment(device)}
+            "new_tokens": new_tokens, "cuda_graph": captured,
+            "kv_cache": "one shared max-length buffer" if captured else "grown each step",
+            "cells": cells, "environment": environment(device)}
+
+
+def use_cuda_graph(models: Mapping[str, str | Path], device: str, asked: bool | None) -> bool:
+    """Whether generation on ``device`` captures its decode steps in CUDA graphs: ``asked`` (``None``: whenever
+    the device is CUDA and every model's graph can run on a shared cache, :func:`cache_sharing`).
+
+    Raises:
+        ConfigError: CUDA graphs asked for on another device, or of a graph whose cache would change shape under
+            the captured graph (naming it and why).
+    """
+    if device != "cuda":
+        if asked:
+            raise ConfigError(f"--cuda-graph needs --device cuda, not {device}: CUDA graphs are captured by the "
+                              "CUDA provider; drop --cuda-graph")
+        return False
+    if asked is False:
+        return False
+    reasons = {name: cache_sharing(folder) for name, folder in models.items()}
+    blocked = {name: why for name, why in reasons.items() if why is not None}
+    if blocked and asked:
+        name, why = next(iter(blocked.items()))
+        raise ConfigError(f"--cuda-graph: {name} {models[name]} cannot be captured: {why}, so its KV cache grows "
+                          "a token a step and its shapes change under a captured graph; drop --cuda-graph or "
+                          "optimise it with --device cuda --fp16")
+    return not blocked
 
 
 def generation_table(generation: dict[str, Any]) -> list[str]:

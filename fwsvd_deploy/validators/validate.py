@@ -20,6 +20,7 @@ from .accuracy import agreement, evaluate_onnx, task_from_outputs
 from .causal_lm import causal_lm_results, check_no_pytorch_models
 from .decoder import CAUSAL_LM_TASK, check_pair_roles
 from .gate import Check, check_thresholds_apply, evaluate_gate
+from .generation import cache_sharing, use_cuda_graph
 from .latency import environment, measure_latency
 from .memory import measure_memory
 from .report import REPORT_SCHEMA, REPORT_VERSION, write_reports
@@ -126,6 +127,11 @@ def validate(
     if task != CAUSAL_LM_TASK:
         check_no_pytorch_models(pytorch_models, task)
         check_lengths((baseline, candidate), data_cfg, cfg)
+        if cfg.cuda_graph:
+            raise ConfigError("--cuda-graph captures a causal language model's decode steps; the encoder grid "
+                              "runs without it: drop --cuda-graph")
+    elif cfg.latency:  # a graph that cannot be captured is refused now, not after the perplexity pass
+        use_cuda_graph({"baseline": baseline, "candidate": candidate}, cfg.device, cfg.cuda_graph)
     start = time.perf_counter()
     if task == CAUSAL_LM_TASK:
         results, source = causal_lm_results({"baseline": baseline, "candidate": candidate}, data_cfg, cfg,
@@ -146,7 +152,7 @@ def validate(
         **results,
         "environment": environment(cfg.device),
         "gate": {"passed": passed, "thresholds": gate.to_dict(), "checks": [c.to_dict() for c in checks]},
-        "notes": _notes(described, cfg),
+        "notes": _notes(described, cfg, task == CAUSAL_LM_TASK),
         "seconds": time.perf_counter() - start,
     }
     with atomic_output_dir(out_dir, overwrite, inputs=[baseline, candidate]) as tmp:
@@ -245,9 +251,15 @@ def _fusions(described: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     return {"baseline": base, "candidate": cand, "allowed": described["candidate"]["allow_fusion_loss"]}
 
 
-def _notes(described: dict[str, dict[str, Any]], cfg: ValidateConfig) -> list[str]:
+def _notes(described: dict[str, dict[str, Any]], cfg: ValidateConfig, decoder: bool = False) -> list[str]:
     """What a reader of the report must know to read its figures right."""
     notes = []
+    if decoder and cfg.device == "cuda" and cfg.cuda_graph is None and cfg.latency:
+        blocked = [f"{role} ({why})" for role, info in described.items()
+                   if (why := cache_sharing(info["path"])) is not None]
+        if blocked:
+            notes.append("decode steps ran without CUDA graphs, on a KV cache grown each step: "
+                         + "; ".join(blocked))
     for role, info in described.items():
         built = info["built_for"]
         if built is not None and built != "cpu" and cfg.device == "cpu":
