@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--device", default=default(OptimizeConfig, "device"), choices=DEVICES)
     op.add_argument("--level", default=default(OptimizeConfig, "level"), choices=LEVELS,
                     help="O1 basic rewrites; O2 + transformer fusions; O3 + GELU approximation (default: %(default)s)")
-    op.add_argument("--fp16", action="store_true", help="float16 weights, float32 inputs/outputs (CUDA only)")
+    op.add_argument("--fp16", action="store_true",
+                    help="float16 weights, float32 inputs/outputs but a decoder's KV cache float16 (CUDA only)")
     op.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
                     help="quantise every MatMul weight, low-rank factors included: int8 dynamic (CPU only) or int4 "
                          "weight-only MatMulNBits (CPU and CUDA); the head stays float unless --quantize-lm-head")
@@ -625,6 +626,9 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         if not (Path(path) / ONNX_FILE).is_file():
             raise ConfigError(f"{path} has no {ONNX_FILE}; give folders written by 'fwsvd-deploy export/optimize'")
     decoders = _bench_decoders(a.model, cfg)
+    if not decoders and cfg.cuda_graph:
+        raise ConfigError("--cuda-graph captures a causal language model's decode steps; the encoder grid runs "
+                          "without it: drop --cuda-graph")
     if not decoders:
         for path in names.values():
             check_sequence_lengths(onnx_config(Path(path)), path, {"--seq-lens": cfg.seq_lens})

@@ -444,11 +444,11 @@ class OptimizeConfig(_Config):
         validate_shapes: (batch, sequence) pairs for the parity check.
         allow_fusion_loss: accept a graph with fewer fused operators than its dense-structured reference (an
             error otherwise); the manifest and the validation report say so.
-        fuse_attention: for decoders of the rotary families (Llama, Mistral, Qwen2) on the CPU and on CUDA in
-            float16, fuse each exported attention block into one ``GroupQueryAttention`` (baseline and candidate
-            alike; on CUDA with each row's length instead of a padding bias, so rows must not be left-padded). ``False`` keeps the
-            exported attention, which also takes several new tokens on top of a cache at any batch size (ONNX
-            Runtime's operator takes them only at batch 1; generation feeds one token per step).
+        fuse_attention: for decoders of the rotary families (Llama, Mistral, Qwen2) on the CPU and on CUDA
+            in float16, fuse each exported attention block into one ``GroupQueryAttention`` (baseline and
+            candidate alike; on CUDA with each row's length instead of a padding bias: no left-padded rows).
+            ``False`` keeps the exported attention, which also takes several new tokens on top of a cache at any
+            batch size (ONNX Runtime's operator takes them only at batch 1; generation feeds one token per step).
         genai: write ``genai_config.json`` beside a decoder's graph, so that onnxruntime-genai serves the folder
             (``onnxruntime_genai.Model(folder)``): ``None`` (the default) writes it for every decoder exported with
             its KV cache, ``True`` requires it (an encoder, or a decoder without its cache, is refused before any

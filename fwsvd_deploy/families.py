@@ -15,9 +15,9 @@ ONNX Runtime fuses no attention in these graphs. The exporter writes attention a
 attention: ``MatMul(Where(IsNaN(Softmax(Add(MatMul(Mul(q, s), Mul(kT, s)), mask))), 0, Softmax(...)), v)`` (the
 scale split over q and k, fully masked rows zeroed), and ONNX Runtime's decoder attention matcher
 (``FusionRotaryAttention``) wants ``Softmax <- Add <- Div <- MatMul`` right under the attention-times-value MatMul.
-For the rotary families (``fuse_attention``) fwsvd-deploy fuses it itself, into ``GroupQueryAttention``, on the CPU
-and on CUDA in float16 (:mod:`fwsvd_deploy.exporters.attention`). OPT normalises a ``Reshape`` of the residual sum, so its Add and
-LayerNormalization stay apart: ONNX Runtime fuses nothing in it.
+For the rotary families (``fuse_attention``) fwsvd-deploy fuses it itself, into ``GroupQueryAttention``, on the
+CPU and on CUDA in float16 (:mod:`fwsvd_deploy.exporters.attention`). OPT normalises a ``Reshape`` of the residual
+sum, so its Add and LayerNormalization stay apart: ONNX Runtime fuses nothing in it.
 """
 
 from __future__ import annotations

@@ -90,7 +90,13 @@ def test_a_generation_reuses_its_shared_cache_round_after_round(graphs):
     session = make_session(folder / "model.onnx")
     graph = DecoderGraph.from_session(session, folder)
     runner = Generation(session, graph, generation_tokens(graph.vocab, 2, TOTAL), PROMPT, "cpu", shared_cache=True)
-    first, second = runner.run(keep_logits=True)[2], runner.run(keep_logits=True)[2]
+    addresses = {name: value.data_ptr() for name, value in runner.cache.items()}
+    first = runner.run(keep_logits=True)[2]
+    cache = {name: value.numpy().copy() for name, value in runner.cache.items()}
+    second = runner.run(keep_logits=True)[2]
+    assert {name: value.data_ptr() for name, value in runner.cache.items()} == addresses
+    assert all(np.abs(v[:, :, :TOTAL - 1]).max() > 0 for v in cache.values())  # written in place, every position
+    assert all(np.array_equal(v, runner.cache[name].numpy()) for name, v in cache.items())
     assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
     with pytest.raises(ValueError, match="shared cache"):
         Generation(session, graph, generation_tokens(graph.vocab, 1, TOTAL), PROMPT, "cpu", cuda_graph=True)
@@ -132,7 +138,7 @@ def test_cuda_graph_on_the_cpu_is_bad_usage(graphs, command, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_cuda_fusion_is_for_float16_graphs(lm_tokenizer):
+def test_cuda_fusion_is_for_float16_graphs():
     from conftest import LM_DECODER_CONFIGS
 
     config = LM_DECODER_CONFIGS["llama"]()
@@ -141,7 +147,7 @@ def test_cuda_fusion_is_for_float16_graphs(lm_tokenizer):
     assert "CPU and CUDA only" in attention_blocker(config, "tensorrt", fp16=True)
 
 
-def test_a_compressed_and_a_dense_graph_fused_for_cuda_share_their_cache_on_the_cpu(tmp_path, lm_tokenizer):
+def test_a_graph_fused_for_cuda_is_written_on_the_cpu_and_can_share_its_cache(tmp_path, lm_tokenizer):
     """The CUDA fp16 optimisation, written on a machine without a GPU: every block fused with lengths, recorded
     in the manifest (its parity is checked on a CUDA machine, tests/test_gpu.py)."""
     model = lm_decoder("qwen2", lm_tokenizer)

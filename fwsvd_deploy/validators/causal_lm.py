@@ -16,8 +16,9 @@ from ..data import lm_windows, load_text
 from ..errors import ConfigError
 from ..exporters.runtime import ONNX_FILE, make_session
 from ..modeling import load_tokenizer
+from ..outputs import release_memory
 from .decoder import CAUSAL_LM_TASK, DecoderGraph, architectures, check_lengths, check_same_interface
-from .generation import generation_table, measure_generation
+from .generation import generation_table, measure_generation, use_cuda_graph
 from .memory import decoder_probe, measure_memory
 from .perplexity import onnx_perplexity, relative_difference, window_batch
 
@@ -97,6 +98,9 @@ def causal_lm_results(
     }
     results: dict[str, Any] = {"accuracy": accuracy, "latency": None, "generation": None, "memory": None}
     if cfg.latency:
+        if use_cuda_graph(folders, cfg.device, cfg.cuda_graph):  # its own sessions: not both on the device at once
+            sessions.clear()
+            release_memory()
         results["generation"] = measure_generation(
             folders, device=cfg.device, batch_sizes=cfg.gen_batch_sizes, prompt_len=cfg.prompt_len,
             new_tokens=cfg.new_tokens, threads=cfg.threads, warmup=cfg.warmup, rounds=cfg.rounds, progress=progress,

@@ -2,7 +2,8 @@
 interleaved call by call.
 
 One generation is a prefill of ``prompt_len`` tokens per row (empty past), then ``new_tokens`` decode steps of one
-token per row, each fed the previous step's presents as its past. Each call is timed on its own. The tokens are
+token per row, each fed the previous step's presents as its past (or, with CUDA graphs, one shared max-length
+cache: :class:`Generation`). Each call is timed on its own. The tokens are
 fixed in advance (seeded, within the vocabulary) rather than chosen by argmax, so both models do exactly the same
 work whatever they predict. Inputs and the KV cache stay in ONNX Runtime's own tensors (I/O binding) on every
 device: on CUDA every step's inputs are placed on the device before timing and the cache never leaves it; on CPU
@@ -24,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from ..exporters.runtime import GPU_DEVICES, ONNX_FILE, make_session
 from ..errors import ConfigError
+from ..exporters.runtime import GPU_DEVICES, ONNX_FILE, make_session
 from ..manifest import read_manifest
 from ..progress import progress_bar
 from .decoder import DecoderGraph
@@ -44,7 +45,8 @@ def cache_sharing(folder: str | Path) -> str | None:
     lengths for padding (:attr:`~fwsvd_deploy.exporters.attention.AttentionFusion.shares_cache`)."""
     fusion = (read_manifest(Path(folder)) or {}).get("attention_fusion")
     if not isinstance(fusion, dict):
-        return "its manifest records no attention fusion (optimise it with 'fwsvd-deploy optimize')"
+        return ("its manifest records no attention fusion (not written by 'fwsvd-deploy optimize' at level O2 "
+                "or O3, or not a Llama, Mistral or Qwen2 graph)")
     if fusion.get("shares_cache"):
         return None
     if not fusion.get("fused"):
@@ -244,6 +246,8 @@ def measure_generation(
         over rounds (``decode``: of ``decode_per_round``), with the 10th/90th percentiles of the per-round ratio.
     """
     captured = use_cuda_graph(models, device, cuda_graph)
+    if captured:
+        warmup = max(warmup, 1)  # the capture happens on the first decode steps: never in a timed round
     if sessions is None or captured:
         sessions = {}
         for name, folder in models.items():
@@ -301,8 +305,8 @@ def use_cuda_graph(models: Mapping[str, str | Path], device: str, asked: bool | 
     if blocked and asked:
         name, why = next(iter(blocked.items()))
         raise ConfigError(f"--cuda-graph: {name} {models[name]} cannot be captured: {why}, so its KV cache grows "
-                          "a token a step and its shapes change under a captured graph; drop --cuda-graph or "
-                          "optimise it with --device cuda --fp16")
+                          "a token a step and its shapes change under a captured graph; drop --cuda-graph, or "
+                          "optimise a Llama, Mistral or Qwen2 graph with --device cuda --fp16 (not quantised)")
     return not blocked
 
 
