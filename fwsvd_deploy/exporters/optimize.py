@@ -282,8 +282,8 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
         wrapper = OnnxModel(optimized)
         # a decoder's KV cache stays float16 in and out (no Cast on past or present, half the cache's memory);
         # float inputs and outputs otherwise stay float32, with their Casts at the graph's edge
-        past = {i.name for i in optimized.graph.input if i.name.startswith("past_key_values.")}
-        keep = True if not past else [o.name for o in optimized.graph.output if not o.name.startswith("present.")]
+        cached = any(i.name.startswith("past_key_values.") for i in optimized.graph.input)
+        keep = [o.name for o in optimized.graph.output if not o.name.startswith("present.")] if cached else True
         wrapper.convert_float_to_float16(keep_io_types=keep)
         optimized = wrapper.model
     with atomic_output_dir(out_dir, overwrite, inputs=[src]) as tmp:

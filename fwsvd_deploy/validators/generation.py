@@ -81,7 +81,6 @@ class Generation:
         self.device = "cuda" if device in GPU_DEVICES else "cpu"
         self.outputs = [o.name for o in session.get_outputs()]
         self.shared_cache = shared_cache
-        self.cuda_graph = cuda_graph
 
         def place(feed: dict[str, np.ndarray]) -> dict[str, Any]:
             return {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v), self.device, 0)
@@ -89,6 +88,8 @@ class Generation:
 
         batch, total = tokens.shape
         steps = range(prompt_len, total)
+        self.decode_steps = len(steps)
+        self.prefill_options = self.step_options = None
         if not shared_cache:
             self.prefill = place(graph.prefill_feed(tokens[:, :prompt_len]))
             self.steps = [place(graph.step_inputs(tokens[:, t:t + 1], t)) for t in steps]
@@ -96,19 +97,22 @@ class Generation:
         self.cache = place({name: np.zeros((batch, h, total, d), dtype=graph.dtype)
                             for name, h, d in zip(graph.past, graph.kv_heads, graph.head_dim, strict=True)})
         self.prefill = {**place(graph.step_inputs(tokens[:, :prompt_len], 0)), **self.cache}
-        feeds = [self._wide_mask(graph.step_inputs(tokens[:, t:t + 1], t), total) for t in steps]
-        if cuda_graph:  # one set of input tensors, refilled in place before each step (the captured addresses)
-            self.step_values = place(feeds[0]) if feeds else {}
-            self.step_feeds = feeds
-            logits = session.get_outputs()[self.outputs.index("logits")]
-            dtype = np.float16 if logits.type == "tensor(float16)" else np.float32
-            self.logits = ort.OrtValue.ortvalue_from_shape_and_type((batch, 1, graph.vocab), dtype, self.device, 0)
+        # one set of step inputs, refilled in place before each step, and one logits buffer: the same addresses
+        # every step (what a captured graph replays)
+        self.step_feeds = [self._wide_mask(graph.step_inputs(tokens[:, t:t + 1], t), total) for t in steps]
+        # copies: on the CPU an OrtValue wraps the array it is made from, which the refills would overwrite
+        self.step_values = place({k: v.copy() for k, v in self.step_feeds[0].items()}) if self.step_feeds else {}
+        self.step_inputs = {**self.step_values, **self.cache}
+        self.presents = {q: self.cache[p] for p, q in zip(graph.past, graph.presents, strict=True)}
+        logits = session.get_outputs()[self.outputs.index("logits")]
+        dtype = np.float16 if logits.type == "tensor(float16)" else np.float32
+        self.step_outputs = {**self.presents, "logits": ort.OrtValue.ortvalue_from_shape_and_type(
+            (batch, 1, graph.vocab), dtype, self.device, 0)}
+        if cuda_graph:
             self.prefill_options = ort.RunOptions()
-            self.prefill_options.add_run_config_entry("gpu_graph_id", "-1")
+            self.prefill_options.add_run_config_entry("gpu_graph_id", "-1")  # another shape: never captured
             self.step_options = ort.RunOptions()
             self.step_options.add_run_config_entry("gpu_graph_id", str(graph_id))
-        else:
-            self.steps = [{**place(feed), **self.cache} for feed in feeds]
 
     @staticmethod
     def _wide_mask(feed: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
@@ -119,23 +123,18 @@ class Generation:
         mask[:, :seen] = 1
         return {**feed, "attention_mask": mask}
 
-    def _run(self, feed: Mapping[str, Any], options: Any = None, logits: Any = None) -> tuple[float, list[Any]]:
+    def _run(self, feed: Mapping[str, Any], options: Any = None,
+             bound: Mapping[str, Any] | None = None) -> tuple[float, list[Any]]:
+        """One timed call; outputs named in ``bound`` are written into those tensors, the others allocated."""
         import time
 
         binding = self.session.io_binding()
         for name, value in feed.items():
             binding.bind_ortvalue_input(name, value)
-        if self.shared_cache:
-            presents = dict(zip(self.graph.presents, self.graph.past, strict=True))
-            for name in self.outputs:
-                if name in presents:
-                    binding.bind_ortvalue_output(name, self.cache[presents[name]])
-                elif name == "logits" and logits is not None:
-                    binding.bind_ortvalue_output(name, logits)
-                else:
-                    binding.bind_output(name, self.device)
-        else:
-            for name in self.outputs:
+        for name in self.outputs:
+            if bound is not None and name in bound:
+                binding.bind_ortvalue_output(name, bound[name])
+            else:
                 binding.bind_output(name, self.device)
         start = time.perf_counter()
         if options is None:
@@ -162,29 +161,23 @@ class Generation:
         same buffers): yields each call's time (ms) as it returns, so that other models' calls can run in between.
         Appends each decode step's logits to ``logits``, copied after timing."""
         index = self.outputs.index("logits")
-        if self.cuda_graph:
-            ms, _ = self._run(self.prefill, self.prefill_options)
-            yield ms
-            for feed in self.step_feeds:
-                for name, value in feed.items():  # the captured graph reads these addresses
-                    self.step_values[name].update_inplace(value)
-                ms, out = self._run({**self.step_values, **self.cache}, self.step_options, self.logits)
-                yield ms
-                if logits is not None:
-                    logits.append(out[index].numpy())
-            return
-        ms, out = self._run(self.prefill)
+        ms, out = self._run(self.prefill, self.prefill_options, self.presents if self.shared_cache else None)
         yield ms
-        for step in self.steps:
-            if self.shared_cache:
-                feed = step
-            else:
-                values = dict(zip(self.outputs, out, strict=True))
-                feed = {**step, **{p: values[q] for p, q in zip(self.graph.past, self.graph.presents, strict=True)}}
-            ms, out = self._run(feed)
+        for t in range(self.decode_steps):
+            ms, out = self._shared_step(t) if self.shared_cache else self._grown_step(t, out)
             yield ms
             if logits is not None:
-                logits.append(out[index].numpy())
+                logits.append(np.array(out[index].numpy(), copy=True))  # the shared logits buffer is reused
+
+    def _shared_step(self, t: int) -> tuple[float, list[Any]]:
+        for name, value in self.step_feeds[t].items():  # not timed: the inputs are on the device before the step
+            self.step_values[name].update_inplace(value)
+        return self._run(self.step_inputs, self.step_options, self.step_outputs)
+
+    def _grown_step(self, t: int, previous: list[Any]) -> tuple[float, list[Any]]:
+        values = dict(zip(self.outputs, previous, strict=True))
+        past = {p: values[q] for p, q in zip(self.graph.past, self.graph.presents, strict=True)}
+        return self._run({**self.steps[t], **past})
 
 
 def interleaved_generations(runners: Mapping[str, Generation], warmup: int,
