@@ -2,7 +2,7 @@
 
 Takes optimised float32 folders (the ``optimize-*`` stages of ``fwsvd-deploy run``), the first the dense baseline,
 and builds from the export folder each was optimised from (its manifest says which) the quantised variants: int8
-dynamic and int4 ``MatMulNBits`` at block 32 for every graph, int4 at block 64 too for the first (128 does not divide
+dynamic, 8-bit (``int8w``) and 4-bit ``MatMulNBits`` at block 32 for every graph, int4 at block 64 too for the first (128 does not divide
 SmolLM2's hidden size, 576). Then per graph:
 
 * size on disk, and the bytes of weights a decode step reads, by kind (float / int8 / int4 / scales);
@@ -44,7 +44,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import graph_folders, provenance  # noqa: E402
 
-VARIANTS = {"int8": {"quantize": "int8"}, "int4 b32": {"quantize": "int4", "block_size": 32}}
+VARIANTS = {"int8": {"quantize": "int8"}, "int8w b32": {"quantize": "int8-weight", "block_size": 32},
+            "int4 b32": {"quantize": "int4", "block_size": 32}}
 # coarser blocks for the dense graph too: 64, not 128, which does not divide SmolLM2's hidden size (576 = 9 x 64)
 DENSE_ONLY = {"int4 b64": {"quantize": "int4", "block_size": 64}}
 NO_FLOORS = {"int8_min_sqnr_db": 0.0, "int8_min_agreement": 0.0, "int4_min_sqnr_db": 0.0, "int4_min_agreement": 0.0,
@@ -247,7 +248,7 @@ def plot(r: dict, path: Path) -> None:
 
     quality = r["quality"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = {"fp32": "o", "int8": "s", "int4 b32": "^", "int4 b64": "v"}
+    markers = {"fp32": "o", "int8": "s", "int8w b32": "D", "int4 b32": "^", "int4 b64": "v"}
     models = list(dict.fromkeys(row["model"] for row in r["rows"].values()))
     for i, model in enumerate(models):
         for row in r["rows"].values():

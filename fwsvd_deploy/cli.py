@@ -242,15 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--fp16", action="store_true",
                     help="float16 weights, float32 inputs/outputs but a decoder's KV cache float16 (CUDA only)")
     op.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
-                    help="quantise every MatMul weight, low-rank factors included: int8 dynamic (CPU only) or int4 "
-                         "weight-only MatMulNBits (CPU and CUDA); the head stays float unless --quantize-lm-head")
+                    help="quantise every MatMul weight, low-rank factors included: int8 dynamic (weights and "
+                         "activations; CPU only), or weight-only MatMulNBits with 8 (int8-weight: decoders' 8 bits) or "
+                         "4 bits (int4) (CPU and CUDA); the head stays float unless --quantize-lm-head")
     op.add_argument("--int8", dest="quantize", action="store_const", const="int8", help="the same as --quantize int8")
     op.add_argument("--block-size", type=int, default=default(OptimizeConfig, "block_size"),
-                    help="int4: weights per scale along the input dimension, a power of two in [16, 256] "
+                    help="int4, int8-weight: weights per scale along the input dimension, a power of two in [16, 256] "
                          "(default: %(default)s)")
-    op.add_argument("--symmetric", action="store_true", help="int4: scales only, no zero points")
+    op.add_argument("--symmetric", action="store_true", help="int4, int8-weight: scales only, no zero points")
     op.add_argument("--accuracy-level", type=int, default=default(OptimizeConfig, "accuracy_level"),
-                    help="int4: MatMulNBits compute precision, 0 (the provider's default) to 4 (int8 activations, the "
+                    help="int4, int8-weight: MatMulNBits compute precision, 0 (the provider's default) to 4 (int8 activations, the "
                          "CPU's fastest) (default: %(default)s)")
     op.add_argument("--per-channel", action="store_true", help="int8: a scale per output column, not per tensor")
     op.add_argument("--quantize-lm-head", action="store_true",
@@ -544,7 +545,7 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
 
 
 def _quantization_line(q: Any) -> str:
-    scheme = q.scheme + (f", block {q.block_size}{', symmetric' if q.symmetric else ''}" if q.bits == 4 else
+    scheme = q.scheme + (f", block {q.block_size}{', symmetric' if q.symmetric else ''}" if q.block_size else
                          f"{', per channel' if q.per_channel else ''}")
     sizes = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in q.weight_bytes.items() if v)
     head = "" if q.head is None else f"; head {'quantised' if q.head_quantized else 'kept float'}"

@@ -355,7 +355,8 @@ EXPORT_TASKS = ("text-classification", "token-classification", "question-answeri
                 "text-generation", "text-generation-with-past")
 MIN_OPSET = 14  # scaled-dot-product attention and the exporters' BERT configs need 14
 DEVICES = ("cpu", "cuda")
-QUANTIZATIONS = ("int8", "int4")
+QUANTIZATIONS = ("int8", "int8-weight", "int4")
+NBITS_QUANTIZATIONS = ("int8-weight", "int4")  # ONNX Runtime's weight-only, block-wise MatMulNBits
 FACTOR_SPLITS = ("balanced", "svd", "exported")
 RUN_DEVICES = ("cpu", "cuda", "tensorrt")  # where graphs run; graphs are built for cpu or cuda
 LEVELS = ("O1", "O2", "O3")
@@ -411,14 +412,18 @@ class OptimizeConfig(_Config):
         level: ``O1`` (ONNX Runtime's basic graph rewrites), ``O2`` (+ transformer fusions: attention,
             embedding and skip layer norms, bias + GELU), ``O3`` (+ GELU approximation, FastGelu).
         fp16: float16 weights with float32 inputs/outputs (CUDA only).
-        quantize: weight quantisation after the fusions: ``int8`` (ONNX Runtime's dynamic int8, MatMulInteger;
-            CPU only) or ``int4`` (4-bit weight-only ``MatMulNBits``, block-wise; CPU and CUDA); ``None`` keeps
-            float weights. Every MatMul by a constant weight is quantised, low-rank factors included; the LM head
-            only with ``quantize_lm_head``. ``int8: true`` in a YAML file is the same as ``quantize: int8``.
-        block_size: ``int4``: weights per scale along the input dimension, a power of two in [16, 256].
-        symmetric: ``int4``: scales only (no zero points).
-        accuracy_level: ``int4``: ONNX Runtime's ``MatMulNBits`` compute precision, 0 (the provider's default) to 4
-            (int8 activations on the CPU, the fastest there).
+        quantize: weight quantisation after the fusions: ``int8`` (ONNX Runtime's dynamic int8, MatMulInteger:
+            int8 weights and activations; CPU only), ``int8-weight`` (8-bit weight-only ``MatMulNBits``, block-wise,
+            float activations; CPU and CUDA: what decoders, whose activations have outliers that per-tensor int8
+            loses, quantise to 8 bits with) or ``int4`` (4-bit weight-only ``MatMulNBits``, block-wise; CPU and
+            CUDA); ``None`` keeps float weights. Every MatMul by a constant weight is quantised, low-rank factors
+            included; the LM head only with ``quantize_lm_head``. ``int8: true`` in a YAML file is the same as
+            ``quantize: int8``.
+        block_size: ``int4`` and ``int8-weight``: weights per scale along the input dimension, a power of two in
+            [16, 256].
+        symmetric: ``int4`` and ``int8-weight``: scales only (no zero points).
+        accuracy_level: ``int4`` and ``int8-weight``: ONNX Runtime's ``MatMulNBits`` compute precision, 0 (the
+            provider's default) to 4 (int8 activations on the CPU, the fastest there).
         quantize_lm_head: quantise the head too (the projection onto the graph's output logits; kept float
             otherwise: a causal LM's is its largest single weight, and its errors reach every logit).
         per_channel: ``int8``: one scale per output column of each weight instead of one per tensor.
@@ -428,10 +433,11 @@ class OptimizeConfig(_Config):
             decomposition, ``P sqrt(S)`` and ``sqrt(S) Q^T`` (the same product to float rounding); ``exported``
             keeps the factors as the compression wrote them (see ``exporters.lowrank.resplit_factors``).
         atol: largest absolute difference allowed between the optimised and the unoptimised graph (fp32).
-        int8_atol: for int8 encoders, the largest absolute output difference allowed (lossy weights).
-        int8_min_sqnr_db: for int8 decoders, the floor on the logits' signal-to-noise ratio
-            ``10 log10(sum ref^2 / sum (quantised - ref)^2)`` over prefills and decode steps (an absolute logit
-            tolerance does not carry across vocabularies and logit scales; the ratio does).
+        int8_atol: for int8 encoders (dynamic and weight-only alike), the largest absolute output difference
+            allowed (lossy weights).
+        int8_min_sqnr_db: for int8 decoders (dynamic and weight-only alike), the floor on the logits'
+            signal-to-noise ratio ``10 log10(sum ref^2 / sum (quantised - ref)^2)`` over prefills and decode steps
+            (an absolute logit tolerance does not carry across vocabularies and logit scales; the ratio does).
         int8_min_agreement: for int8 decoders, the floor on the share of those positions whose top-1 next token
             agrees with the float graph's.
         int4_atol: for int4 encoders, as ``int8_atol``.
@@ -498,12 +504,13 @@ class OptimizeConfig(_Config):
         defaults = OptimizeConfig.__dataclass_fields__
         int4_only = [n for n in ("symmetric", "accuracy_level")
                      if getattr(self, n) != defaults[n].default]
-        if self.quantize != "int4" and (int4_only or self.block_size != defaults["block_size"].default):
-            names = int4_only + (["block_size"] if self.block_size != defaults["block_size"].default else [])
-            raise ConfigError(f"{', '.join(names)} set for quantize={self.quantize!r}: they apply to int4 only "
-                              "(--quantize int4)")
+        block_set = self.block_size != defaults["block_size"].default
+        if self.quantize not in NBITS_QUANTIZATIONS and (int4_only or block_set):
+            names = int4_only + (["block_size"] if block_set else [])
+            raise ConfigError(f"{', '.join(names)} set for quantize={self.quantize!r}: they apply to MatMulNBits "
+                              "only (--quantize int4 or int8-weight)")
         if self.quantize_lm_head and self.quantize is None:
-            raise ConfigError("quantize_lm_head set without quantize; give --quantize int8 or int4")
+            raise ConfigError("quantize_lm_head set without quantize; give --quantize int8, int8-weight or int4")
         if self.per_channel and self.quantize != "int8":
             raise ConfigError(f"per_channel set for quantize={self.quantize!r}: it applies to int8 only "
                               "(--quantize int8)")
@@ -514,7 +521,8 @@ class OptimizeConfig(_Config):
             )
         if self.quantize == "int8" and self.device != "cpu":
             raise ConfigError("int8 dynamic quantisation targets the CPU provider (the CUDA provider has no "
-                              "DynamicQuantizeMatMul); use device='cpu', or quantize='int4' for CUDA")
+                              "DynamicQuantizeMatMul); use device='cpu', or quantize='int8-weight' or 'int4' for "
+                              "CUDA")
         if self.fp16 and self.quantize is not None:
             raise ConfigError(f"choose fp16 or quantize={self.quantize!r}, not both (quantised graphs keep float32 "
                               "activations)")
@@ -546,14 +554,19 @@ class OptimizeConfig(_Config):
     @property
     def lossy_atol(self) -> float:
         """The encoders' output tolerance for this graph: ``atol`` for float weights, else the quantised one."""
-        return getattr(self, f"{self.quantize}_atol") if self.quantize else self.atol
+        return getattr(self, f"{self.bits_prefix}_atol") if self.quantize else self.atol
+
+    @property
+    def bits_prefix(self) -> str | None:
+        """``int8`` or ``int4``: the floors' prefix for this quantisation (both int8 schemes share theirs)."""
+        return None if self.quantize is None else self.quantize.removesuffix("-weight")
 
     @property
     def floors(self) -> tuple[float, float] | None:
         """``(min_sqnr_db, min_agreement)`` a quantised decoder is held to; ``None`` for float weights."""
         if self.quantize is None:
             return None
-        return getattr(self, f"{self.quantize}_min_sqnr_db"), getattr(self, f"{self.quantize}_min_agreement")
+        return getattr(self, f"{self.bits_prefix}_min_sqnr_db"), getattr(self, f"{self.bits_prefix}_min_agreement")
 
 
 @dataclass(frozen=True)

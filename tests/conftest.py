@@ -52,6 +52,7 @@ TOL = {
     "same_graph": 1e-5,  # one graph through two ONNX Runtime front ends (optimum's ORTModel, our session)
     "optimised_graph": 1e-3,  # fused vs unfused graph, float32 (OptimizeConfig's default atol)
     "int8_snr_db": 15.0,  # lossy: dynamic int8 weights against the float32 graph (tiny untrained models: ~20 dB)
+    "int8-weight_snr_db": 30.0,  # lossy: 8-bit block weights, float activations (tiny untrained models: ~40 dB)
     "int4_snr_db": 10.0,  # lossy: 4-bit block weights against the float32 graph (tiny untrained models)
     "fp16_snr_db": 40.0,  # lossy: float16 weights (CUDA) against float32 on the CPU
     "perplexity_reduction": 1e-5,  # our token-weighted perplexity vs transformers' own loss, same logits (relative)

@@ -1,4 +1,4 @@
-"""Weight quantisation of optimised graphs: int8 dynamic and int4 MatMulNBits, low-rank factors included; how each
+"""Weight quantisation of optimised graphs: int8 dynamic, 8- and 4-bit MatMulNBits, low-rank factors included; how each
 factor pair is split before quantising; the manifest's record; bad settings refused before any work."""
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def test_a_factor_read_by_another_layer_is_left_alone():
     assert resplit_factors(model, "balanced")[1] == 0
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int8-weight", "int4"])
 def test_quantised_factors_of_the_decoder_pass_their_floors(quantized, decoder, scheme):
     _, _, fp32 = decoder
     result = quantized(quantize=scheme)
@@ -125,13 +125,18 @@ def test_quantised_factors_of_the_decoder_pass_their_floors(quantized, decoder, 
     assert q.quantized == q.matmuls - 1 and q.kept_float == [q.head] and not q.head_quantized  # the LM head
     assert result.fusions == fp32.fusions and result.low_rank_layers == fp32.low_rank_layers
     ops = result.operators
-    kinds = ("MatMulNBits",) if scheme == "int4" else ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+    nbits = scheme != "int8"
+    kinds = ("MatMulNBits",) if nbits else ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
     assert sum(ops.get(o, 0) for o in kinds) == q.quantized
+    assert q.bits == (4 if scheme == "int4" else 8) and (q.block_size == 32) == nbits
     manifest = json.loads((result.out_dir / "manifest.json").read_text())
     assert manifest["quantization"]["quantized"] == q.quantized and manifest["settings"]["quantize"] == scheme
     model = onnx.load(str(result.onnx_path))
     floats = weight_bytes(model)
-    assert floats == q.weight_bytes and floats[scheme] > 0 and floats["scales"] > 0
+    assert floats == q.weight_bytes and floats[scheme.removesuffix("-weight")] > 0 and floats["scales"] > 0
+    if nbits:
+        assert {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                if a.name == "bits"} == {q.bits}
     # only the head is left float among the weights matrix products read
     weight = next(n.input[1] for n in model.graph.node if n.name == q.head)
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -139,6 +144,15 @@ def test_quantised_factors_of_the_decoder_pass_their_floors(quantized, decoder, 
         weight = producer[weight].input[0]
     head = next(i for i in model.graph.initializer if i.name == weight)
     assert floats["float"] == int(np.prod(head.dims)) * 4
+
+
+def test_eight_bit_weights_keep_far_more_signal_than_four(quantized):
+    """int8-weight's worst shape holds more signal than int4's best, by the 24 dB four more bits give a weight."""
+    eight, four = (quantized(quantize=s).parity["shapes"] for s in ("int8-weight", "int4"))
+    assert min(r["sqnr_db"] for r in eight) > max(r["sqnr_db"] for r in four) + 10
+    int8 = quantized(quantize="int8-weight").quantization.weight_bytes
+    int4 = quantized(quantize="int4").quantization.weight_bytes
+    assert int8["int8"] == 2 * int4["int4"] and int8["float"] == int4["float"]
 
 
 def test_int4_block_and_head_settings_are_applied(quantized):
@@ -169,7 +183,7 @@ def test_the_factor_split_changes_the_weights_not_the_float_function(quantized, 
 def test_int8_and_int4_encoders_stay_close_to_float(encoder, tmp_path, tokenizer):
     _, exported, fp32 = encoder
     reference = make_session(exported.onnx_path, "cpu")
-    for scheme in ("int8", "int4"):
+    for scheme in ("int8", "int8-weight", "int4"):
         result = optimize_onnx(exported.out_dir, OptimizeConfig(quantize=scheme), tmp_path / scheme)
         q = result.quantization
         # q, k and v share one down-projection in the fused attention: fewer factor weights than 2 per layer
@@ -184,8 +198,10 @@ def test_int8_and_int4_encoders_stay_close_to_float(encoder, tmp_path, tokenizer
     ({"quantize": "int4", "block_size": 48}, "power of two"),
     ({"quantize": "int4", "block_size": 512}, "power of two"),
     ({"quantize": "int4", "accuracy_level": 5}, "accuracy_level"),
-    ({"block_size": 64}, "int4 only"),
-    ({"quantize": "int8", "symmetric": True}, "int4 only"),
+    ({"block_size": 64}, "MatMulNBits only"),
+    ({"quantize": "int8", "symmetric": True}, "MatMulNBits only"),
+    ({"quantize": "int8-weight", "block_size": 24}, "power of two"),
+    ({"quantize": "int8-weight", "per_channel": True}, "int8 only"),
     ({"quantize": "int4", "per_channel": True}, "int8 only"),
     ({"quantize_lm_head": True}, "without quantize"),
     ({"quantize": "int8", "device": "cuda"}, "CPU provider"),
@@ -223,12 +239,20 @@ def test_a_quantised_graph_is_refused_for_quantisation_and_for_providers_without
         check_runs_on(int4.onnx_path, "tensorrt")
     with pytest.raises(ConfigError, match="cuda provider has no int8"):
         check_runs_on(quantized(quantize="int8").onnx_path, "cuda")
+    eight = quantized(quantize="int8-weight")
+    check_runs_on(eight.onnx_path, "cuda")
+    with pytest.raises(ConfigError, match="quantised to int8-weight, and the tensorrt provider has no MatMulNBits"):
+        check_runs_on(eight.onnx_path, "tensorrt")
+    with pytest.raises(ConfigError, match=r"quantised already \(int8-weight"):
+        optimize_onnx(eight.out_dir, OptimizeConfig(quantize="int4"), tmp_path / "again")
+    assert not (tmp_path / "again").exists()
 
 
 @pytest.mark.parametrize(("args", "match"), [
     (["--quantize", "int4", "--block-size", "24"], "power of two"),
     (["--quantize", "int4", "--block-size", "128"], "does not divide"),
-    (["--block-size", "64"], "int4 only"),
+    (["--block-size", "64"], "MatMulNBits only"),
+    (["--quantize", "int8-weight", "--block-size", "128"], "does not divide"),
     (["--int8", "--device", "cuda"], "CPU provider"),
 ])
 def test_cli_refuses_bad_quantisation_with_exit_2(decoder, tmp_path, capsys, args, match):

@@ -539,4 +539,10 @@ def optimised_parity(reference: Path, candidate: Path, tokenizer: Any, cfg: Opti
         tolerance, what = Tolerance(atol=cfg.atol), "optimised vs unoptimised ONNX"
     # the two sessions take turns: idle threads must sleep, not spin on the cores the other one needs
     sessions = [OnnxDecoder(make_session(path, "cpu", spinning=False)) for path in (candidate, reference)]
-    return decoder_parity(*sessions, tokenizer, cfg.validate_shapes, tolerance, what=what)
+    try:
+        return decoder_parity(*sessions, tokenizer, cfg.validate_shapes, tolerance, what=what)
+    except ParityError as exc:
+        if cfg.quantize != "int8":
+            raise
+        raise ParityError(f"{exc}; dynamic int8 quantises a decoder's activations with one scale per tensor, which "
+                          "their outliers defeat: quantise its weights alone with --quantize int8-weight") from exc

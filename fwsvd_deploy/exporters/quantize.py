@@ -1,11 +1,14 @@
-"""Weight quantisation of an optimised graph: ONNX Runtime's dynamic int8, or its 4-bit weight-only ``MatMulNBits``.
+"""Weight quantisation of an optimised graph: ONNX Runtime's dynamic int8, or its weight-only ``MatMulNBits``.
 
-Both quantise every MatMul by a constant weight, low-rank factors included (each factor is a MatMul of its own); the
+All quantise every MatMul by a constant weight, low-rank factors included (each factor is a MatMul of its own); the
 head that writes the graph's logits stays float unless asked. ``int8`` is ONNX Runtime's ``quantize_dynamic``
-(int8 weights, activations quantised per call: CPU only); ``int4`` is its ``MatMulNBitsQuantizer`` (4-bit weights
-in blocks of ``block_size`` along the input dimension, one scale, and without ``symmetric`` one zero point, per
-block and output column; float activations: CPU and CUDA). A factor's input dimension that is no multiple of the
-block (a rank of 143) is padded with zeros by the quantiser.
+(int8 weights, activations quantised per call with one scale per tensor: CPU only); ``int4`` and ``int8-weight``
+are its ``MatMulNBitsQuantizer`` (4- or 8-bit weights in blocks of ``block_size`` along the input dimension, one
+scale, and without ``symmetric`` one zero point, per block and output column; float activations: CPU and CUDA). A
+factor's input dimension that is no multiple of the block (a rank of 143) is padded with zeros by the quantiser.
+A decoder's activations carry outliers that one int8 scale per tensor cannot hold (SmolLM2-135M's logits keep 4 dB
+of signal under dynamic int8, dense or factorised); its weights quantise well block by block, hence
+``int8-weight``.
 
 Which factor carries a layer's scale matters to both: see :func:`~.lowrank.resplit_factors`.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,28 +30,36 @@ from ..config import OptimizeConfig
 from ..errors import ConfigError, ExportError, first_line
 from .lowrank import _consumers, _initializers
 
-# Operators a quantised graph carries: int8 dynamic (CPU kernels only) and the 4-bit weight-only MatMul.
+# Operators a quantised graph carries: int8 dynamic (CPU kernels only) and the weight-only MatMul (4 or 8 bits).
 INT8_OPS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger", "DynamicQuantizeLinear",
             "QAttention", "QEmbedLayerNormalization", "QGemm", "DynamicQuantizeLSTM")
-INT4_OPS = ("MatMulNBits",)
-QUANTIZED_OPS = INT8_OPS + INT4_OPS
-# The providers with kernels for each; anything else would quietly run those nodes on another provider
-RUNS_ON = {"int8": ("cpu",), "int4": ("cpu", "cuda")}
+NBITS_OPS = ("MatMulNBits",)
+QUANTIZED_OPS = INT8_OPS + NBITS_OPS
+NBITS = {"int4": 4, "int8-weight": 8}
+# The providers with kernels for each; anything else would quietly run those nodes on another provider (8-bit
+# MatMulNBits has CUDA kernels since ONNX Runtime 1.22)
+RUNS_ON = {"int8": ("cpu",), "int8-weight": ("cpu", "cuda"), "int4": ("cpu", "cuda")}
 
 
-def quantization_of(ops: Counter | dict[str, int]) -> str | None:
-    """``int8``, ``int4`` or ``None``: what a graph with these operator counts was quantised to."""
-    if any(ops.get(o, 0) for o in INT4_OPS):
-        return "int4"
-    if any(ops.get(o, 0) for o in INT8_OPS):
-        return "int8"
-    return None
+def nbits(node: onnx.NodeProto) -> int:
+    """A ``MatMulNBits`` node's weight bits."""
+    return next((a.i for a in node.attribute if a.name == "bits"), 4)
 
 
-def graph_operators(path: str | Path) -> Counter:
-    """Operator counts of an ONNX file, read without its external weights."""
-    model = onnx.load(str(path), load_external_data=False)
-    return Counter(n.op_type for n in model.graph.node)
+def quantization_of(nodes: Iterable[onnx.NodeProto]) -> str | None:
+    """``int8``, ``int8-weight``, ``int4`` or ``None``: what a graph with these nodes was quantised to."""
+    found = None
+    for node in nodes:
+        if node.op_type in NBITS_OPS:
+            return "int8-weight" if nbits(node) == 8 else "int4"
+        if node.op_type in INT8_OPS:
+            found = "int8"
+    return found
+
+
+def graph_nodes(path: str | Path) -> list[onnx.NodeProto]:
+    """The nodes of an ONNX file, read without its external weights."""
+    return list(onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def check_runs_on(path: str | Path, device: str) -> None:
@@ -56,9 +68,9 @@ def check_runs_on(path: str | Path, device: str) -> None:
     Raises:
         ConfigError: e.g. ``MatMulNBits`` on TensorRT, or int8 ``DynamicQuantizeMatMul`` on CUDA.
     """
-    scheme = quantization_of(graph_operators(path))
+    scheme = quantization_of(graph_nodes(path))
     if scheme is not None and device not in RUNS_ON[scheme]:
-        kernels = "MatMulNBits" if scheme == "int4" else "int8 dynamic quantisation (DynamicQuantizeMatMul)"
+        kernels = "MatMulNBits" if scheme in NBITS else "int8 dynamic quantisation (DynamicQuantizeMatMul)"
         raise ConfigError(
             f"{path} is quantised to {scheme}, and the {device} provider has no {kernels} kernel (ONNX Runtime would "
             f"run those nodes elsewhere and report them as {device}); validate it with --device "
@@ -70,17 +82,17 @@ def check_quantizable(model: onnx.ModelProto, cfg: OptimizeConfig, hidden: int) 
     """Refuse what cannot be quantised before any work.
 
     Raises:
-        ConfigError: the graph is quantised already; an int4 block size that does not divide the hidden size.
+        ConfigError: the graph is quantised already; a MatMulNBits block size that does not divide the hidden size.
     """
     if cfg.quantize is None:
         return
     ops = Counter(n.op_type for n in model.graph.node)
-    done = quantization_of(ops)
+    done = quantization_of(model.graph.node)
     if done is not None:
         found = ", ".join(o for o in QUANTIZED_OPS if ops[o])
         raise ConfigError(f"the graph is quantised already ({done}: {found}); give the float export folder written "
                           "by 'fwsvd-deploy export'")
-    if cfg.quantize == "int4" and hidden % cfg.block_size:
+    if cfg.quantize in NBITS and hidden % cfg.block_size:
         raise ConfigError(f"block_size={cfg.block_size} does not divide the hidden size {hidden}: the blocks of "
                           "every dense layer would be padded; choose a power of two that divides it")
 
@@ -155,8 +167,9 @@ def factor_weights(model: onnx.ModelProto) -> set[str]:
 
 
 def weight_bytes(model: onnx.ModelProto) -> dict[str, int]:
-    """Bytes of the weights matrix products read, by kind: ``float``, ``int8``, ``int4`` (packed) and ``scales``
-    (the scales and zero points of quantised weights). Embedding tables and norms are left out."""
+    """Bytes of the weights matrix products read, by kind: ``float``, ``int8`` (dynamic or weight-only), ``int4``
+    (packed) and ``scales`` (the scales and zero points of quantised weights). Embedding tables and norms are left
+    out."""
     inits = _initializers(model.graph)
     producer = {o: n for n in model.graph.node for o in n.output}
     out = Counter({"float": 0, "int8": 0, "int4": 0, "scales": 0})
@@ -168,7 +181,8 @@ def weight_bytes(model: onnx.ModelProto) -> dict[str, int]:
 
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":
-            names = [(node.input[1], "int4"), *((n, "scales") for n in node.input[2:4] if n)]
+            names = [(node.input[1], "int8" if nbits(node) == 8 else "int4"),
+                     *((n, "scales") for n in node.input[2:4] if n)]
         elif node.op_type in ("MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"):
             if len(node.input) < 2:
                 continue
@@ -241,7 +255,7 @@ def quantize_graph(model: onnx.ModelProto, cfg: OptimizeConfig, work: Path) -> t
     previous, handlers = root.level, list(root.handlers)
     root.setLevel(logging.ERROR)
     try:
-        quantized = _int8(model, cfg, exclude, work) if cfg.quantize == "int8" else _int4(model, cfg, exclude)
+        quantized = _int8(model, cfg, exclude, work) if cfg.quantize == "int8" else _nbits(model, cfg, exclude)
     except ConfigError:
         raise
     except Exception as exc:
@@ -254,11 +268,11 @@ def quantize_graph(model: onnx.ModelProto, cfg: OptimizeConfig, work: Path) -> t
         raise ExportError(f"{cfg.quantize} quantisation left {len(missed)} of {len(wanted)} MatMuls float "
                           f"({', '.join(missed[:3])}{', ...' if len(missed) > 3 else ''})")
     ops = Counter(n.op_type for n in quantized.graph.node)
-    int4 = cfg.quantize == "int4"
+    blocked = cfg.quantize in NBITS
     return quantized, Quantization(
-        scheme=cfg.quantize, bits=4 if int4 else 8, block_size=cfg.block_size if int4 else None,
-        symmetric=cfg.symmetric if int4 else True, per_channel=None if int4 else cfg.per_channel,
-        accuracy_level=cfg.accuracy_level if int4 else None, factor_split=cfg.factor_split,
+        scheme=cfg.quantize, bits=NBITS.get(cfg.quantize, 8), block_size=cfg.block_size if blocked else None,
+        symmetric=cfg.symmetric if blocked else True, per_channel=None if blocked else cfg.per_channel,
+        accuracy_level=cfg.accuracy_level if blocked else None, factor_split=cfg.factor_split,
         head=last.name if last is not None else None, head_quantized=last is not None and not exclude,
         matmuls=matmuls, quantized=len(wanted), kept_float=exclude,
         factors=sum(n.input[1] in factors for n in candidates),
@@ -290,13 +304,14 @@ def _int8(model: onnx.ModelProto, cfg: OptimizeConfig, exclude: list[str], work:
             item.unlink()
 
 
-def _int4(model: onnx.ModelProto, cfg: OptimizeConfig, exclude: list[str]) -> onnx.ModelProto:
+def _nbits(model: onnx.ModelProto, cfg: OptimizeConfig, exclude: list[str]) -> onnx.ModelProto:
     try:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     except ImportError as exc:  # onnx-ir, which the quantiser imports, is missing
-        raise ConfigError(f"int4 quantisation needs ONNX Runtime's MatMulNBits quantiser: {first_line(exc)} "
-                          "(pip install onnx-ir)") from exc
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=cfg.block_size, is_symmetric=cfg.symmetric,
+        raise ConfigError(f"{cfg.quantize} quantisation needs ONNX Runtime's MatMulNBits quantiser: "
+                          f"{first_line(exc)} (pip install onnx-ir)") from exc
+    quantizer = MatMulNBitsQuantizer(model, bits=NBITS[cfg.quantize], block_size=cfg.block_size,
+                                     is_symmetric=cfg.symmetric,
                                      accuracy_level=cfg.accuracy_level or None, nodes_to_exclude=exclude,
                                      op_types_to_quantize=("MatMul",))
     quantizer.process()
