@@ -10,6 +10,15 @@ perplexity is adaptation to the speeches rather than repair of the compression.
 
     python benchmarks/lm.py --ratios 0.8,0.6 --recovery
 
+With --memory it measures instead the peak resident memory of the default compression's phases on SmolLM2 (the
+Fisher pass, the input-moment pass, both computed into an empty cache, then the compression reading them back
+layer by layer), accounts for it by what each phase holds (``shapes.calibration_bytes``: the float32 model, the
+Fisher, the float64 input moments) and projects the same accounting to Llama-3.2-1B and Llama-2-7B: each phase's
+peak there is its terms at that size plus what SmolLM2's peak held beyond its own terms (the runtime, the data, the
+activations of one window), taken as fixed. Writes benchmarks/results/lm_memory.json and lm_memory.md.
+
+    python benchmarks/lm.py --memory
+
 Rows are appended to <out>/lm.partial.jsonl as they finish, so an interrupted run resumes where it stopped.
 Writes benchmarks/results/lm.json and lm.md.
 """
@@ -20,6 +29,7 @@ import argparse
 import copy
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,11 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recovery-lr", type=float, default=1e-4)
     p.add_argument("--dense-recovery", action="store_true", help="also train the dense model the same way (control)")
     p.add_argument("--cache", default=str(HERE.parent / ".cache" / "bench" / "statistics"))
+    p.add_argument("--memory", action="store_true", help="measure the default compression's peak memory instead "
+                   "(at the first of --ratios) and project it to 1 B and 7 B Llamas")
     p.add_argument("--out", default=str(HERE / "results"))
     a = p.parse_args(argv)
     torch.manual_seed(0)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.memory:
+        return memory_run(a, out, argv)
     partial = out / "lm.partial.jsonl"
     done = [json.loads(line) for line in partial.read_text().splitlines()] if partial.is_file() else []
     # the last row of a setting and ratio wins (one with recovery, appended after the same row without)
@@ -167,6 +181,69 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(cell)
         lines.append(f"| {label(setting)} | " + " | ".join(cells) + " |")
     (out / "lm.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+PROJECTED = ("smollm2-135m", "llama-3.2-1b", "llama-2-7b")
+# what each phase holds beyond the process's fixed part, from calibration_bytes' terms
+PHASE_TERMS = {"fisher": ("model", "fisher"), "inputs": ("model", "moments"), "compress": ("model", "model")}
+
+
+def memory_run(a: argparse.Namespace, out: Path, argv: list[str] | None) -> int:
+    sys.path.insert(0, str(HERE))
+    from common import PeakRSS, provenance
+    from shapes import calibration_bytes, shape_config
+
+    ratio = float(a.ratios.split(",")[0])
+    model = load_causal_lm(EMBEDDED_DECODER)
+    tokenizer = load_tokenizer(EMBEDDED_DECODER)
+    calib = lm_windows(load_text(DataConfig(dataset="speeches", max_length=a.length), "train"), tokenizer, a.length,
+                       count=a.calibration, seed=0)
+    batches, targets = window_batches(calib, 4), resolve_targets(model)
+    loaded = PeakRSS.current()
+    peaks, seconds = {}, {}
+    with tempfile.TemporaryDirectory() as cache:  # computed, not read from an earlier run's cache
+        for kind in ("fisher", "inputs"):
+            start = time.perf_counter()
+            with PeakRSS() as peak:
+                collect_statistics(model, batches, targets, kinds=(kind,), cache_dir=cache)
+            peaks[kind], seconds[kind] = peak.peak, time.perf_counter() - start
+        stats = collect_statistics(model, batches, targets, kinds=("fisher", "inputs"), cache_dir=cache)
+        start = time.perf_counter()
+        with PeakRSS() as peak:
+            report = compress(model, CompressionConfig(ratio=ratio), stats)
+        peaks["compress"], seconds["compress"] = peak.peak, time.perf_counter() - start
+    terms = {name: calibration_bytes(shape_config(name)) for name in PROJECTED}
+    smol = terms["smollm2-135m"]
+    fixed = {phase: peaks[phase] - sum(smol[t] for t in PHASE_TERMS[phase]) for phase in peaks}
+    projection = {name: {phase: fixed[phase] + sum(t[k] for k in PHASE_TERMS[phase]) for phase in peaks}
+                  for name, t in terms.items()}
+    result = {**provenance("lm.py", argv), "model": EMBEDDED_DECODER, "ratio": ratio,
+              "kept_fraction": report.kept_fraction, "calibration_windows": a.calibration, "window": a.length,
+              "loaded_rss_bytes": loaded, "peak_rss_bytes": peaks, "seconds": seconds, "terms": terms,
+              "phase_terms": PHASE_TERMS, "fixed_bytes": fixed, "projected_peak_bytes": projection,
+              "versions": package_versions()}
+    (out / "lm_memory.json").write_text(json.dumps(result, indent=2))
+    gb = 1e9
+    lines = ["# Peak memory of the default compression, and its projection", "", f"`{result['command']}`", "",
+             f"{result['date']}, commit {result['commit']}, {result['machine']}. SmolLM2-135M, the default method "
+             f"(`fisher-whitened`, `loss` allocation) at keep {ratio:g}, {a.calibration} calibration windows of "
+             f"{a.length} tokens; the statistics computed into an empty cache, one pass per kind, then read back "
+             f"one layer at a time by the compression. Resident after loading the model: {loaded / gb:.2f} GB.", "",
+             "| phase | measured peak (GB) | seconds | held (terms) |", "|---|---:|---:|---|"]
+    for phase in peaks:
+        lines.append(f"| {phase} | {peaks[phase] / gb:.2f} | {seconds[phase]:.1f} | "
+                     f"{' + '.join(PHASE_TERMS[phase])} |")
+    lines += ["", "Terms (GB): " + "; ".join(f"{name}: " + ", ".join(f"{k} {v / gb:.2f}" for k, v in t.items())
+                                          for name, t in terms.items()), "",
+              "Projected peak per phase (GB): each phase's terms at that size, plus what SmolLM2's peak held beyond "
+              "its own terms.", "",
+              "| model | fisher | inputs | compress | peak |", "|---|---:|---:|---:|---:|"]
+    for name, p in projection.items():
+        lines.append(f"| {name} | " + " | ".join(f"{p[k] / gb:.1f}" for k in peaks)
+                     + f" | **{max(p.values()) / gb:.1f}** |")
+    (out / "lm_memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -66,6 +66,18 @@ def parameters(config: Any) -> int:
     return layers * block + v * h * (1 if config.tie_word_embeddings else 2) + h
 
 
+def calibration_bytes(config: Any) -> dict[str, int]:
+    """What the one-pass calibration and compression hold, from the config alone (bytes): the float32 model, the
+    Fisher of every block linear (float32, shaped like its weight: the Fisher pass), and one float64 input second
+    moment per distinct input of a block (q, k and v share one, gate and up another: the input pass)."""
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    linears = layers * (2 * h * h + 2 * h * kv + 3 * h * i)
+    return {"model": 4 * parameters(config), "fisher": 4 * linears, "moments": 8 * layers * (3 * h * h + i * i),
+            "moments_one_block": 8 * (3 * h * h + i * i)}
+
+
 def uniform_ranks(model: torch.nn.Module, keep: float, multiple: int = 8) -> dict[str, dict[str, Any]]:
     """A plan (:func:`fwsvd_deploy.compression.apply.apply_plan`) keeping ``keep`` of every targeted layer."""
     from fwsvd_deploy.compression.targets import resolve_targets

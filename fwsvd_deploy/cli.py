@@ -251,8 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: %(default)s)")
     op.add_argument("--symmetric", action="store_true", help="int4, int8-weight: scales only, no zero points")
     op.add_argument("--accuracy-level", type=int, default=default(OptimizeConfig, "accuracy_level"),
-                    help="int4, int8-weight: MatMulNBits compute precision, 0 (the provider's default) to 4 (int8 activations, the "
-                         "CPU's fastest) (default: %(default)s)")
+                    help="int4, int8-weight: MatMulNBits compute precision, 0 (the provider's default) to 4 (int8 "
+                         "activations block by block, the CPU's fastest) (default: 4 for int8-weight on the CPU, "
+                         "else 0)")
     op.add_argument("--per-channel", action="store_true", help="int8: a scale per output column, not per tensor")
     op.add_argument("--quantize-lm-head", action="store_true",
                     help="quantise the head that writes the logits too (kept float otherwise)")

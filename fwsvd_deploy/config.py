@@ -423,7 +423,10 @@ class OptimizeConfig(_Config):
             [16, 256].
         symmetric: ``int4`` and ``int8-weight``: scales only (no zero points).
         accuracy_level: ``int4`` and ``int8-weight``: ONNX Runtime's ``MatMulNBits`` compute precision, 0 (the
-            provider's default) to 4 (int8 activations on the CPU, the fastest there).
+            provider's default) to 4 (int8 activations quantised block by block on the CPU, the fastest there).
+            ``None`` (the default): 4 for ``int8-weight`` on the CPU (at 0 ONNX Runtime 1.32's CPU kernel for 8-bit
+            weights decodes SmolLM2 4.2 times slower than float32; at 4, 0.57 times, still above the int8 floors),
+            0 otherwise (:attr:`matmul_accuracy_level`).
         quantize_lm_head: quantise the head too (the projection onto the graph's output logits; kept float
             otherwise: a causal LM's is its largest single weight, and its errors reach every logit).
         per_channel: ``int8``: one scale per output column of each weight instead of one per tensor.
@@ -467,7 +470,7 @@ class OptimizeConfig(_Config):
     quantize: str | None = None
     block_size: int = 32
     symmetric: bool = False
-    accuracy_level: int = 0
+    accuracy_level: int | None = None
     quantize_lm_head: bool = False
     per_channel: bool = False
     factor_split: str = "svd"
@@ -498,9 +501,10 @@ class OptimizeConfig(_Config):
         if self.block_size > 256 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size={self.block_size} must be a power of two in [16, 256] (MatMulNBits "
                               "takes 16, 32, 64, 128 or 256)")
-        _check_int("accuracy_level", self.accuracy_level, 0)
-        if self.accuracy_level > 4:
-            raise ConfigError(f"accuracy_level={self.accuracy_level} must be 0 (the provider's default) to 4")
+        if self.accuracy_level is not None:
+            _check_int("accuracy_level", self.accuracy_level, 0)
+            if self.accuracy_level > 4:
+                raise ConfigError(f"accuracy_level={self.accuracy_level} must be 0 (the provider's default) to 4")
         defaults = OptimizeConfig.__dataclass_fields__
         int4_only = [n for n in ("symmetric", "accuracy_level")
                      if getattr(self, n) != defaults[n].default]
@@ -555,6 +559,14 @@ class OptimizeConfig(_Config):
     def lossy_atol(self) -> float:
         """The encoders' output tolerance for this graph: ``atol`` for float weights, else the quantised one."""
         return getattr(self, f"{self.bits_prefix}_atol") if self.quantize else self.atol
+
+    @property
+    def matmul_accuracy_level(self) -> int:
+        """The ``MatMulNBits`` compute precision used: ``accuracy_level``, or when unset 4 for ``int8-weight`` on
+        the CPU (its fast kernel) and 0 (the provider's default) otherwise."""
+        if self.accuracy_level is not None:
+            return self.accuracy_level
+        return 4 if self.quantize == "int8-weight" and self.device == "cpu" else 0
 
     @property
     def bits_prefix(self) -> str | None:

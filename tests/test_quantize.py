@@ -155,6 +155,20 @@ def test_eight_bit_weights_keep_far_more_signal_than_four(quantized):
     assert int8["int8"] == 2 * int4["int4"] and int8["float"] == int4["float"]
 
 
+def test_eight_bit_weights_take_the_cpu_fast_kernel_unless_told_otherwise(quantized):
+    def levels(result):
+        return {a.i for n in onnx.load(str(result.onnx_path)).graph.node if n.op_type == "MatMulNBits"
+                for a in n.attribute if a.name == "accuracy_level"} or {0}
+
+    assert OptimizeConfig(quantize="int8-weight").matmul_accuracy_level == 4
+    assert OptimizeConfig(quantize="int8-weight", device="cuda").matmul_accuracy_level == 0
+    assert OptimizeConfig(quantize="int4").matmul_accuracy_level == 0
+    auto, exact = quantized(quantize="int8-weight"), quantized(quantize="int8-weight", accuracy_level=0)
+    assert levels(auto) == {4} and auto.quantization.accuracy_level == 4 and auto.parity["passed"]
+    assert levels(exact) == {0} and exact.quantization.accuracy_level == 0
+    assert levels(quantized(quantize="int4")) == {0}
+
+
 def test_int4_block_and_head_settings_are_applied(quantized):
     default = quantized(quantize="int4")
     wide = quantized(quantize="int4", block_size=64, symmetric=True)

@@ -1,6 +1,6 @@
 """The real decoder: SmolLM2-135M (the embedded GGUF, converted once), exported with its KV cache and optimised,
-dense and compressed with svd-llm (keep 0.8, calibrated on 8 windows): parity, the fused operators of both, int8 and
-int4 quantisation, optimum's ``ORTModelForCausalLM``. Several minutes on 2 cores.
+dense and compressed with svd-llm (keep 0.8, calibrated on 8 windows): parity, the fused operators of both, int8,
+int8-weight and int4 quantisation, optimum's ``ORTModelForCausalLM``. Several minutes on 2 cores.
 
 The compressed model is a working one on purpose: plain SVD at keep 0.8 wrecks SmolLM2 (perplexity above 10^7 on the
 speeches, measured), and the float32 logits of a wrecked model differ between ONNX Runtime and PyTorch by more than
@@ -88,6 +88,25 @@ def test_int8_is_refused_by_its_floors_dense_and_low_rank_alike(smollm2, tmp_pat
         with pytest.raises(ParityError, match="int8 vs float32 ONNX parity failed: .*signal-to-noise"):
             optimize_onnx(exported.out_dir, OptimizeConfig(quantize="int8"), tmp_path / f"{name}-int8")
         assert not (tmp_path / f"{name}-int8").exists()
+
+
+def test_int8_refusal_points_to_weight_only_int8_which_passes_the_same_floors(smollm2, tmp_path):
+    """8-bit weights in blocks of 32 with float activations keep SmolLM2's logits (dense: 34 dB and 0.98 agreement at
+    the worst parity shape, benchmarks/results/frontier_smollm2_8bit.md), dense and low rank alike: the 20 dB and 0.9
+    floors that dynamic int8 fails hold."""
+    from fwsvd_deploy.errors import ParityError
+
+    exported, _ = smollm2[1]["svd"]
+    with pytest.raises(ParityError, match="--quantize int8-weight"):
+        optimize_onnx(exported.out_dir, OptimizeConfig(quantize="int8"), tmp_path / "svd-int8")
+    cfg = OptimizeConfig(quantize="int8-weight")
+    for name in ("baseline", "svd"):
+        exported, fp32 = smollm2[1][name]
+        result = optimize_onnx(exported.out_dir, cfg, tmp_path / f"{name}-int8w")
+        rows = result.parity["shapes"]
+        assert result.parity["passed"] and result.fusions == fp32.fusions and result.quantization.bits == 8
+        assert min(r["sqnr_db"] for r in rows) >= cfg.floors[0] == 20.0
+        assert min(r["agreement"] for r in rows) >= cfg.floors[1] == 0.9
 
 
 def test_int4_of_the_low_rank_graph_keeps_its_fusions_and_passes_its_floors(smollm2, tmp_path):

@@ -272,7 +272,7 @@ def quantize_graph(model: onnx.ModelProto, cfg: OptimizeConfig, work: Path) -> t
     return quantized, Quantization(
         scheme=cfg.quantize, bits=NBITS.get(cfg.quantize, 8), block_size=cfg.block_size if blocked else None,
         symmetric=cfg.symmetric if blocked else True, per_channel=None if blocked else cfg.per_channel,
-        accuracy_level=cfg.accuracy_level if blocked else None, factor_split=cfg.factor_split,
+        accuracy_level=cfg.matmul_accuracy_level if blocked else None, factor_split=cfg.factor_split,
         head=last.name if last is not None else None, head_quantized=last is not None and not exclude,
         matmuls=matmuls, quantized=len(wanted), kept_float=exclude,
         factors=sum(n.input[1] in factors for n in candidates),
@@ -312,7 +312,7 @@ def _nbits(model: onnx.ModelProto, cfg: OptimizeConfig, exclude: list[str]) -> o
                           f"{first_line(exc)} (pip install onnx-ir)") from exc
     quantizer = MatMulNBitsQuantizer(model, bits=NBITS[cfg.quantize], block_size=cfg.block_size,
                                      is_symmetric=cfg.symmetric,
-                                     accuracy_level=cfg.accuracy_level or None, nodes_to_exclude=exclude,
+                                     accuracy_level=cfg.matmul_accuracy_level or None, nodes_to_exclude=exclude,
                                      op_types_to_quantize=("MatMul",))
     quantizer.process()
     return quantizer.model.model
