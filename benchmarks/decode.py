@@ -52,7 +52,6 @@ sys.path.insert(0, str(HERE))
 from common import graph_folders, provenance  # noqa: E402
 from shapes import SHAPES, build, parameters, shape_config  # noqa: E402
 
-
 BUILD_BYTES_PER_PARAMETER = 24  # peak resident memory of building a shape's graphs, per parameter (see shape_run)
 
 
@@ -172,7 +171,7 @@ def shape_run(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
     if args.prompt_len + args.new_tokens > config.max_position_embeddings:
         ap.error(f"--prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} is beyond {args.shape}'s "
                  f"{config.max_position_embeddings} positions")
-    # measured: qwen2.5-0.5b (0.49 B parameters) peaked at 11.56 GB resident (/usr/bin/time -v), 23.6 bytes per
+    # measured: qwen2.5-0.5b (0.49 B parameters) peaked at 11.56 GB resident (/usr/bin/time -v), 23.4 bytes per
     # parameter; 'fwsvd-deploy export' alone 8.85 GB, 'optimize' alone 10.34 GB (ONNX Runtime's fusion pass)
     need = BUILD_BYTES_PER_PARAMETER * parameters(config)
     import psutil

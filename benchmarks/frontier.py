@@ -1,9 +1,9 @@
-"""The size / quality frontier: dense and low-rank graphs, float32 and with int8 / int4 weights.
+"""The size / quality frontier: dense and low-rank graphs, float32 and with int8 / 8-bit / 4-bit weights.
 
 Takes optimised float32 folders (the ``optimize-*`` stages of ``fwsvd-deploy run``), the first the dense baseline,
 and builds from the export folder each was optimised from (its manifest says which) the quantised variants: int8
-dynamic, 8-bit (``int8w``) and 4-bit ``MatMulNBits`` at block 32 for every graph, int4 at block 64 too for the first (128 does not divide
-SmolLM2's hidden size, 576). Then per graph:
+dynamic, 8-bit (``int8w``) and 4-bit ``MatMulNBits`` at block 32 for every graph, int4 at block 64 too for the first
+(128 does not divide SmolLM2's hidden size, 576). Then per graph:
 
 * size on disk, and the bytes of weights a decode step reads, by kind (float / int8 / int4 / scales);
 * decoders: perplexity on --windows held-out windows of the built-in convention speeches (the test split, the

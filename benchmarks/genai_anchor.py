@@ -211,8 +211,8 @@ def markdown(r: dict[str, Any]) -> str:
              f"{r['builder']['versions']['transformers']} in its own environment, precision "
              f"{r['builder']['precision']}; runtime: onnxruntime-genai {r['runtime_genai']}.", "",
              f"Batch 1, a {r['prompt_tokens']}-token prompt, {r['new_tokens']} decode steps; {r['rounds']} rounds "
-             f"after {r['warmup']} warm-up, whole generations in turn, the order alternating. Ratios: median over "
-             "rounds of the round's mean decode step (10th-90th percentile of the per-round ratio).", "",
+             f"after {r['warmup']} warm-up, whole generations in turn, the order alternating. Ratios: of the medians "
+             "over rounds of each round's mean decode step (10th-90th percentile of the per-round ratio).", "",
              "| graph, loop | nodes | MatMuls | attention ops | weights read MB | prefill ms (p50) | "
              "decode ms/token (mean) | vs genai builder | vs our baseline |",
              "|---|---:|---:|---:|---:|---:|---:|---|---|"]

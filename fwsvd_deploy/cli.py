@@ -546,7 +546,8 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
 
 
 def _quantization_line(q: Any) -> str:
-    scheme = q.scheme + (f", block {q.block_size}{', symmetric' if q.symmetric else ''}" if q.block_size else
+    scheme = q.scheme + (f", block {q.block_size}{', symmetric' if q.symmetric else ''}, accuracy level "
+                         f"{q.accuracy_level}" if q.block_size else
                          f"{', per channel' if q.per_channel else ''}")
     sizes = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in q.weight_bytes.items() if v)
     head = "" if q.head is None else f"; head {'quantised' if q.head_quantized else 'kept float'}"

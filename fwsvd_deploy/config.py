@@ -425,7 +425,7 @@ class OptimizeConfig(_Config):
         accuracy_level: ``int4`` and ``int8-weight``: ONNX Runtime's ``MatMulNBits`` compute precision, 0 (the
             provider's default) to 4 (int8 activations quantised block by block on the CPU, the fastest there).
             ``None`` (the default): 4 for ``int8-weight`` on the CPU (at 0 ONNX Runtime 1.32's CPU kernel for 8-bit
-            weights decodes SmolLM2 4.2 times slower than float32; at 4, 0.57 times, still above the int8 floors),
+            weights decoded SmolLM2 4.2 times slower than float32; at 4, 0.56-0.57 times, above the int8 floors),
             0 otherwise (:attr:`matmul_accuracy_level`).
         quantize_lm_head: quantise the head too (the projection onto the graph's output logits; kept float
             otherwise: a causal LM's is its largest single weight, and its errors reach every logit).
@@ -441,8 +441,8 @@ class OptimizeConfig(_Config):
         int8_min_sqnr_db: for int8 decoders (dynamic and weight-only alike), the floor on the logits'
             signal-to-noise ratio ``10 log10(sum ref^2 / sum (quantised - ref)^2)`` over prefills and decode steps
             (an absolute logit tolerance does not carry across vocabularies and logit scales; the ratio does).
-        int8_min_agreement: for int8 decoders, the floor on the share of those positions whose top-1 next token
-            agrees with the float graph's.
+        int8_min_agreement: for int8 decoders (dynamic and weight-only alike), the floor on the share of those
+            positions whose top-1 next token agrees with the float graph's.
         int4_atol: for int4 encoders, as ``int8_atol``.
         int4_min_sqnr_db: for int4 decoders, as ``int8_min_sqnr_db``. The int4 floors catch a broken graph, not a
             lossy one: ONNX Runtime's round-to-nearest int4 (block 32) of the dense SmolLM2-135M itself measures
@@ -506,8 +506,9 @@ class OptimizeConfig(_Config):
             if self.accuracy_level > 4:
                 raise ConfigError(f"accuracy_level={self.accuracy_level} must be 0 (the provider's default) to 4")
         defaults = OptimizeConfig.__dataclass_fields__
+        # accuracy_level 0 (the provider's default) is what every other scheme runs at: as good as unset
         int4_only = [n for n in ("symmetric", "accuracy_level")
-                     if getattr(self, n) != defaults[n].default]
+                     if getattr(self, n) not in (defaults[n].default, 0 if n == "accuracy_level" else None)]
         block_set = self.block_size != defaults["block_size"].default
         if self.quantize not in NBITS_QUANTIZATIONS and (int4_only or block_set):
             names = int4_only + (["block_size"] if block_set else [])

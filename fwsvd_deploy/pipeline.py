@@ -787,7 +787,10 @@ def run_stages(cfg: PipelineConfig, out: Path, *, force: bool = False, progress:
     for role, model_dir, key in (("baseline", baseline_model, baseline_key),
                                  ("candidate", candidate_model, candidate_key)):
         ex_key = stage_key("export", key, _without(cfg.export.to_dict(), _CHECK_ONLY["export"]))
-        op_key = stage_key("optimize", ex_key, _without(cfg.optimize.to_dict(), _CHECK_ONLY["optimize"]))
+        # the compute precision used, not the setting (its default follows the scheme and the device)
+        op_settings = {**_without(cfg.optimize.to_dict(), _CHECK_ONLY["optimize"]),
+                       "accuracy_level": cfg.optimize.matmul_accuracy_level if cfg.optimize.quantize else None}
+        op_key = stage_key("optimize", ex_key, op_settings)
         exported, optimized = stages_dir / f"export-{role}-{ex_key}", stages_dir / f"optimize-{role}-{op_key}"
         branches.append(_Branch(role, Path(model_dir), exported, optimized,
                                 not reuse(f"export-{role}", "export", exported),

@@ -194,7 +194,7 @@ def test_the_factor_split_changes_the_weights_not_the_float_function(quantized, 
     assert any(a[k] != b[k] for k in a.keys() & b.keys())
 
 
-def test_int8_and_int4_encoders_stay_close_to_float(encoder, tmp_path, tokenizer):
+def test_quantised_encoders_stay_close_to_float(encoder, tmp_path, tokenizer):
     _, exported, fp32 = encoder
     reference = make_session(exported.onnx_path, "cpu")
     for scheme in ("int8", "int8-weight", "int4"):
@@ -226,6 +226,18 @@ def test_int8_and_int4_encoders_stay_close_to_float(encoder, tmp_path, tokenizer
 def test_bad_quantisation_settings_are_refused(settings, match):
     with pytest.raises(ConfigError, match=match):
         OptimizeConfig(**settings)
+
+
+def test_accuracy_level_zero_is_the_unset_level_and_old_runtimes_are_refused(decoder, tmp_path, monkeypatch):
+    assert OptimizeConfig(quantize="int8", accuracy_level=0).matmul_accuracy_level == 0
+    assert OptimizeConfig(accuracy_level=0).quantize is None
+    import onnxruntime
+
+    _, exported, _ = decoder
+    monkeypatch.setattr(onnxruntime, "__version__", "1.21.1")
+    with pytest.raises(ConfigError, match="int8-weight needs ONNX Runtime 1.22 or newer"):
+        optimize_onnx(exported.out_dir, OptimizeConfig(quantize="int8-weight"), tmp_path / "old")
+    assert not (tmp_path / "old").exists()
 
 
 def test_int8_spelling_and_pipeline_yaml():
@@ -281,6 +293,7 @@ def test_cli_quantises_and_reports(decoder, tmp_path, capsys):
     assert main(["optimize", "--onnx", str(exported.out_dir), "--out", str(tmp_path / "o"), "--quantize", "int4",
                  "--block-size", "32"]) == 0
     out = capsys.readouterr().out
-    assert "quantised (int4, block 32)" in out and "head kept float" in out and "signal-to-noise" in out
+    assert "quantised (int4, block 32, accuracy level 0)" in out and "head kept float" in out
+    assert "signal-to-noise" in out
     assert main(["optimize", "--onnx", str(tmp_path / "o"), "--out", str(tmp_path / "p"), "--quantize", "int8"]) == 2
     assert "quantised already" in capsys.readouterr().err and not (tmp_path / "p").exists()

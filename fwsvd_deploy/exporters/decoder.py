@@ -542,7 +542,14 @@ def optimised_parity(reference: Path, candidate: Path, tokenizer: Any, cfg: Opti
     try:
         return decoder_parity(*sessions, tokenizer, cfg.validate_shapes, tolerance, what=what)
     except ParityError as exc:
-        if cfg.quantize != "int8":
+        if not any(floor in str(exc) for floor in ("signal-to-noise", "top-1 agreement")):
             raise
-        raise ParityError(f"{exc}; dynamic int8 quantises a decoder's activations with one scale per tensor, which "
-                          "their outliers defeat: quantise its weights alone with --quantize int8-weight") from exc
+        if cfg.quantize == "int8":
+            raise ParityError(f"{exc}; dynamic int8 quantises a decoder's activations with one scale per tensor, "
+                              "which their outliers defeat: quantise its weights alone with --quantize int8-weight "
+                              "(optimize.quantize: int8-weight)") from exc
+        if cfg.quantize in ("int8-weight", "int4") and cfg.matmul_accuracy_level == 4:
+            raise ParityError(f"{exc}; accuracy level 4 quantises the activations to int8 too (block by block): "
+                              "--accuracy-level 0 (optimize.accuracy_level: 0) keeps them float, slower on the CPU"
+                              ) from exc
+        raise

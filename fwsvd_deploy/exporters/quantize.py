@@ -310,6 +310,12 @@ def _nbits(model: onnx.ModelProto, cfg: OptimizeConfig, exclude: list[str]) -> o
     except ImportError as exc:  # onnx-ir, which the quantiser imports, is missing
         raise ConfigError(f"{cfg.quantize} quantisation needs ONNX Runtime's MatMulNBits quantiser: "
                           f"{first_line(exc)} (pip install onnx-ir)") from exc
+    import onnxruntime as ort
+
+    release = tuple(int(p) for p in ort.__version__.split(".")[:2] if p.isdigit())
+    if cfg.quantize == "int8-weight" and release < (1, 22):
+        raise ConfigError(f"int8-weight needs ONNX Runtime 1.22 or newer (8-bit MatMulNBits; this is "
+                          f"{ort.__version__}): pip install -U onnxruntime, or use --quantize int4")
     quantizer = MatMulNBitsQuantizer(model, bits=NBITS[cfg.quantize], block_size=cfg.block_size,
                                      is_symmetric=cfg.symmetric,
                                      accuracy_level=cfg.matmul_accuracy_level or None, nodes_to_exclude=exclude,
