@@ -36,19 +36,17 @@ import json
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import HERE, graph_folders, provenance  # noqa: E402
+from decode import describe as describe_graph  # noqa: E402
 
 from fwsvd_deploy.exporters.genai import GENAI_FILE  # noqa: E402
-from fwsvd_deploy.exporters.quantize import weight_bytes  # noqa: E402
 from fwsvd_deploy.exporters.runtime import ONNX_FILE, make_session  # noqa: E402
 from fwsvd_deploy.validators.decoder import DecoderGraph  # noqa: E402
 from fwsvd_deploy.validators.generation import Generation, generation_tokens  # noqa: E402
@@ -89,11 +87,11 @@ def build_anchor(python: Path, model: Path, out: Path, precision: str, log: Path
 
 
 def describe(folder: Path) -> dict[str, Any]:
-    model = onnx.load(str(folder / ONNX_FILE))
-    ops = Counter(n.op_type for n in model.graph.node)
-    return {"folder": str(folder), "nodes": len(model.graph.node), "matmuls": ops["MatMul"] + ops["Gemm"],
-            "attention": ops["GroupQueryAttention"] + ops["MultiHeadAttention"] + ops["Attention"],
-            "weight_bytes": sum(weight_bytes(model).values())}
+    """decode.py's description of a graph, with its count of fused attention operators."""
+    info = describe_graph(folder)
+    fused = info["fused_operators"]
+    return {**info, "attention": sum(fused.get(op, 0) for op in ("GroupQueryAttention", "MultiHeadAttention",
+                                                                  "Attention"))}
 
 
 class GenaiGeneration:
@@ -125,11 +123,6 @@ class GenaiGeneration:
             yield (time.perf_counter() - start) * 1000
         if generator.token_count() != self.length or not generator.is_done():
             raise RuntimeError(f"genai generated {generator.token_count()} tokens, not {self.length}")
-
-
-def ours(folder: Path, tokens: np.ndarray, prompt_len: int, threads: int) -> Generation:
-    session = make_session(folder / ONNX_FILE, "cpu", threads=threads, spin_after_run=False)
-    return Generation(session, DecoderGraph.from_session(session, folder), tokens, prompt_len, "cpu")
 
 
 def measure(runners: dict[str, Any], warmup: int, rounds: int) -> dict[str, list[tuple[float, list[float]]]]:
@@ -173,13 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime_genai as og
 
     info = {ANCHOR: describe(anchor)} | {name: describe(folder) for name, folder in graphs.items()}
-    vocab = DecoderGraph.from_session(make_session(next(iter(graphs.values())) / ONNX_FILE, "cpu", threads=1),
-                                      next(iter(graphs.values()))).vocab
+    sessions = {}
+    for name, folder in graphs.items():
+        session = make_session(folder / ONNX_FILE, "cpu", threads=args.threads, spin_after_run=False)
+        sessions[name] = (session, DecoderGraph.from_session(session, folder))
+    vocab = next(iter(sessions.values()))[1].vocab
     tokens = generation_tokens(vocab, 1, args.prompt_len + args.new_tokens)
     runners: dict[str, Any] = {ANCHOR: GenaiGeneration(anchor, tokens[0, :args.prompt_len], args.new_tokens,
                                                        args.threads)}
     for name, folder in graphs.items():
-        runners[name] = ours(folder, tokens, args.prompt_len, args.threads)
+        runners[name] = Generation(*sessions[name], tokens, args.prompt_len, "cpu")
         runners[f"{name} (genai loop)"] = GenaiGeneration(folder, tokens[0, :args.prompt_len], args.new_tokens,
                                                           args.threads)
     runs = measure(runners, args.warmup, args.rounds)

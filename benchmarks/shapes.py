@@ -57,25 +57,34 @@ def shape_config(name: str) -> Any:
     return config
 
 
+def _block_dims(config: Any) -> tuple[int, int, int, int]:
+    """Hidden size, MLP size, layers and the key/value width of a decoder's config."""
+    h = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    return h, config.intermediate_size, config.num_hidden_layers, config.num_key_value_heads * head_dim
+
+
+def _block_linears(config: Any) -> int:
+    """Weights of one block's linear layers: q and o (h x h), k and v (h x kv), gate, up and down (h x i)."""
+    h, i, _, kv = _block_dims(config)
+    return 2 * h * h + 2 * h * kv + 3 * h * i
+
+
 def parameters(config: Any) -> int:
     """Parameters of the decoder (tied embeddings counted once), from its config alone."""
-    h, i, layers, v = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    kv = config.num_key_value_heads * head_dim
-    block = h * h + 2 * h * kv + h * h + 3 * h * i + 2 * h
-    return layers * block + v * h * (1 if config.tie_word_embeddings else 2) + h
+    h, _, layers, _ = _block_dims(config)
+    v = config.vocab_size
+    return layers * (_block_linears(config) + 2 * h) + v * h * (1 if config.tie_word_embeddings else 2) + h
 
 
 def calibration_bytes(config: Any) -> dict[str, int]:
     """What the one-pass calibration and compression hold, from the config alone (bytes): the float32 model, the
     Fisher of every block linear (float32, shaped like its weight: the Fisher pass), and one float64 input second
     moment per distinct input of a block (q, k and v share one, gate and up another: the input pass)."""
-    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    kv = config.num_key_value_heads * head_dim
-    linears = layers * (2 * h * h + 2 * h * kv + 3 * h * i)
-    return {"model": 4 * parameters(config), "fisher": 4 * linears, "moments": 8 * layers * (3 * h * h + i * i),
-            "moments_one_block": 8 * (3 * h * h + i * i)}
+    h, i, layers, _ = _block_dims(config)
+    block_moments = 8 * (3 * h * h + i * i)
+    return {"model": 4 * parameters(config), "fisher": 4 * layers * _block_linears(config),
+            "moments": layers * block_moments, "moments_one_block": block_moments}
 
 
 def uniform_ranks(model: torch.nn.Module, keep: float, multiple: int = 8) -> dict[str, dict[str, Any]]:

@@ -507,8 +507,8 @@ class OptimizeConfig(_Config):
                 raise ConfigError(f"accuracy_level={self.accuracy_level} must be 0 (the provider's default) to 4")
         defaults = OptimizeConfig.__dataclass_fields__
         # accuracy_level 0 (the provider's default) is what every other scheme runs at: as good as unset
-        int4_only = [n for n in ("symmetric", "accuracy_level")
-                     if getattr(self, n) not in (defaults[n].default, 0 if n == "accuracy_level" else None)]
+        int4_only = [n for n, unset in (("symmetric", (False,)), ("accuracy_level", (None, 0)))
+                     if getattr(self, n) not in unset]
         block_set = self.block_size != defaults["block_size"].default
         if self.quantize not in NBITS_QUANTIZATIONS and (int4_only or block_set):
             names = int4_only + (["block_size"] if block_set else [])

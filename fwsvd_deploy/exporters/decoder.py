@@ -379,8 +379,9 @@ class _Lossy:
 
 
 def decoder_parity(candidate: Decoder, reference: Decoder, tokenizer: Any, shapes: tuple[tuple[int, int], ...],
-                   tolerance: Tolerance, *, what: str) -> dict[str, Any]:
+                   tolerance: Tolerance, *, what: str, floor_advice: str = "") -> dict[str, Any]:
     """Compare two decoders on prefills, decode steps and greedy generation; raise when they disagree.
+    ``floor_advice`` ends the error of a lossy graph below its floors.
 
     Returns:
         A report: per shape the largest logit and cache differences of the prefill and of each decode step (and
@@ -460,7 +461,8 @@ def decoder_parity(candidate: Decoder, reference: Decoder, tokenizer: Any, shape
               "passed": not failures}
     if failures:
         more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
-        raise ParityError(f"{what} parity failed: {failures[0]}{more}")
+        advice = f"; {floor_advice}" if tolerance.lossy and floor_advice else ""
+        raise ParityError(f"{what} parity failed: {failures[0]}{more}{advice}")
     return report
 
 
@@ -531,25 +533,20 @@ def optimised_parity(reference: Path, candidate: Path, tokenizer: Any, cfg: Opti
     float32: ``cfg.atol`` and identical greedy tokens; quantised: the floors of ``cfg.floors`` (signal-to-noise
     and top-1 agreement, see :class:`Tolerance`).
     """
+    advice = ""
     if cfg.floors is not None:
         sqnr, agreement = cfg.floors
         tolerance = Tolerance(min_sqnr_db=sqnr, min_agreement=agreement)
         what = f"{cfg.quantize} vs float32 ONNX"
+        if cfg.quantize == "int8":
+            advice = ("dynamic int8 quantises a decoder's activations with one scale per tensor, which their outliers "
+                      "defeat: quantise its weights alone with --quantize int8-weight (optimize.quantize: "
+                      "int8-weight)")
+        elif cfg.matmul_accuracy_level == 4:
+            advice = ("accuracy level 4 quantises the activations to int8 too (block by block): --accuracy-level 0 "
+                      "(optimize.accuracy_level: 0) keeps them float, slower on the CPU")
     else:
         tolerance, what = Tolerance(atol=cfg.atol), "optimised vs unoptimised ONNX"
     # the two sessions take turns: idle threads must sleep, not spin on the cores the other one needs
     sessions = [OnnxDecoder(make_session(path, "cpu", spinning=False)) for path in (candidate, reference)]
-    try:
-        return decoder_parity(*sessions, tokenizer, cfg.validate_shapes, tolerance, what=what)
-    except ParityError as exc:
-        if not any(floor in str(exc) for floor in ("signal-to-noise", "top-1 agreement")):
-            raise
-        if cfg.quantize == "int8":
-            raise ParityError(f"{exc}; dynamic int8 quantises a decoder's activations with one scale per tensor, "
-                              "which their outliers defeat: quantise its weights alone with --quantize int8-weight "
-                              "(optimize.quantize: int8-weight)") from exc
-        if cfg.quantize in ("int8-weight", "int4") and cfg.matmul_accuracy_level == 4:
-            raise ParityError(f"{exc}; accuracy level 4 quantises the activations to int8 too (block by block): "
-                              "--accuracy-level 0 (optimize.accuracy_level: 0) keeps them float, slower on the CPU"
-                              ) from exc
-        raise
+    return decoder_parity(*sessions, tokenizer, cfg.validate_shapes, tolerance, what=what, floor_advice=advice)
