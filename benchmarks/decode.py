@@ -18,7 +18,9 @@ decode can gain, the nodes in the graph and its fused operators.
         --graph keep-0.8=runs/smollm2/stages/optimize-candidate-<keep 0.8 key> \\
         --graph keep-0.6=runs/smollm2/stages/optimize-candidate-<keep 0.6 key>
 
-Writes benchmarks/results/decode.json and decode.md.
+Writes benchmarks/results/decode.json and decode.md (``--name`` another stem). With --packed each graph is also
+optimised again with ``pack_matmuls: all`` (``optimize --pack-matmuls all``), with --packed-factors with
+``pack_matmuls: factors``, and timed beside the others.
 
 With ``--shape NAME`` (see ``shapes.py``: smollm2-135m, qwen2.5-0.5b, llama-3.2-1b, llama-2-7b, mistral-7b) the graphs
 are built instead of given: a decoder of that published architecture with random weights, dense and factorised
@@ -69,15 +71,22 @@ def describe(folder: Path) -> dict:
             "low_rank_layers": manifest.get("low_rank_layers"), "attention_fusion": manifest.get("attention_fusion")}
 
 
-def unfused(folder: Path, work: Path) -> Path:
-    """``folder`` optimised again from its exported graph, the attention left as exported."""
+VARIANTS = {  # --unfused / --packed: each graph optimised again from its exported folder with one setting changed
+    "unfused": ("attention unfused", {"fuse_attention": False}),
+    "packed": ("q/k/v and gate/up joined", {"pack_matmuls": "all"}),
+    "packed_factors": ("down-projections joined", {"pack_matmuls": "factors"}),
+}
+
+
+def reoptimised(folder: Path, work: Path, variant: str) -> Path:
+    """``folder`` optimised again from its exported graph with the default settings but ``VARIANTS[variant]``'s."""
     manifest = read_manifest(folder) or {}
     source = manifest.get("input", {}).get("path")
     if not source or not Path(source, "model.onnx").is_file():
         raise SystemExit(f"{folder}: its manifest names no exported folder to optimise again ({source!r})")
-    out = work / f"{folder.name}-unfused"
+    out = work / f"{folder.name}-{variant.replace('_', '-')}"
     if not (out / "model.onnx").is_file():
-        optimize_onnx(source, OptimizeConfig(fuse_attention=False), out, overwrite=True)
+        optimize_onnx(source, OptimizeConfig(**VARIANTS[variant][1]), out, overwrite=True)
     return out
 
 
@@ -89,13 +98,19 @@ def main(argv: list[str] | None = None) -> int:
                     "weights (instead of --graph)")
     ap.add_argument("--keeps", default="0.8,0.6", help="with --shape: the kept fractions to factorise at")
     ap.add_argument("--unfused", action="store_true", help="also time every graph with its attention unfused")
+    ap.add_argument("--packed", action="store_true", help="also time every graph with the MatMuls that read one "
+                    "tensor joined (optimize --pack-matmuls all: q/k/v, gate/up and their down-projections)")
+    ap.add_argument("--packed-factors", action="store_true", help="also time every graph with the low-rank "
+                    "down-projections that read one tensor joined (optimize --pack-matmuls factors)")
+    ap.add_argument("--name", default="decode", help="results file stem (default: %(default)s)")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--work", type=Path, default=None, help="where the unfused graphs go (default: a temporary folder)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="where the graphs optimised again go (default: a temporary folder)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
     if (args.shape is None) == (args.graph is None):
@@ -105,14 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     graphs = graph_folders(ap, args.graph)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
-        if args.unfused:
-            graphs |= {f"{name} (attention unfused)": unfused(folder, work) for name, folder in list(graphs.items())}
+        given = list(graphs.items())
+        for variant, (label, _) in VARIANTS.items():
+            if getattr(args, variant):
+                graphs |= {f"{name} ({label})": reoptimised(folder, work, variant) for name, folder in given}
         info, timing = timed(graphs, args)
-    result = {"command": " ".join(["python", "benchmarks/decode.py", *(argv or sys.argv[1:])]), "graphs": info,
-              "generation": timing}
+    result = {**provenance("decode.py", argv), "graphs": info, "generation": timing}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decode.json").write_text(json.dumps(result, indent=2))
-    (args.out / "decode.md").write_text(markdown(result))
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    (args.out / f"{args.name}.md").write_text(markdown(result))
     print(markdown(result))
     return 0
 
@@ -228,7 +244,7 @@ def markdown(r: dict) -> str:
     g = r["generation"]
     names = list(r["graphs"])
     lines = [f"# Decode speed with the KV cache ({g['device']}, {g['threads']} threads)", "",
-             f"`{r['command']}`", "",
+             f"`{r['command']}` — {r.get('date', '?')}, {r.get('machine', '?')}, commit {r.get('commit', '?')}", "",
              f"Prefill {g['prompt_tokens']} tokens, then {g['new_tokens']} decode steps; {g['rounds']} rounds, "
              f"interleaved call by call, after {g['warmup']} warm-up. Ratios: median over rounds against `{names[0]}` "
              "(10th-90th percentile of the per-round ratio).", "",

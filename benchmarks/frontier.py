@@ -2,8 +2,9 @@
 
 Takes optimised float32 folders (the ``optimize-*`` stages of ``fwsvd-deploy run``), the first the dense baseline,
 and builds from the export folder each was optimised from (its manifest says which) the quantised variants: int8
-dynamic, 8-bit (``int8w``) and 4-bit ``MatMulNBits`` at block 32 for every graph, int4 at block 64 too for the first
-(128 does not divide SmolLM2's hidden size, 576). Then per graph:
+dynamic, 8-bit (``int8w``) and 4-bit ``MatMulNBits`` at block 32 for every graph, by round to nearest and by HQQ
+(``hqq``), int4 at block 64 too for the first (128 does not divide SmolLM2's hidden size, 576); ``--variants`` picks
+some of them. Then per graph:
 
 * size on disk, and the bytes of weights a decode step reads, by kind (float / int8 / int4 / scales);
 * decoders: perplexity on --windows held-out windows of the built-in convention speeches (the test split, the
@@ -13,8 +14,8 @@ dynamic, 8-bit (``int8w``) and 4-bit ``MatMulNBits`` at block 32 for every graph
 * whether it lies on the measured frontier: no other graph is both smaller on disk and better (lower perplexity,
   higher accuracy).
 
-For int4 low-rank graphs it also gives the decode time against dense int4 divided by the bytes read against dense
-int4: 1.0 means the factorised graph is exactly as fast per byte as the dense one.
+For int4 low-rank graphs it also gives the decode time against the dense graph quantised the same way divided by the
+bytes read against it: 1.0 means the factorised graph is exactly as fast per byte as the dense one.
 
     fwsvd-deploy run --config examples/smollm2.yaml --out runs/smol        # keep 0.8; again with ratio 0.9, 0.6
     python benchmarks/frontier.py --work runs/frontier \\
@@ -45,9 +46,11 @@ sys.path.insert(0, str(HERE))
 from common import graph_folders, provenance  # noqa: E402
 
 VARIANTS = {"int8": {"quantize": "int8"}, "int8w b32": {"quantize": "int8-weight", "block_size": 32},
-            "int4 b32": {"quantize": "int4", "block_size": 32}}
+            "int4 b32": {"quantize": "int4", "block_size": 32},
+            "int4 hqq b32": {"quantize": "int4", "block_size": 32, "quantizer": "hqq"}}
 # coarser blocks for the dense graph too: 64, not 128, which does not divide SmolLM2's hidden size (576 = 9 x 64)
-DENSE_ONLY = {"int4 b64": {"quantize": "int4", "block_size": 64}}
+DENSE_ONLY = {"int4 b64": {"quantize": "int4", "block_size": 64},
+              "int4 hqq b64": {"quantize": "int4", "block_size": 64, "quantizer": "hqq"}}
 NO_FLOORS = {"int8_min_sqnr_db": 0.0, "int8_min_agreement": 0.0, "int4_min_sqnr_db": 0.0, "int4_min_agreement": 0.0,
              "int8_atol": 1e3, "int4_atol": 1e3}
 
@@ -150,14 +153,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--variants", default=",".join([*VARIANTS, *DENSE_ONLY]),
+                    help="the quantised variants to build, comma-separated (default: all, %(default)s)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     args = ap.parse_args(argv)
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in VARIANTS and v not in DENSE_ONLY]
+    if unknown:
+        ap.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join([*VARIANTS, *DENSE_ONLY])}")
     given = graph_folders(ap, args.graph)
     args.work.mkdir(parents=True, exist_ok=True)
     graphs, meta = {}, {}
     for i, (name, folder) in enumerate(given.items()):
         graphs[f"{name} fp32"], meta[f"{name} fp32"] = folder, {"model": name, "weights": "fp32"}
         for variant, settings in {**VARIANTS, **(DENSE_ONLY if i == 0 else {})}.items():
+            if variant not in chosen:
+                continue
             key = f"{name} {variant}"
             graphs[key] = build(folder, settings, args.work, key)
             meta[key] = {"model": name, "weights": variant}
@@ -178,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             rows[o]["disk_bytes"] < row["disk_bytes"] and (
                 rows[o][quality] < row[quality] if decoder else rows[o][quality] > row[quality])
             for o in rows if meta[o]["model"] == dense)
-        base = f"{dense} int4 b32"
-        if decoder and row["weights"] == "int4 b32" and row["model"] != dense:
+        base = f"{dense} {row['weights']}"  # the dense graph quantised the same way
+        if decoder and row["weights"].startswith("int4") and row["model"] != dense and base in rows:
             time_ratio = row["decode_ms_per_token"] / rows[base]["decode_ms_per_token"]
             bytes_ratio = row["weight_bytes_total"] / rows[base]["weight_bytes_total"]
             row["vs_dense_int4"] = {"decode_ratio": time_ratio, "bytes_ratio": bytes_ratio,
@@ -229,8 +240,8 @@ def markdown(r: dict) -> str:
               f"{quality}: {', '.join(on) if on else 'none'}."]
     per_byte = {n: row["vs_dense_int4"] for n, row in r["rows"].items() if "vs_dense_int4" in row}
     if per_byte:
-        lines += ["", "int4 low rank against dense int4 (decode time ratio / bytes-read ratio; 1.0 = as fast per "
-                  "byte):", ""]
+        lines += ["", "int4 low rank against the dense graph quantised the same way (decode time ratio / bytes-read "
+                  "ratio; 1.0 = as fast per byte):", ""]
         lines += [f"- {n}: decode {v['decode_ratio']:.3f}, bytes {v['bytes_ratio']:.3f}, per byte {v['per_byte']:.3f}"
                   for n, v in per_byte.items()]
     return "\n".join(lines) + "\n"

@@ -31,6 +31,8 @@ from .config import (
     FISHER_ESTIMATORS,
     LEVELS,
     METHODS,
+    NBITS_QUANTIZERS,
+    PACKINGS,
     PIPELINE_TASKS,
     QKV_MODES,
     QUANTIZATIONS,
@@ -257,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--per-channel", action="store_true", help="int8: a scale per output column, not per tensor")
     op.add_argument("--quantize-lm-head", action="store_true",
                     help="quantise the head that writes the logits too (kept float otherwise)")
+    op.add_argument("--quantizer", choices=NBITS_QUANTIZERS, default=default(OptimizeConfig, "quantizer"),
+                    help="int4 / int8-weight: rtn (round to nearest) or hqq (half-quadratic: each block's scale and "
+                         "zero point fitted to its weights, no data) (default: %(default)s)")
     op.add_argument("--factor-split", choices=FACTOR_SPLITS, default=default(OptimizeConfig, "factor_split"),
                     help="with --quantize: how each low-rank layer's scale is split between its factors "
                          "(default: %(default)s)")
@@ -267,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--no-fuse-attention", dest="fuse_attention", action="store_false",
                     help="keep a Llama/Mistral/Qwen2 decoder's exported attention instead of fusing it into "
                          "GroupQueryAttention (which takes several new tokens on top of a cache only at batch 1)")
+    op.add_argument("--pack-matmuls", choices=PACKINGS, default=default(OptimizeConfig, "pack_matmuls"),
+                    help="join the MatMuls that read one tensor into one and a Split (the same values): factors (the "
+                         "low-rank down-projections of q/k/v and gate/up), all (dense projections too) or none "
+                         "(default: %(default)s)")
     genai = op.add_mutually_exclusive_group()
     genai.add_argument("--genai", dest="genai", action="store_const", const=True, default=None,
                        help="require genai_config.json (onnxruntime-genai serving) beside the graph; written by "
@@ -515,15 +524,19 @@ def _decoder_note(parity: dict[str, Any]) -> str:
 def _cmd_optimize(a: argparse.Namespace) -> int:
     cfg = OptimizeConfig(device=a.device, level=a.level, fp16=a.fp16, quantize=a.quantize, block_size=a.block_size,
                          symmetric=a.symmetric, accuracy_level=a.accuracy_level, per_channel=a.per_channel,
-                         quantize_lm_head=a.quantize_lm_head, factor_split=a.factor_split, atol=a.atol,
-                         allow_fusion_loss=a.allow_fusion_loss, fuse_attention=a.fuse_attention, genai=a.genai)
+                         quantize_lm_head=a.quantize_lm_head, factor_split=a.factor_split, quantizer=a.quantizer,
+                         atol=a.atol,
+                         allow_fusion_loss=a.allow_fusion_loss, fuse_attention=a.fuse_attention,
+                         pack_matmuls=a.pack_matmuls, genai=a.genai)
     from .exporters import optimize_onnx
 
     result = optimize_onnx(a.onnx, cfg, a.out, overwrite=a.overwrite)
     fused = ", ".join(f"{k} {v}" for k, v in result.fusions.items() if v)
     print(f"optimised for {cfg.device} ({cfg.level}{', fp16' if cfg.fp16 else ''}"
           f"{', ' + cfg.quantize if cfg.quantize else ''}) in {result.seconds:.1f} s; fused: {fused or 'none'}; "
-          f"low-rank layers kept: {result.low_rank_layers}")
+          f"low-rank layers kept: {result.low_rank_layers}"
+          + (f"; MatMuls joined with another reading the same tensor: {result.packed_matmuls}"
+             if result.packed_matmuls else ""))
     if result.quantization is not None:
         print(_quantization_line(result.quantization))
     if result.reference_fusions is not None:
@@ -546,7 +559,7 @@ def _cmd_optimize(a: argparse.Namespace) -> int:
 
 
 def _quantization_line(q: Any) -> str:
-    scheme = q.scheme + (f", block {q.block_size}{', symmetric' if q.symmetric else ''}, accuracy level "
+    scheme = q.scheme + (f", {q.quantizer}, block {q.block_size}{', symmetric' if q.symmetric else ''}, accuracy level "
                          f"{q.accuracy_level}" if q.block_size else
                          f"{', per channel' if q.per_channel else ''}")
     sizes = ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in q.weight_bytes.items() if v)

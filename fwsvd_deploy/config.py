@@ -358,6 +358,8 @@ DEVICES = ("cpu", "cuda")
 QUANTIZATIONS = ("int8", "int8-weight", "int4")
 NBITS_QUANTIZATIONS = ("int8-weight", "int4")  # ONNX Runtime's weight-only, block-wise MatMulNBits
 FACTOR_SPLITS = ("balanced", "svd", "exported")
+NBITS_QUANTIZERS = ("rtn", "hqq")  # ONNX Runtime's MatMulNBits quantisers that need no calibration data
+PACKINGS = ("none", "factors", "all")  # OptimizeConfig.pack_matmuls
 RUN_DEVICES = ("cpu", "cuda", "tensorrt")  # where graphs run; graphs are built for cpu or cuda
 LEVELS = ("O1", "O2", "O3")
 
@@ -422,6 +424,11 @@ class OptimizeConfig(_Config):
         block_size: ``int4`` and ``int8-weight``: weights per scale along the input dimension, a power of two in
             [16, 256].
         symmetric: ``int4`` and ``int8-weight``: scales only (no zero points).
+        quantizer: ``int4`` and ``int8-weight``: which of ONNX Runtime's quantisers picks each block's scale and
+            zero point: ``rtn`` (round to nearest over the block's range) or ``hqq`` (``int4`` only: half-quadratic
+            quantisation, the scale and a float zero point fitted to minimise the block's reconstruction error; no
+            calibration data; always with zero points, so not ``symmetric``; ONNX Runtime's 8-bit kernel takes no
+            float zero points).
         accuracy_level: ``int4`` and ``int8-weight``: ONNX Runtime's ``MatMulNBits`` compute precision, 0 (the
             provider's default) to 4 (int8 activations quantised block by block on the CPU, the fastest there).
             ``None`` (the default): 4 for ``int8-weight`` on the CPU (at 0 ONNX Runtime 1.32's CPU kernel for 8-bit
@@ -458,6 +465,14 @@ class OptimizeConfig(_Config):
             candidate alike; on CUDA with each row's length instead of a padding bias: no left-padded rows).
             ``False`` keeps the exported attention, which also takes several new tokens on top of a cache at any
             batch size (ONNX Runtime's operator takes them only at batch 1; generation feeds one token per step).
+        pack_matmuls: join the MatMuls by constant weights that read one tensor into one MatMul over the
+            concatenated weights and a ``Split`` (:mod:`fwsvd_deploy.exporters.packing`; the same values from fewer,
+            wider operators, as onnxruntime-genai's builder writes q/k/v): ``none`` (the default), ``factors`` (the
+            low-rank down-projections of q/k/v and of gate/up only; a dense graph is left as it is) or ``all`` (dense
+            projections too). Measured on the CPU (SmolLM2-135M, ``benchmarks/results/decode_packing.md``): joining the
+            down-projections took 0-7% off the factorised graphs' decode step, joining the dense q/k/v and gate/up
+            added 1.4-1.9% to the dense one's, each within the run-to-run spread of the ratios; not measured on CUDA.
+            Not at level ``O1`` and not with ``quantize: int8``, whose one scale per tensor would span several weights.
         genai: write ``genai_config.json`` beside a decoder's graph, so that onnxruntime-genai serves the folder
             (``onnxruntime_genai.Model(folder)``): ``None`` (the default) writes it for every decoder exported with
             its KV cache, ``True`` requires it (an encoder, or a decoder without its cache, is refused before any
@@ -470,6 +485,7 @@ class OptimizeConfig(_Config):
     quantize: str | None = None
     block_size: int = 32
     symmetric: bool = False
+    quantizer: str = "rtn"
     accuracy_level: int | None = None
     quantize_lm_head: bool = False
     per_channel: bool = False
@@ -484,6 +500,7 @@ class OptimizeConfig(_Config):
     validate_shapes: tuple[tuple[int, int], ...] = ((3, 23), (1, 41))
     allow_fusion_loss: bool = False
     fuse_attention: bool = True
+    pack_matmuls: str = "none"
     genai: bool | None = None
 
     def __post_init__(self) -> None:
@@ -497,6 +514,14 @@ class OptimizeConfig(_Config):
         if self.quantize is not None:
             _check_choice("quantize", self.quantize, QUANTIZATIONS)
         _check_choice("factor_split", self.factor_split, FACTOR_SPLITS)
+        _check_choice("quantizer", self.quantizer, NBITS_QUANTIZERS)
+        _check_choice("pack_matmuls", self.pack_matmuls, PACKINGS)
+        if self.quantizer == "hqq" and self.quantize == "int8-weight":
+            raise ConfigError("quantizer='hqq' writes float zero points, which ONNX Runtime's MatMulNBits takes for "
+                              "4 bits only; use it with quantize='int4', or quantizer='rtn' for int8-weight")
+        if self.quantizer == "hqq" and self.symmetric:
+            raise ConfigError("quantizer='hqq' fits a zero point to every block; drop symmetric, or use "
+                              "quantizer='rtn'")
         _check_int("block_size", self.block_size, 16)
         if self.block_size > 256 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size={self.block_size} must be a power of two in [16, 256] (MatMulNBits "
@@ -507,7 +532,7 @@ class OptimizeConfig(_Config):
                 raise ConfigError(f"accuracy_level={self.accuracy_level} must be 0 (the provider's default) to 4")
         defaults = OptimizeConfig.__dataclass_fields__
         # accuracy_level 0 (the provider's default) is what every other scheme runs at: as good as unset
-        int4_only = [n for n, unset in (("symmetric", (False,)), ("accuracy_level", (None, 0)))
+        int4_only = [n for n, unset in (("symmetric", (False,)), ("accuracy_level", (None, 0)), ("quantizer", ("rtn",)))
                      if getattr(self, n) not in unset]
         block_set = self.block_size != defaults["block_size"].default
         if self.quantize not in NBITS_QUANTIZATIONS and (int4_only or block_set):

@@ -170,7 +170,13 @@ def decoder_graphs(tmp_path_factory, tokenizer):
         for variant, cfg in (("cpu", OptimizeConfig()), ("cuda", OptimizeConfig(device="cuda")),
                              ("fp16", OptimizeConfig(device="cuda", fp16=True)),
                              ("int4-cpu", OptimizeConfig(quantize="int4")),
-                             ("int4-cuda", OptimizeConfig(device="cuda", quantize="int4"))):
+                             ("int4-cuda", OptimizeConfig(device="cuda", quantize="int4")),
+                             ("int4-hqq-cpu", OptimizeConfig(quantize="int4", quantizer="hqq")),
+                             ("int4-hqq-cuda", OptimizeConfig(device="cuda", quantize="int4", quantizer="hqq")),
+                             # the CPU's default level 4 quantises activations, which CUDA's kernel does not
+                             ("int8-weight-cpu", OptimizeConfig(quantize="int8-weight", accuracy_level=0)),
+                             ("int8-weight-cuda", OptimizeConfig(device="cuda", quantize="int8-weight")),
+                             ("packed-cuda", OptimizeConfig(device="cuda", pack_matmuls="all"))):
             out[f"{name}-{variant}"] = optimize_onnx(exported.out_dir, cfg, root / f"{name}-{variant}")
     text = root / "notes.txt"
     words = ("the", "film", "was", "great", "dull", "and", "moving", "overall", "a", "story")
@@ -256,20 +262,38 @@ def test_generation_on_cuda_captures_where_both_graphs_allow_it(decoder_graphs):
                            cuda_graph=True, progress=False)
 
 
+@pytest.mark.parametrize("scheme", ["int4", "int4-hqq", "int8-weight"])
 @pytest.mark.parametrize("name", ["base", "svd"])
-def test_cuda_int4_decoder_runs_matmulnbits_on_the_device_and_tracks_the_cpu_int4_graph(decoder_graphs, tokenizer,
-                                                                                         name):
-    """The same 4-bit weights through the CUDA and the CPU MatMulNBits kernels, factors included."""
+def test_cuda_nbits_decoder_runs_matmulnbits_on_the_device_and_tracks_the_cpu_graph(decoder_graphs, tokenizer,
+                                                                                     name, scheme):
+    """The same 4-bit (round to nearest, HQQ's float zero points) or 8-bit weights through the CUDA and the CPU
+    MatMulNBits kernels, factors included."""
     from fwsvd_deploy.exporters.decoder import OnnxDecoder, Tolerance, decoder_parity
 
-    cuda_graph = decoder_graphs[f"{name}-int4-cuda"]
+    cuda_graph = decoder_graphs[f"{name}-{scheme}-cuda"]
     quantized = cuda_graph.quantization.quantized
     assert quantized > 0 and cuda_graph.operators["MatMulNBits"] == quantized
-    reference = OnnxDecoder(make_session(decoder_graphs[f"{name}-int4-cpu"].onnx_path, "cpu"))
+    reference = OnnxDecoder(make_session(decoder_graphs[f"{name}-{scheme}-cpu"].onnx_path, "cpu"))
     cuda = make_session(cuda_graph.onnx_path, "cuda")
     assert cuda.get_providers()[0] == "CUDAExecutionProvider"
     report = decoder_parity(OnnxDecoder(cuda), reference, tokenizer, OptimizeConfig().validate_shapes,
-                            Tolerance(min_sqnr_db=TOL["fp16_snr_db"], min_agreement=0.99), what="CUDA vs CPU int4")
+                            Tolerance(min_sqnr_db=TOL["fp16_snr_db"], min_agreement=0.99),
+                            what=f"CUDA vs CPU {scheme}")
+    assert report["passed"]
+
+
+@pytest.mark.parametrize("name", ["base", "svd"])
+def test_cuda_joined_projections_compute_what_the_cpu_graph_does(decoder_graphs, tokenizer, name):
+    """pack_matmuls on CUDA: fewer MatMuls, the values of the CPU float32 graph with the cache."""
+    from fwsvd_deploy.exporters.decoder import OnnxDecoder, Tolerance, decoder_parity
+
+    packed = decoder_graphs[f"{name}-packed-cuda"]
+    assert packed.packed_matmuls > 0
+    assert packed.operators["MatMul"] == decoder_graphs[f"{name}-cuda"].operators["MatMul"] - packed.packed_matmuls
+    reference = OnnxDecoder(make_session(decoder_graphs[f"{name}-cpu"].onnx_path, "cpu"))
+    report = decoder_parity(OnnxDecoder(make_session(packed.onnx_path, "cuda")), reference, tokenizer,
+                            OptimizeConfig().validate_shapes, Tolerance(atol=TOL["optimised_graph"]),
+                            what="CUDA joined vs CPU")
     assert report["passed"]
 
 

@@ -182,6 +182,24 @@ def test_int4_block_and_head_settings_are_applied(quantized):
     assert head.quantization.weight_bytes["int4"] > default.quantization.weight_bytes["int4"]
 
 
+def test_hqq_fits_each_blocks_scale_and_zero_point(quantized):
+    """HQQ's 4-bit blocks keep more of the signal than round to nearest's, with float zero points (more bytes of
+    scales), at the accuracy level int4 runs at."""
+    scheme = "int4"
+    rtn, hqq = quantized(quantize=scheme), quantized(quantize=scheme, quantizer="hqq")
+    assert hqq.parity["passed"] and hqq.quantization.quantizer == "hqq" and rtn.quantization.quantizer == "rtn"
+    assert min(r["sqnr_db"] for r in hqq.parity["shapes"]) > min(r["sqnr_db"] for r in rtn.parity["shapes"])
+    assert hqq.quantization.factors_quantized == rtn.quantization.factors_quantized > 0
+    sizes = hqq.quantization.weight_bytes, rtn.quantization.weight_bytes
+    assert sizes[0]["scales"] > sizes[1]["scales"] and sizes[0]["int4"] == sizes[1]["int4"]
+    nodes = [n for n in onnx.load(str(hqq.onnx_path)).graph.node if n.op_type == "MatMulNBits"]
+    level = OptimizeConfig(quantize=scheme).matmul_accuracy_level
+    assert {a.i for n in nodes for a in n.attribute if a.name == "accuracy_level"} == ({level} if level else set())
+    assert all(len(n.input) >= 4 and n.input[3] for n in nodes)  # zero points, float
+    manifest = json.loads((hqq.out_dir / "manifest.json").read_text())
+    assert manifest["quantization"]["quantizer"] == "hqq" and manifest["settings"]["quantizer"] == "hqq"
+
+
 @pytest.mark.parametrize("split", ["balanced", "exported"])
 def test_the_factor_split_changes_the_weights_not_the_float_function(quantized, split):
     """Every split quantises every factor, to other weights than the default (svd) split's."""
@@ -222,6 +240,11 @@ def test_quantised_encoders_stay_close_to_float(encoder, tmp_path, tokenizer):
     ({"quantize": "int4", "device": "cuda", "fp16": True}, "not both"),
     ({"quantize": "int2"}, "choose one of"),
     ({"quantize": "int4", "factor_split": "halves"}, "choose one of"),
+    ({"quantize": "int4", "quantizer": "gptq"}, "choose one of"),
+    ({"quantize": "int4", "quantizer": "hqq", "symmetric": True}, "zero point"),
+    ({"quantize": "int8", "quantizer": "hqq"}, "MatMulNBits only"),
+    ({"quantize": "int8-weight", "quantizer": "hqq"}, "4 bits only"),
+    ({"quantizer": "hqq"}, "MatMulNBits only"),
 ])
 def test_bad_quantisation_settings_are_refused(settings, match):
     with pytest.raises(ConfigError, match=match):
@@ -293,7 +316,7 @@ def test_cli_quantises_and_reports(decoder, tmp_path, capsys):
     assert main(["optimize", "--onnx", str(exported.out_dir), "--out", str(tmp_path / "o"), "--quantize", "int4",
                  "--block-size", "32"]) == 0
     out = capsys.readouterr().out
-    assert "quantised (int4, block 32, accuracy level 0)" in out and "head kept float" in out
+    assert "quantised (int4, rtn, block 32, accuracy level 0)" in out and "head kept float" in out
     assert "signal-to-noise" in out
     assert main(["optimize", "--onnx", str(tmp_path / "o"), "--out", str(tmp_path / "p"), "--quantize", "int8"]) == 2
     assert "quantised already" in capsys.readouterr().err and not (tmp_path / "p").exists()

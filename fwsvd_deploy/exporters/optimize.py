@@ -29,6 +29,7 @@ from .attention import (
 from .decoder import CacheLayout, check_positions, optimised_parity
 from .genai import GENAI_FILE, check_servable, write_genai_config
 from .lowrank import MS_DOMAIN, densify, find_pairs, inline_identities, resplit_factors, restore
+from .packing import pack_shared_inputs
 from .quantize import Quantization, check_quantizable, quantize_graph
 from .runtime import ONNX_FILE, make_session, parity_report, run_session
 
@@ -72,6 +73,7 @@ class OptimizeResult:
     attention: AttentionFusion | None = None  # the decoder attention fusion, for families that have one
     quantization: Quantization | None = None  # what weight quantisation did, with cfg.quantize
     genai_config: Path | None = None  # genai_config.json, for a decoder onnxruntime-genai can serve
+    packed_matmuls: int = 0  # MatMuls joined into another that reads the same tensor (OptimizeConfig.pack_matmuls)
 
     @property
     def fusions_complete(self) -> bool:
@@ -276,6 +278,9 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
             optimized = fused
         del fused, index
         release_memory()
+    packed = 0
+    if cfg.pack_matmuls != "none" and cfg.level != "O1" and cfg.quantize != "int8":
+        optimized, packed = pack_shared_inputs(optimized, cfg.pack_matmuls)
     if cfg.fp16:
         from onnxruntime.transformers.onnx_model import OnnxModel
 
@@ -340,7 +345,7 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
         seconds = time.perf_counter() - start
         result = OptimizeResult(Path(out_dir), Path(out_dir) / ONNX_FILE, fusions, reference_fusions,
                                 operators, pairs, parity, seconds, attention, quantization,
-                                None if genai is None else Path(out_dir) / genai.name)
+                                None if genai is None else Path(out_dir) / genai.name, packed)
         write_manifest(tmp, {
             "kind": "onnx-optimized",
             "input": {"path": str(src), "fingerprint": folder_fingerprint(src),
@@ -354,6 +359,7 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
             "fusions_complete": result.fusions_complete,
             "allow_fusion_loss": cfg.allow_fusion_loss,
             "operators": result.operators,
+            "packed_matmuls": packed,
             "attention_fusion": attention.to_dict() if attention is not None else None,
             "quantization": quantization.to_dict() if quantization is not None else None,
             "kv_cache": (dataclasses.replace(layout, dtype_bytes=2).to_dict() if cfg.fp16 and layout is not None

@@ -15,7 +15,9 @@ Which factor carries a layer's scale matters to both: see :func:`~.lowrank.respl
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from onnx import numpy_helper
 
 from ..config import OptimizeConfig
 from ..errors import ConfigError, ExportError, first_line
-from .lowrank import _consumers, _initializers
+from .lowrank import _consumers, _initializers, node_attribute
 
 # Operators a quantised graph carries: int8 dynamic (CPU kernels only) and the weight-only MatMul (4 or 8 bits).
 INT8_OPS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger", "DynamicQuantizeLinear",
@@ -216,6 +218,7 @@ class Quantization:
     per_channel: bool | None
     accuracy_level: int | None
     factor_split: str
+    quantizer: str | None
     head: str | None
     head_quantized: bool
     matmuls: int
@@ -250,9 +253,12 @@ def quantize_graph(model: onnx.ModelProto, cfg: OptimizeConfig, work: Path) -> t
     wanted = {n.name: n.input[1] for n in candidates if n.name not in exclude}
     matmuls = len({n.name for n in candidates} | set(exclude))
     factors = factor_weights(model)
-    # ONNX Runtime's quantisers log through the root logger, and importing the 4-bit one configures it for INFO
+    # ONNX Runtime's quantisers log through the root logger, and importing the 4-bit one calls logging.basicConfig
+    # (a handler, and INFO on the root): imported first, then quietened while they run, the root restored after
     root = logging.getLogger()
     previous, handlers = root.level, list(root.handlers)
+    with contextlib.suppress(ImportError):  # said by _nbits, with what to install
+        import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401
     root.setLevel(logging.ERROR)
     try:
         quantized = _int8(model, cfg, exclude, work) if cfg.quantize == "int8" else _nbits(model, cfg, exclude)
@@ -273,7 +279,8 @@ def quantize_graph(model: onnx.ModelProto, cfg: OptimizeConfig, work: Path) -> t
         scheme=cfg.quantize, bits=NBITS.get(cfg.quantize, 8), block_size=cfg.block_size if blocked else None,
         symmetric=cfg.symmetric if blocked else True, per_channel=None if blocked else cfg.per_channel,
         accuracy_level=cfg.matmul_accuracy_level if blocked else None, factor_split=cfg.factor_split,
-        head=last.name if last is not None else None, head_quantized=last is not None and not exclude,
+        quantizer=cfg.quantizer if blocked else None, head=last.name if last is not None else None,
+        head_quantized=last is not None and not exclude,
         matmuls=matmuls, quantized=len(wanted), kept_float=exclude,
         factors=sum(n.input[1] in factors for n in candidates),
         factors_quantized=sum(weight in factors for weight in wanted.values()),
@@ -316,9 +323,22 @@ def _nbits(model: onnx.ModelProto, cfg: OptimizeConfig, exclude: list[str]) -> o
     if cfg.quantize == "int8-weight" and release < (1, 22):
         raise ConfigError(f"int8-weight needs ONNX Runtime 1.22 or newer (8-bit MatMulNBits; this is "
                           f"{ort.__version__}): pip install -U onnxruntime, or use --quantize int4")
+    algorithm = None
+    if cfg.quantizer == "hqq":
+        from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
+
+        algorithm = HQQWeightOnlyQuantConfig(block_size=cfg.block_size, bits=NBITS[cfg.quantize],
+                                             op_types_to_quantize=("MatMul",))
     quantizer = MatMulNBitsQuantizer(model, bits=NBITS[cfg.quantize], block_size=cfg.block_size,
                                      is_symmetric=cfg.symmetric,
                                      accuracy_level=cfg.matmul_accuracy_level or None, nodes_to_exclude=exclude,
-                                     op_types_to_quantize=("MatMul",))
-    quantizer.process()
-    return quantizer.model.model
+                                     op_types_to_quantize=("MatMul",), algo_config=algorithm)
+    with warnings.catch_warnings():  # HQQ reads the weights through torch.from_numpy (a read-only array warning)
+        warnings.simplefilter("ignore", UserWarning)
+        quantizer.process()
+    quantized = quantizer.model.model
+    if algorithm is not None and cfg.matmul_accuracy_level:  # the HQQ quantiser writes no accuracy level
+        for node in quantized.graph.node:
+            if node.op_type == "MatMulNBits" and node_attribute(node, "accuracy_level") is None:
+                node.attribute.append(onnx.helper.make_attribute("accuracy_level", cfg.matmul_accuracy_level))
+    return quantized
