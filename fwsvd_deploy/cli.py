@@ -260,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--quantize-lm-head", action="store_true",
                     help="quantise the head that writes the logits too (kept float otherwise)")
     op.add_argument("--quantizer", choices=NBITS_QUANTIZERS, default=default(OptimizeConfig, "quantizer"),
-                    help="int4 / int8-weight: rtn (round to nearest) or hqq (half-quadratic: each block's scale and "
-                         "zero point fitted to its weights, no data) (default: %(default)s)")
+                    help="MatMulNBits: rtn (round to nearest) or, for int4, hqq (half-quadratic: each block's scale "
+                         "and zero point fitted to its weights, no data) (default: %(default)s)")
     op.add_argument("--factor-split", choices=FACTOR_SPLITS, default=default(OptimizeConfig, "factor_split"),
                     help="with --quantize: how each low-rank layer's scale is split between its factors "
                          "(default: %(default)s)")

@@ -469,10 +469,8 @@ class OptimizeConfig(_Config):
             concatenated weights and a ``Split`` (:mod:`fwsvd_deploy.exporters.packing`; the same values from fewer,
             wider operators, as onnxruntime-genai's builder writes q/k/v): ``none`` (the default), ``factors`` (the
             low-rank down-projections of q/k/v and of gate/up only; a dense graph is left as it is) or ``all`` (dense
-            projections too). Measured on the CPU (SmolLM2-135M, ``benchmarks/results/decode_packing.md``): joining the
-            down-projections took 0-7% off the factorised graphs' decode step, joining the dense q/k/v and gate/up
-            added 1.4-1.9% to the dense one's, each within the run-to-run spread of the ratios; not measured on CUDA.
-            Not at level ``O1`` and not with ``quantize: int8``, whose one scale per tensor would span several weights.
+            projections too). Measured on the CPU in ``benchmarks/results/decode_packing.md``; not on CUDA. Not at
+            level ``O1`` (no rewrites) and not with ``quantize: int8`` (one scale per weight tensor).
         genai: write ``genai_config.json`` beside a decoder's graph, so that onnxruntime-genai serves the folder
             (``onnxruntime_genai.Model(folder)``): ``None`` (the default) writes it for every decoder exported with
             its KV cache, ``True`` requires it (an encoder, or a decoder without its cache, is refused before any
@@ -516,6 +514,10 @@ class OptimizeConfig(_Config):
         _check_choice("factor_split", self.factor_split, FACTOR_SPLITS)
         _check_choice("quantizer", self.quantizer, NBITS_QUANTIZERS)
         _check_choice("pack_matmuls", self.pack_matmuls, PACKINGS)
+        if self.pack_matmuls != "none" and (self.level == "O1" or self.quantize == "int8"):
+            why = "level='O1' makes no graph rewrites" if self.level == "O1" else (
+                "quantize='int8' takes one scale per weight tensor, which a joined weight would share")
+            raise ConfigError(f"pack_matmuls={self.pack_matmuls!r} does not apply: {why}; use pack_matmuls='none'")
         if self.quantizer == "hqq" and self.quantize == "int8-weight":
             raise ConfigError("quantizer='hqq' writes float zero points, which ONNX Runtime's MatMulNBits takes for "
                               "4 bits only; use it with quantize='int4', or quantizer='rtn' for int8-weight")
@@ -537,8 +539,9 @@ class OptimizeConfig(_Config):
         block_set = self.block_size != defaults["block_size"].default
         if self.quantize not in NBITS_QUANTIZATIONS and (int4_only or block_set):
             names = int4_only + (["block_size"] if block_set else [])
+            which = "--quantize int4" if names == ["quantizer"] else "--quantize int4 or int8-weight"
             raise ConfigError(f"{', '.join(names)} set for quantize={self.quantize!r}: they apply to MatMulNBits "
-                              "only (--quantize int4 or int8-weight)")
+                              f"only ({which})")
         if self.quantize_lm_head and self.quantize is None:
             raise ConfigError("quantize_lm_head set without quantize; give --quantize int8, int8-weight or int4")
         if self.per_channel and self.quantize != "int8":

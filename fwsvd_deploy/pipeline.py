@@ -457,7 +457,7 @@ STAGE_PACKAGES: dict[str, tuple[str, ...]] = {
     "finetune": ("fwsvd-deploy", "torch", "transformers", "safetensors"),
     "compress": ("fwsvd-deploy", "torch", "transformers", "safetensors"),
     "export": ("fwsvd-deploy", "torch", "transformers", "onnx", "optimum-onnx"),
-    "optimize": ("fwsvd-deploy", "onnx", "onnxruntime", "onnxruntime-gpu"),
+    "optimize": ("fwsvd-deploy", "onnx", "onnxruntime", "onnxruntime-gpu", "torch"),  # torch: the HQQ quantiser
 }
 # Settings that decide only what is checked or how fast, never the artifact; a cached artifact is re-checked
 # against them instead (see _still_valid).

@@ -21,17 +21,18 @@ from fwsvd_deploy.exporters.runtime import make_session
 
 
 def _graph(opset: int = 17) -> onnx.ModelProto:
-    """x feeds four MatMuls: a, b and c by weights of their own, d by a weight e reads too; y = a + b + c + d + e,
-    and c is also a graph output."""
+    """x feeds five MatMuls: a and b by weights of their own, c by a weight that is also a graph input, d by a weight
+    e reads too, h whose output is a graph output; f reads another tensor."""
     rng = np.random.default_rng(0)
     weights = {n: rng.standard_normal((8, k)).astype(np.float32) for n, k in (("wa", 5), ("wb", 3), ("wc", 5),
-                                                                             ("wd", 5))}
+                                                                             ("wd", 5), ("wh", 4), ("wa2", 2))}
     nodes = [
         helper.make_node("MatMul", ["x", "wa"], ["a"], name="ma"),
         helper.make_node("Relu", ["x"], ["rx"]),
         helper.make_node("MatMul", ["x", "wb"], ["b"], name="mb"),
         helper.make_node("MatMul", ["x", "wc"], ["c"], name="mc"),
         helper.make_node("MatMul", ["x", "wd"], ["d"], name="md"),
+        helper.make_node("MatMul", ["x", "wh"], ["h"], name="mh"),
         helper.make_node("MatMul", ["rx", "wd"], ["e"], name="me"),
         helper.make_node("MatMul", ["rx", "wa2"], ["f"], name="mf"),
         helper.make_node("Concat", ["a", "b", "f"], ["abf"], axis=-1),
@@ -39,10 +40,10 @@ def _graph(opset: int = 17) -> onnx.ModelProto:
         helper.make_node("Add", ["cd", "e"], ["y"]),
     ]
     inits = [numpy_helper.from_array(w, n) for n, w in weights.items()]
-    inits.append(numpy_helper.from_array(rng.standard_normal((8, 2)).astype(np.float32), "wa2"))
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
-        [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["n", k]) for o, k in (("y", 5), ("abf", 10), ("c", 5))],
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8]),
+                     helper.make_tensor_value_info("wc", TensorProto.FLOAT, [8, 5])],  # a weight one may feed
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["n", k]) for o, k in (("y", 5), ("abf", 10), ("h", 4))],
         inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
@@ -53,20 +54,28 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
 
 
+def test_a_weight_that_may_be_fed_stays_a_weight_one_can_feed():
+    packed, _ = pack_shared_inputs(_graph())
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(packed.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["x"]  # nothing else required
+    assert [i.name for i in session.get_overridable_initializers()] == ["wc"]
+
+
 @pytest.mark.parametrize("opset", [11, 17])
 def test_matmuls_reading_one_tensor_become_one_and_compute_the_same(opset):
     model = _graph(opset)
     groups = shared_input_groups(model)
-    # d's weight is read by e too, c is a graph output, e and f read another tensor (f's weight is its own, but alone
-    # on rx once e is out): only a and b join
+    # c's weight may be fed, d's is read by e too, h is a graph output, f is alone on rx: only a and b join
     assert [[n.name for n in g] for g in groups] == [["ma", "mb"]]
     packed, removed = pack_shared_inputs(model)
     assert removed == 1
     onnx.checker.check_model(packed)
     ops = [n.op_type for n in packed.graph.node]
-    assert ops.count("MatMul") == 5 and ops.count("Split") == 1
+    assert ops.count("MatMul") == 6 and ops.count("Split") == 1
     names = {i.name for i in packed.graph.initializer}
-    assert "wa" not in names and "wb" not in names and {"wc", "wd", "wa2"} <= names
+    assert "wa" not in names and "wb" not in names and {"wc", "wd", "wh", "wa2"} <= names
     x = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
     for got, want in zip(_run(packed, x), _run(model, x), strict=True):
         np.testing.assert_array_equal(got, want)
@@ -119,18 +128,31 @@ def test_a_decoders_projections_and_their_down_factors_are_joined(llama_exports,
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_bad_packing_modes_are_refused():
-    with pytest.raises(ConfigError, match="pack_matmuls"):
-        OptimizeConfig(pack_matmuls=True)
-    with pytest.raises(ConfigError, match="pack_matmuls"):
-        OptimizeConfig(pack_matmuls="some")
+@pytest.mark.parametrize(("settings", "match"), [
+    ({"pack_matmuls": True}, "choose one of"),
+    ({"pack_matmuls": "some"}, "choose one of"),
+    ({"pack_matmuls": "all", "level": "O1"}, "makes no graph rewrites"),
+    ({"pack_matmuls": "factors", "quantize": "int8"}, "one scale per weight tensor"),
+])
+def test_bad_packing_settings_are_refused(settings, match):
+    with pytest.raises(ConfigError, match=match):
+        OptimizeConfig(**settings)
+    OptimizeConfig(**{**settings, "pack_matmuls": "none"})  # the rest is fine alone
 
 
-def test_dynamic_int8_keeps_one_matmul_per_weight(llama_exports, tmp_path):
-    """One scale per tensor would span several weights: int8 is quantised unjoined; int4, block by block, joined."""
+def test_cli_refuses_packing_that_does_not_apply(llama_exports, tmp_path, capsys):
+    from fwsvd_deploy.cli import main
+
+    exported = llama_exports["baseline"]
+    assert main(["optimize", "--onnx", str(exported.out_dir), "--out", str(tmp_path / "o"), "--int8",
+                 "--pack-matmuls", "all"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pack_matmuls" in err[0] and not (tmp_path / "o").exists()
+
+
+def test_int4_quantises_the_joined_factors(llama_exports, tmp_path):
+    """MatMulNBits quantises a joined weight block by block, column by column; every factor is still a factor."""
     exported = llama_exports["svd"]
-    int8 = optimize_onnx(exported.out_dir, OptimizeConfig(quantize="int8", pack_matmuls="all"), tmp_path / "int8")
-    assert int8.packed_matmuls == 0 and "Split" not in int8.operators
     int4 = optimize_onnx(exported.out_dir, OptimizeConfig(quantize="int4", pack_matmuls="factors"), tmp_path / "int4")
     assert int4.packed_matmuls > 0 and int4.parity["passed"]
     assert int4.quantization.factors_quantized == int4.quantization.factors > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 
 import numpy as np
 import onnx
@@ -198,6 +199,34 @@ def test_hqq_fits_each_blocks_scale_and_zero_point(quantized):
     assert all(len(n.input) >= 4 and n.input[3] for n in nodes)  # zero points, float
     manifest = json.loads((hqq.out_dir / "manifest.json").read_text())
     assert manifest["quantization"]["quantizer"] == "hqq" and manifest["settings"]["quantizer"] == "hqq"
+    fast = quantized(quantize=scheme, quantizer="hqq", accuracy_level=4)  # written by us: HQQ's quantiser does not
+    nodes = [n for n in onnx.load(str(fast.onnx_path)).graph.node if n.op_type == "MatMulNBits"]
+    assert {a.i for n in nodes for a in n.attribute if a.name == "accuracy_level"} == {4} and fast.parity["passed"]
+
+
+def test_hqq_for_the_cpu_warns_that_it_is_slow_there(decoder, tmp_path, caplog):
+    _, exported, _ = decoder
+    with caplog.at_level(logging.WARNING, logger="fwsvd_deploy"):
+        optimize_onnx(exported.out_dir, OptimizeConfig(quantize="int4", quantizer="hqq"), tmp_path / "q")
+    assert any("no fast kernel for float zero points" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fwsvd_deploy"):
+        optimize_onnx(exported.out_dir, OptimizeConfig(quantize="int4"), tmp_path / "r")
+    assert not any("float zero points" in r.getMessage() for r in caplog.records)
+
+
+def test_hqq_weights_do_not_depend_on_a_visible_gpu(decoder, tmp_path, monkeypatch):
+    """ONNX Runtime's HQQ fits the weights on a GPU in float16 when torch sees one; ours always on the CPU."""
+    import torch
+
+    _, exported, _ = decoder
+    cfg = OptimizeConfig(quantize="int4", quantizer="hqq")
+    here = optimize_onnx(exported.out_dir, cfg, tmp_path / "here")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # would move the weights to a missing device
+    seen = optimize_onnx(exported.out_dir, cfg, tmp_path / "seen")
+    a = {i.name: i.raw_data for i in onnx.load(str(here.onnx_path)).graph.initializer}
+    b = {i.name: i.raw_data for i in onnx.load(str(seen.onnx_path)).graph.initializer}
+    assert a == b
 
 
 @pytest.mark.parametrize("split", ["balanced", "exported"])
@@ -244,7 +273,7 @@ def test_quantised_encoders_stay_close_to_float(encoder, tmp_path, tokenizer):
     ({"quantize": "int4", "quantizer": "hqq", "symmetric": True}, "zero point"),
     ({"quantize": "int8", "quantizer": "hqq"}, "MatMulNBits only"),
     ({"quantize": "int8-weight", "quantizer": "hqq"}, "4 bits only"),
-    ({"quantizer": "hqq"}, "MatMulNBits only"),
+    ({"quantizer": "hqq"}, r"MatMulNBits only \(--quantize int4\)"),
 ])
 def test_bad_quantisation_settings_are_refused(settings, match):
     with pytest.raises(ConfigError, match=match):

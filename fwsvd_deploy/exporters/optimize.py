@@ -279,7 +279,7 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
         del fused, index
         release_memory()
     packed = 0
-    if cfg.pack_matmuls != "none" and cfg.level != "O1" and cfg.quantize != "int8":
+    if cfg.pack_matmuls != "none":  # the config refuses it at O1 and with dynamic int8
         optimized, packed = pack_shared_inputs(optimized, cfg.pack_matmuls)
     if cfg.fp16:
         from onnxruntime.transformers.onnx_model import OnnxModel

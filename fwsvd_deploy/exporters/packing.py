@@ -23,20 +23,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .lowrank import GraphBuilder, _consumers, _copy, _initializers
+from .lowrank import GraphBuilder, _consumers, _copy, _initializers, find_pairs
 
 _FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
 
 def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-
-
-def _feeds_only_constant_matmuls(node: onnx.NodeProto, readers: dict, inits: dict) -> bool:
-    """A low-rank layer's down-projection: every reader of its output is a MatMul (or Gemm) by a constant weight."""
-    users = readers.get(node.output[0], [])
-    return bool(users) and all(u.op_type in ("MatMul", "Gemm") and u.input[0] == node.output[0] and len(u.input) > 1
-                               and u.input[1] in inits for u in users)
 
 
 def shared_input_groups(model: onnx.ModelProto, which: str = "all") -> list[list[onnx.NodeProto]]:
@@ -46,16 +39,18 @@ def shared_input_groups(model: onnx.ModelProto, which: str = "all") -> list[list
     inits = _initializers(graph)
     readers = _consumers(graph)
     outputs = {o.name for o in graph.output}
+    inputs = {i.name for i in graph.input}  # a weight that is also a graph input can be fed: it must stay
+    downs = {down.output[0] for down, _ in find_pairs(model)} if which == "factors" else set()
     groups: dict[tuple[str, int, int], list[onnx.NodeProto]] = defaultdict(list)
     for node in graph.node:
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
             continue
         weight = inits.get(node.input[1])
-        if weight is None or len(weight.dims) != 2 or weight.data_type not in _FLOATS:
+        if weight is None or len(weight.dims) != 2 or weight.data_type not in _FLOATS or node.input[1] in inputs:
             continue
         if len(readers.get(node.input[1], [])) != 1 or node.output[0] in outputs:
             continue  # a weight another node reads too, or a graph output (its name must stay a MatMul's)
-        if which == "factors" and not _feeds_only_constant_matmuls(node, readers, inits):
+        if which == "factors" and node.output[0] not in downs:
             continue
         groups[(node.input[0], int(weight.dims[0]), weight.data_type)].append(node)
     return [members for members in groups.values() if len(members) > 1]
@@ -87,7 +82,8 @@ def pack_shared_inputs(model: onnx.ModelProto, which: str = "all") -> tuple[onnx
             weights = [numpy_helper.to_array(inits[n.input[1]]) for n in group]
             dropped |= {n.input[1] for n in group}
             base = group[0].name or "matmul"
-            packed = build.initializer(np.concatenate(weights, axis=1), f"{base}_packed_weight")
+            packed = build.unique(f"{base}_packed_weight")  # its own, even where two groups' bytes are the same
+            graph.initializer.append(numpy_helper.from_array(np.concatenate(weights, axis=1), packed))
             out = build.unique(f"{base}_packed")
             nodes.append(helper.make_node("MatMul", [node.input[0], packed], [out],
                                           name=build.unique(f"{base}_packed")))
