@@ -10,9 +10,10 @@ same dot product as before, so the graph computes the same values.
 
 Only plain ``MatMul`` nodes by a 2-D float initializer that no other node reads are joined (a weight shared with
 another node, an LM head tied to the embeddings, stays where it is), members of one group in graph order. With
-``which="factors"`` only low-rank down-projections are: on the CPU those are what gains (a thin product below
-MLAS's threading threshold runs on one thread; joined, they are wide enough to be split across threads), while
-joining a dense block's q/k/v and gate/up made its decode step slower (``benchmarks/results/decode_packing.md``).
+``which="factors"`` only low-rank down-projections are (the thin products: MLAS runs a product below its threading
+threshold on one thread, and joined they are wide enough to be split across threads). On the CPU neither mode
+changed a decode step measurably (``benchmarks/results/decode_packing.md``); the pass is for devices that pay each
+operator's launch (CUDA), where it is not measured yet.
 """
 
 from __future__ import annotations
