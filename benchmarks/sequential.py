@@ -19,7 +19,7 @@ the same ranks (the allocation is the same: one global greedy over the dense sta
     python benchmarks/sequential.py --corpora speeches --methods fisher-whitened --ratios 0.8
 
 Rows are appended to <out>/sequential.partial.jsonl as they finish, so an interrupted run resumes where it stopped.
-Writes benchmarks/results/sequential.json and sequential.md.
+Writes benchmarks/results/sequential.json and sequential.md (``--name`` another stem).
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4, help="calibration windows per batch")
     p.add_argument("--cache", default=str(HERE.parent / ".cache" / "bench" / "statistics"))
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--name", default="sequential", help="results file stem (default: %(default)s)")
     a = p.parse_args(argv)
     for name in a.variants.split(","):
         if name not in VARIANTS:
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    partial = out / "sequential.partial.jsonl"
+    partial = out / f"{a.name}.partial.jsonl"
     rows = [json.loads(line) for line in partial.read_text().splitlines()] if partial.is_file() else []
     key = lambda r: (r["corpus"], r["method"], r["ratio"], r["variant"])  # noqa: E731
     done = {key(r) for r in rows}
@@ -119,13 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     known = {r["corpus"] for r in rows} - set(corpora)
     if known:
         print(f"note: rows of {sorted(known)} come from an earlier run of this file (their baselines are in it)")
-    previous = json.loads((out / "sequential.json").read_text()).get("corpora", {}) \
-        if (out / "sequential.json").is_file() else {}
+    previous = json.loads((out / f"{a.name}.json").read_text()).get("corpora", {}) \
+        if (out / f"{a.name}.json").is_file() else {}
     corpora = {**{k: v for k, v in previous.items() if k in known}, **corpora}
     result = {"benchmark": "sequential", "model": EMBEDDED_DECODER, "window": a.length, "corpora": corpora,
               "allocation": "loss", "provenance": provenance("sequential.py", argv), "rows": rows,
               "versions": package_versions()}
-    (out / "sequential.json").write_text(json.dumps(result, indent=2))
+    (out / f"{a.name}.json").write_text(json.dumps(result, indent=2))
     lines = [f"Perplexity of SmolLM2-135M (ratio to its dense baseline) on held-out windows of {a.length} tokens, "
              "calibrated on each corpus's own training split; no fine-tuning; `loss` allocation (the same ranks in "
              "every variant). Seconds and peak RSS are the compression's own (statistics pass excluded).", "",
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"{r['perplexity_ratio']:.3f} | {r['compress_seconds']:.0f} | "
                              f"{r['compress_peak_rss_gb']:.2f} |")
         lines.append("")
-    (out / "sequential.md").write_text("\n".join(lines))
+    (out / f"{a.name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -329,12 +329,16 @@ def test_pipeline_keys_name_what_made_the_artifact(monkeypatch):
     assert pipeline.stage_key("optimize", "k", {"level": "O3"}) != base
     monkeypatch.setattr(pipeline, "package_versions", lambda: {"onnxruntime": "0.0.1"})
     assert pipeline.stage_key("optimize", "k", {"level": "O2"}) != base
-    monkeypatch.setattr(pipeline, "package_versions", lambda: {"torch": "0.0.1"})  # not used by this stage
-    assert pipeline.stage_key("optimize", "k", {"level": "O2"}) == pipeline.stage_key(
-        "optimize", "k", {"level": "O2"})
+    monkeypatch.setattr(pipeline, "package_versions", lambda: {"torch": "0.0.1"})  # HQQ fits its weights with torch
+    torch_key = pipeline.stage_key("optimize", "k", {"level": "O2"})
+    monkeypatch.setattr(pipeline, "package_versions", lambda: {"torch": "0.0.2", "transformers": "0.0.1"})
+    other_torch = pipeline.stage_key("optimize", "k", {"level": "O2"})
+    assert other_torch != torch_key
+    monkeypatch.setattr(pipeline, "package_versions", lambda: {"torch": "0.0.2", "transformers": "0.0.2"})
+    assert pipeline.stage_key("optimize", "k", {"level": "O2"}) == other_torch  # transformers: not used here
     assert set(pipeline._without(OptimizeConfig().to_dict(), pipeline._CHECK_ONLY["optimize"])) == {
-        "device", "level", "fp16", "quantize", "block_size", "symmetric", "accuracy_level", "quantize_lm_head",
-        "per_channel", "factor_split", "fuse_attention", "genai"}
+        "device", "level", "fp16", "quantize", "block_size", "symmetric", "quantizer", "accuracy_level",
+        "quantize_lm_head", "per_channel", "factor_split", "fuse_attention", "pack_matmuls", "genai"}
     # lowrank.py (the restore) and attention.py are code the optimise stage runs; families.py chooses its passes
     assert {"exporters", "families.py"} <= set(pipeline.STAGE_CODE["optimize"])
 
