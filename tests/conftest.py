@@ -178,6 +178,21 @@ def lm_decoder(family: str, tokenizer, seed: int = 0) -> torch.nn.Module:
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
     return AutoModelForCausalLM.from_config(config).eval()
+def lm_model_folder(root: Path, tokenizer, family: str, variant: str) -> Path:
+    """``root/FAMILY-VARIANT``: the tiny decoder of ``family`` saved as it is (``baseline``) or compressed by the
+    method ``variant`` at ratio 0.5."""
+    from fwsvd_deploy import CompressionConfig, compress, save_compressed, save_model
+
+    model = lm_decoder(family, tokenizer)
+    folder = root / f"{family}-{variant}"
+    if variant == "baseline":
+        save_model(model, folder, tokenizer)
+    else:
+        report = compress(model, CompressionConfig(method=variant, ratio=0.5))
+        save_compressed(model, folder, tokenizer, report=report)
+    return folder
+
+
 def export_decoder(model: torch.nn.Module, tokenizer, out: Path, task: str = "text-generation-with-past") -> Path:
     """A decoder exported by optimum-onnx as it ships (fp32, KV cache), with the tokenizer beside the graph."""
     from optimum.exporters.onnx import onnx_export_from_model

@@ -10,8 +10,8 @@ import onnx
 import pytest
 import torch
 
-from conftest import DECODER_FAMILIES, LM_DECODER_CONFIGS, LM_VOCAB, export_and_optimise, lm_decoder
-from fwsvd_deploy import CompressionConfig, compress, save_compressed, save_model
+from conftest import DECODER_FAMILIES, LM_DECODER_CONFIGS, LM_VOCAB, export_and_optimise, lm_model_folder
+from fwsvd_deploy import save_model
 from fwsvd_deploy.cli import main
 from fwsvd_deploy.config import ExportConfig, OptimizeConfig
 from fwsvd_deploy.errors import ConfigError, DeviceUnavailableError, ExportError, ParityError
@@ -57,23 +57,12 @@ def expected_fusions(family: str) -> dict[str, int]:
     return counts
 
 
-def _model_folder(root, tokenizer, family, variant):
-    model = lm_decoder(family, tokenizer)
-    folder = root / f"{family}-{variant}"
-    if variant == "baseline":
-        save_model(model, folder, tokenizer)
-    else:
-        report = compress(model, CompressionConfig(method=variant, ratio=0.5))
-        save_compressed(model, folder, tokenizer, report=report)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def decoders(tmp_path_factory, lm_tokenizer):
     """Lazily build, export and optimise each (family, variant) once per module."""
     root = tmp_path_factory.mktemp("decoders")
     return functools.cache(lambda family, variant: export_and_optimise(
-        _model_folder(root, lm_tokenizer, family, variant), TASK))
+        lm_model_folder(root, lm_tokenizer, family, variant), TASK))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -260,7 +249,7 @@ def test_ort_model_for_causal_lm_generates_what_pytorch_generates(decoders, lm_t
 
 
 def test_text_generation_without_cache(tmp_path, lm_tokenizer):
-    folder = _model_folder(tmp_path, lm_tokenizer, "qwen2", "svd")
+    folder = lm_model_folder(tmp_path, lm_tokenizer, "qwen2", "svd")
     exported = export_onnx(folder, ExportConfig(task="text-generation"), tmp_path / "onnx")
     assert exported.kv_cache is None and exported.parity["greedy"]["identical"]
     assert "prefill_cache" not in exported.parity["shapes"][0]
@@ -272,7 +261,7 @@ def test_text_generation_without_cache(tmp_path, lm_tokenizer):
 def test_external_data(tmp_path, lm_tokenizer):
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    folder = _model_folder(tmp_path, lm_tokenizer, "mistral", "svd")
+    folder = lm_model_folder(tmp_path, lm_tokenizer, "mistral", "svd")
     exported = export_onnx(folder, ExportConfig(task=TASK, external_data=True), tmp_path / "onnx")
     assert (exported.out_dir / "model.onnx_data").is_file() and exported.parity["passed"]
     assert (exported.out_dir / "model.onnx").stat().st_size < 1 << 20

@@ -9,8 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import LM_DECODER_CONFIGS, lm_decoder
-from fwsvd_deploy import CompressionConfig, compress, save_compressed, save_model
+from conftest import LM_DECODER_CONFIGS, lm_model_folder
 from fwsvd_deploy.config import ExportConfig, OptimizeConfig
 from fwsvd_deploy.errors import ConfigError
 from fwsvd_deploy.exporters import export_onnx, optimize_onnx
@@ -83,20 +82,10 @@ def test_matmuls_reading_one_tensor_become_one_and_compute_the_same(opset):
     assert [n.name for n in model.graph.node][:3] == ["ma", "", "mb"]  # the input graph is not changed
 
 
-def _folder(root, tokenizer, family, variant):
-    model = lm_decoder(family, tokenizer)
-    folder = root / f"{family}-{variant}"
-    if variant == "baseline":
-        save_model(model, folder, tokenizer)
-    else:
-        save_compressed(model, folder, tokenizer, report=compress(model, CompressionConfig(method=variant, ratio=0.5)))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def llama_exports(tmp_path_factory, lm_tokenizer):
     root = tmp_path_factory.mktemp("packing")
-    return {variant: export_onnx(_folder(root, lm_tokenizer, "llama", variant),
+    return {variant: export_onnx(lm_model_folder(root, lm_tokenizer, "llama", variant),
                                  ExportConfig(task="text-generation-with-past"), root / f"{variant}-onnx")
             for variant in ("baseline", "svd")}
 

@@ -325,13 +325,14 @@ def _nbits(model: onnx.ModelProto, cfg: OptimizeConfig, exclude: list[str]) -> o
         raise ConfigError(f"int8-weight needs ONNX Runtime 1.22 or newer (8-bit MatMulNBits; this is "
                           f"{ort.__version__}): pip install -U onnxruntime, or use --quantize int4")
     algorithm = None
-    if cfg.quantizer == "hqq" and cfg.device == "cpu":
-        logging.getLogger("fwsvd_deploy").warning(
-            "quantizer hqq: ONNX Runtime's CPU MatMulNBits has no fast kernel for float zero points; measured on "
-            "SmolLM2-135M its int4 graph decoded 3.8 times slower than float32 at accuracy level 0 or 4 (round to "
-            "nearest: 0.6 times); use quantizer rtn for a CPU graph that must be fast")
     if cfg.quantizer == "hqq":
         from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig
+
+        if cfg.device == "cpu":
+            logging.getLogger("fwsvd_deploy").warning(
+                "quantizer hqq: ONNX Runtime's CPU MatMulNBits has no fast kernel for float zero points; measured on "
+                "SmolLM2-135M its int4 graph decoded 3.8 times slower than float32 at accuracy level 0 or 4 (round "
+                "to nearest: 0.5-0.6 times); use quantizer rtn for a CPU graph that must be fast")
 
         algorithm = HQQWeightOnlyQuantConfig(block_size=cfg.block_size, bits=NBITS[cfg.quantize],
                                              op_types_to_quantize=("MatMul",))
