@@ -4,7 +4,9 @@ For each task (``benchmarks/tasks.py``: Rotten Tomatoes, the task the defaults a
 tasks) all-MiniLM-L6-v2 is fine-tuned once (cached under --work), one calibration pass collects the Fisher and the
 input statistics on 512 training examples, then a copy is compressed per setting x kept fraction and evaluated on
 the test split; with --recovery each is then fine-tuned for one epoch (the default pipeline's recovery) and
-evaluated again.
+evaluated again. The ``-sequential`` settings compress block by block on the compressed blocks' outputs
+(``--sequential``), ``-refit-up`` then solves each ``up`` against the dense layer's output (``--refit up``); every row
+records the compression's own seconds.
 
     python benchmarks/accuracy.py --tasks rotten_tomatoes,convention-party,debate-party --ratios 0.5,0.3 --recovery
 
@@ -34,11 +36,13 @@ from fwsvd_deploy import (
 )
 from fwsvd_deploy.compression import collect_statistics, resolve_targets
 from fwsvd_deploy.compression.fisher import classifier_batches
+from fwsvd_deploy.compression.sequential import compress_sequential
 from fwsvd_deploy.manifest import package_versions
 from fwsvd_deploy.modeling import EMBEDDED_MODEL
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from common import provenance  # noqa: E402
 from tasks import TASKS, task_files  # noqa: E402
 
 # one column per setting: CompressionConfig fields besides the ratio
@@ -53,17 +57,24 @@ SETTINGS = (
     {"method": "fisher-whitened"},
     {"method": "fisher-whitened", "allocation": "loss"},
     {"method": "svd-llm", "qkv": "joint"},
+    # sequential calibration (each block fitted on the compressed blocks' outputs) and the closed-form refit
+    {"method": "fisher-whitened", "allocation": "loss", "sequential": True},
+    {"method": "fisher-whitened", "allocation": "loss", "sequential": True, "refit": "up"},
+    {"method": "svd-llm", "allocation": "loss", "sequential": True},
+    {"method": "svd-llm", "allocation": "loss", "sequential": True, "refit": "up"},
 )
 # how each task's baseline is fine-tuned: (training examples, epochs, max length)
 TRAINING = {"rotten_tomatoes": (3000, 1, 64), "convention-party": (None, 2, 128), "debate-party": (None, 3, 128)}
 
 
 def label(setting: dict) -> str:
-    """Column name: method[-axis][-allocation][-joint][-xN]."""
+    """Column name: method[-axis][-allocation][-joint][-xN][-sequential][-refit-up]."""
     name = setting["method"] + (f"-{setting['fisher_axis']}" if "fisher_axis" in setting else "")
     name += f"-{setting['allocation']}-alloc" if setting.get("allocation", "uniform") != "uniform" else ""
     name += "-joint" if setting.get("qkv") == "joint" else ""
-    return name + (f"-x{setting['rank_multiple']}" if setting.get("rank_multiple", 1) > 1 else "")
+    name += f"-x{setting['rank_multiple']}" if setting.get("rank_multiple", 1) > 1 else ""
+    name += "-sequential" if setting.get("sequential") else ""
+    return name + (f"-refit-{setting['refit']}" if setting.get("refit", "none") != "none" else "")
 
 
 def task_data(task: str, work: Path) -> DataConfig:
@@ -109,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(a.work)
     wanted = None if a.settings is None else set(a.settings.split(","))
     settings = [s for s in SETTINGS if wanted is None or label(s) in wanted]
+    runs = [*(previous or {}).get("runs", []), provenance("accuracy.py", argv)]
     results = []
     for task in a.tasks.split(","):
         base, tokenizer, splits = baseline_model(task, work)
@@ -123,9 +135,17 @@ def main(argv: list[str] | None = None) -> int:
         for ratio in (float(r) for r in a.ratios.split(",")):
             for setting in settings:
                 model = copy.deepcopy(base)
+                fields = {k: v for k, v in setting.items() if k != "sequential"}
                 # a setting without an allocation is uniform (CompressionConfig's default depends on the method)
-                report = compress(model, CompressionConfig(ratio=ratio, **{"allocation": "uniform", **setting}), stats)
-                row = {"ratio": ratio, "setting": label(setting), "kept_fraction": report.kept_fraction,
+                cfg = CompressionConfig(ratio=ratio, **{"allocation": "uniform", **fields})
+                began = time.perf_counter()
+                if setting.get("sequential"):
+                    report = compress_sequential(model, cfg, batches, stats, progress=False)
+                else:
+                    report = compress(model, cfg, stats)
+                row = {"ratio": ratio, "setting": label(setting), "run": len(runs) - 1,
+                       "kept_fraction": report.kept_fraction,
+                       "compress_seconds": time.perf_counter() - began,
                        "accuracy": evaluate(model, splits.eval, tokenizer, max_length=length).accuracy}
                 if a.recovery:
                     finetune(model, splits.train, tokenizer, FinetuneConfig(epochs=1), max_length=length,
@@ -145,15 +165,18 @@ def main(argv: list[str] | None = None) -> int:
         settings = [s for s in SETTINGS if any(r["setting"] == label(s) for t in results for r in t["rows"])]
     (out / "accuracy.json").write_text(json.dumps({
         "benchmark": "accuracy", "model": EMBEDDED_MODEL, "calibration_samples": a.calibration_samples,
-        "training": training, "tasks": results, "versions": package_versions()}, indent=2))
-    lines = []
+        "training": training, "runs": runs, "tasks": results, "versions": package_versions()}, indent=2))
+    lines = [f"Run {i}: `{r['command']}` ({r['date']}, commit {r['commit']}, {r['machine']})"
+             for i, r in enumerate(runs)]
+    lines += ["", "Each row comes from the run its `run` field names in accuracy.json.", ""] if len(runs) > 1 else [""]
     for task in results:
         ratios = sorted({r["ratio"] for r in task["rows"]}, reverse=True)
         recovered = any("accuracy_recovered" in r for r in task["rows"])
         lines += [f"**{task['task']}** — {task['eval_examples']} test examples, baseline "
                   f"{task['baseline_accuracy']:.4f}; accuracy without fine-tuning after compression"
                   + (" / after one recovery epoch" if recovered else ""), "",
-                  "| setting | " + " | ".join(f"keep {r}" for r in ratios) + " |", "|---|" + "---:|" * len(ratios)]
+                  "| setting | " + " | ".join(f"keep {r}" for r in ratios) + " | compression seconds |",
+                  "|---|" + "---:|" * (len(ratios) + 1)]
         for setting in settings:
             by_ratio = {r["ratio"]: r for r in task["rows"] if r["setting"] == label(setting)}
             cells = []
@@ -163,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                 if row is not None and "accuracy_recovered" in row:
                     cell += f" / {row['accuracy_recovered']:.4f}"
                 cells.append(cell)
-            lines.append(f"| {label(setting)} | " + " | ".join(cells) + " |")
+            seconds = [f"{by_ratio[r]['compress_seconds']:.1f}" for r in ratios
+                       if "compress_seconds" in by_ratio.get(r, {})]
+            lines.append(f"| {label(setting)} | " + " | ".join(cells) + f" | {' / '.join(seconds)} |")
         lines.append("")
     (out / "accuracy.md").write_text("\n".join(lines))
     print("\n".join(lines))
@@ -180,6 +205,8 @@ def earlier_run(out: Path, calibration_samples: int) -> dict | None:
     if not path.is_file():
         return None
     previous = json.loads(path.read_text())
+    if "runs" not in previous:
+        raise ValueError(f"--merge: {path} does not record the runs that measured it; rerun without --merge")
     if (previous.get("model"), previous.get("calibration_samples")) != (EMBEDDED_MODEL, calibration_samples):
         raise ValueError(f"--merge: {path} was measured on {previous.get('model')} with "
                          f"{previous.get('calibration_samples')} calibration samples, this run {EMBEDDED_MODEL} "
