@@ -13,7 +13,9 @@ fraction x variant a copy of the model compressed
 * ``sequential+alternate``: and then ``down`` given ``up``, and ``up`` again (``--refit alternate``).
 
 Each row records the compression's own seconds and peak resident memory (sampled, the statistics pass excluded), at
-the same ranks (the allocation is the same: one global greedy over the dense statistics).
+the same ranks (the allocation is the same: one global greedy over the dense statistics, or uniform ranks).
+``--allocation method`` gives each method the allocation it takes by default (``loss`` for the default method,
+``uniform`` for svd-llm), ``--allocation loss`` (the default) the same greedy allocation to all.
 
     python benchmarks/sequential.py
     python benchmarks/sequential.py --corpora speeches --methods fisher-whitened --ratios 0.8
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=4, help="calibration windows per batch")
     p.add_argument("--cache", default=str(HERE.parent / ".cache" / "bench" / "statistics"))
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--allocation", default="loss", choices=("loss", "fisher", "uniform", "method"),
+                   help="rank allocation; method: each method's own default (default: %(default)s)")
     p.add_argument("--name", default="sequential", help="results file stem (default: %(default)s)")
     a = p.parse_args(argv)
     for name in a.variants.split(","):
@@ -98,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                     if (corpus, method, ratio, variant) in done:
                         continue
                     sequential, refit = VARIANTS[variant]
-                    cfg = CompressionConfig(method=method, ratio=ratio, allocation="loss", refit=refit)
+                    chosen = {} if a.allocation == "method" else {"allocation": a.allocation}
+                    cfg = CompressionConfig(method=method, ratio=ratio, refit=refit, **chosen)
                     compressed = copy.deepcopy(model)
                     with PeakRSS() as peak:
                         began = time.perf_counter()
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                             report = compress(compressed, cfg, stats)
                         seconds = time.perf_counter() - began
                     row = {"corpus": corpus, "method": method, "ratio": ratio, "variant": variant,
+                           "allocation": report.allocation,
                            "kept_fraction": report.kept_fraction, "compress_seconds": seconds,
                            "compress_peak_rss_gb": peak.peak / 1e9,
                            "perplexity": evaluate_lm(compressed, test).metrics["perplexity"]}
@@ -124,22 +130,25 @@ def main(argv: list[str] | None = None) -> int:
         if (out / f"{a.name}.json").is_file() else {}
     corpora = {**{k: v for k, v in previous.items() if k in known}, **corpora}
     result = {"benchmark": "sequential", "model": EMBEDDED_DECODER, "window": a.length, "corpora": corpora,
-              "allocation": "loss", "provenance": provenance("sequential.py", argv), "rows": rows,
+              "allocation": a.allocation, "provenance": provenance("sequential.py", argv), "rows": rows,
               "versions": package_versions()}
     (out / f"{a.name}.json").write_text(json.dumps(result, indent=2))
+    allocation = "each method's own" if a.allocation == "method" else f"`{a.allocation}`"
     lines = [f"Perplexity of SmolLM2-135M (ratio to its dense baseline) on held-out windows of {a.length} tokens, "
-             "calibrated on each corpus's own training split; no fine-tuning; `loss` allocation (the same ranks in "
-             "every variant). Seconds and peak RSS are the compression's own (statistics pass excluded).", "",
+             f"calibrated on each corpus's own training split; no fine-tuning; {allocation} allocation (the same "
+             "ranks in every variant). Seconds and peak RSS are the compression's own (statistics pass excluded).",
+             "",
              f"`{result['provenance']['command']}` — {result['provenance']['date']}, "
              f"{result['provenance']['machine']}, commit {result['provenance']['commit']}", ""]
     for corpus, info in corpora.items():
         lines += [f"### {corpus} (baseline {info['baseline_perplexity']:.2f}, {info['calibration_windows']} "
                   f"calibration / {info['eval_windows']} test windows)", "",
-                  "| method | keep | variant | perplexity | ratio | seconds | peak RSS GB |",
-                  "|---|---:|---|---:|---:|---:|---:|"]
+                  "| method | allocation | keep | variant | perplexity | ratio | seconds | peak RSS GB |",
+                  "|---|---|---:|---|---:|---:|---:|---:|"]
         for r in rows:
             if r["corpus"] == corpus:
-                lines.append(f"| {r['method']} | {r['ratio']} | {r['variant']} | {r['perplexity']:.2f} | "
+                lines.append(f"| {r['method']} | {r.get('allocation', 'loss')} | {r['ratio']} | {r['variant']} "
+                             f"| {r['perplexity']:.2f} | "
                              f"{r['perplexity_ratio']:.3f} | {r['compress_seconds']:.0f} | "
                              f"{r['compress_peak_rss_gb']:.2f} |")
         lines.append("")
