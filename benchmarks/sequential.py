@@ -20,7 +20,8 @@ the same ranks (the allocation is the same: one global greedy over the dense sta
     python benchmarks/sequential.py
     python benchmarks/sequential.py --corpora speeches --methods fisher-whitened --ratios 0.8
 
-Rows are appended to <out>/sequential.partial.jsonl as they finish, so an interrupted run resumes where it stopped.
+Rows are appended to <out>/<name>.<allocation>.partial.jsonl as they finish, so an interrupted run resumes where it
+stopped.
 Writes benchmarks/results/sequential.json and sequential.md (``--name`` another stem).
 """
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    partial = out / f"{a.name}.partial.jsonl"
+    partial = out / f"{a.name}.{a.allocation}.partial.jsonl"  # rows of one allocation resume only that allocation
     rows = [json.loads(line) for line in partial.read_text().splitlines()] if partial.is_file() else []
     key = lambda r: (r["corpus"], r["method"], r["ratio"], r["variant"])  # noqa: E731
     done = {key(r) for r in rows}
