@@ -178,6 +178,8 @@ def lm_decoder(family: str, tokenizer, seed: int = 0) -> torch.nn.Module:
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
     return AutoModelForCausalLM.from_config(config).eval()
+
+
 def lm_model_folder(root: Path, tokenizer, family: str, variant: str) -> Path:
     """``root/FAMILY-VARIANT``: the tiny decoder of ``family`` saved as it is (``baseline``) or compressed by the
     method ``variant`` at ratio 0.5."""
