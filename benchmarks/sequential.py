@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {key(r) for r in rows}
     model = load_causal_lm(EMBEDDED_DECODER)
     tokenizer = load_tokenizer(EMBEDDED_DECODER)
+    chosen = {} if a.allocation == "method" else {"allocation": a.allocation}  # "method": each method's default
     corpora = {}
     for corpus in a.corpora.split(","):
         data = DataConfig(dataset=corpus, max_length=a.length)
@@ -103,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
                     if (corpus, method, ratio, variant) in done:
                         continue
                     sequential, refit = VARIANTS[variant]
-                    chosen = {} if a.allocation == "method" else {"allocation": a.allocation}
                     cfg = CompressionConfig(method=method, ratio=ratio, refit=refit, **chosen)
                     compressed = copy.deepcopy(model)
                     with PeakRSS() as peak:
