@@ -24,8 +24,9 @@ optimised again with ``pack_matmuls: all`` (``optimize --pack-matmuls all``), wi
 
 With ``--shape NAME`` (see ``shapes.py``: smollm2-135m, qwen2.5-0.5b, llama-3.2-1b, llama-2-7b, mistral-7b) the graphs
 are built instead of given: a decoder of that published architecture with random weights, dense and factorised
-at each of --keeps, exported with its cache and optimised into --work (reused by a later run), then timed the
-same way. Those results go to benchmarks/results/decode-shapes.json and .md, one entry per shape and device,
+at each of --keeps, exported with its cache and optimised into --work (reused by a later run; each stage in a
+process of its own, its peak resident memory recorded beside the graphs and in the results), then timed the same
+way. Those results go to benchmarks/results/decode-shapes.json and .md, one entry per shape and device,
 with the bytes floor (weights read per token, candidate / baseline) beside each ratio:
 
     python benchmarks/decode.py --shape qwen2.5-0.5b --keeps 0.8,0.6 --batches 1
@@ -54,7 +55,7 @@ sys.path.insert(0, str(HERE))
 from common import graph_folders, provenance  # noqa: E402
 from shapes import SHAPES, build, parameters, shape_config  # noqa: E402
 
-BUILD_BYTES_PER_PARAMETER = 24  # peak resident memory of building a shape's graphs, per parameter (see shape_run)
+BUILD_BYTES_PER_PARAMETER = 16  # peak resident memory of a stage building a shape's graphs (see shape_run)
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
@@ -155,27 +156,61 @@ def _keeps(ap: argparse.ArgumentParser, text: str) -> list[float]:
     return keeps
 
 
-def shape_graphs(name: str, keeps: list[float], work: Path) -> dict[str, Path]:
-    """The optimised dense and factorised graphs of shape ``name``, built into ``work`` (kept, reused)."""
-    from fwsvd_deploy.config import ExportConfig
-    from fwsvd_deploy.exporters import export_onnx
+def _peak_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def _build_stage(name: str, keep: float | None, out: Path) -> int:
     from fwsvd_deploy.modeling import load_tokenizer
 
-    tokenizer = load_tokenizer("smollm2-135m")  # the parity checks' tokens; shape_run refuses smaller vocabularies
-    graphs = {}
+    build(name, keep, out, load_tokenizer("smollm2-135m"))  # the parity checks' tokens (shape_run checks the vocab)
+    return _peak_bytes()
+
+
+def _export_stage(model_dir: Path, out: Path) -> int:
+    from fwsvd_deploy.config import ExportConfig
+    from fwsvd_deploy.exporters import export_onnx
+
+    export_onnx(model_dir, ExportConfig(task="text-generation-with-past"), out, overwrite=True)
+    return _peak_bytes()
+
+
+def _optimize_stage(exported: Path, out: Path) -> int:
+    optimize_onnx(exported, OptimizeConfig(), out, overwrite=True)
+    return _peak_bytes()
+
+
+def _in_child(function, *args) -> int:
+    """``function(*args)`` in a fresh process: each stage's peak memory is its own (none left from the last)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def shape_graphs(name: str, keeps: list[float], work: Path) -> tuple[dict[str, Path], dict[str, dict[str, int]]]:
+    """The optimised dense and factorised graphs of shape ``name``, built into ``work`` (kept, reused), and the
+    peak resident memory of each stage that built them (``{label: {stage: bytes}}``, kept beside them)."""
+    graphs, peaks = {}, {}
     for keep in [None, *keeps]:
         label = "baseline" if keep is None else f"keep-{keep:g}"
-        optimised = work / name / f"{label}-opt"
+        root = work / name
+        optimised = root / f"{label}-opt"
+        record = root / f"{label}-peaks.json"
+        peak = json.loads(record.read_text()) if record.is_file() else {}
         if not (optimised / "model.onnx").is_file():
-            model_dir = work / name / label
+            model_dir, exported = root / label, root / f"{label}-onnx"
             if not model_dir.is_dir():  # written whole or not at all (save_model's temporary folder)
-                build(name, keep, model_dir, tokenizer)
-            exported = work / name / f"{label}-onnx"
+                peak["build"] = _in_child(_build_stage, name, keep, model_dir)
             if not (exported / "model.onnx").is_file():
-                export_onnx(model_dir, ExportConfig(task="text-generation-with-past"), exported, overwrite=True)
-            optimize_onnx(exported, OptimizeConfig(), optimised, overwrite=True)
-        graphs[label] = optimised
-    return graphs
+                peak["export"] = _in_child(_export_stage, model_dir, exported)
+            peak["optimize"] = _in_child(_optimize_stage, exported, optimised)
+            record.write_text(json.dumps(peak))
+        graphs[label], peaks[label] = optimised, peak
+    return graphs, peaks
 
 
 def shape_run(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -187,8 +222,8 @@ def shape_run(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
     if args.prompt_len + args.new_tokens > config.max_position_embeddings:
         ap.error(f"--prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} is beyond {args.shape}'s "
                  f"{config.max_position_embeddings} positions")
-    # measured: qwen2.5-0.5b (0.49 B parameters) peaked at 11.56 GB resident (/usr/bin/time -v), 23.4 bytes per
-    # parameter; 'fwsvd-deploy export' alone 8.85 GB, 'optimize' alone 10.34 GB (ONNX Runtime's fusion pass)
+    # measured on qwen2.5-0.5b (0.49 B parameters) at keep 0.8, each stage in its own process: export peaked at
+    # 6.23 GB (12.6 bytes per parameter, inside optimum's exporter), optimize at 5.14 GB (its two parity sessions)
     need = BUILD_BYTES_PER_PARAMETER * parameters(config)
     import psutil
 
@@ -197,7 +232,10 @@ def shape_run(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
                  f"GiB to build in float32 here ({BUILD_BYTES_PER_PARAMETER} bytes per parameter, as measured on "
                  f"qwen2.5-0.5b), more than this machine's {psutil.virtual_memory().total / 2**30:.0f} GiB")
     work = args.work or Path(tempfile.gettempdir()) / "fwsvd-shapes"
-    info, timing = timed(shape_graphs(args.shape, keeps, work), args)
+    graphs, peaks = shape_graphs(args.shape, keeps, work)
+    info, timing = timed(graphs, args)
+    for label, peak in peaks.items():
+        info[label]["build_peak_bytes"] = peak
     entry = {"shape": args.shape, "parameters": parameters(config), "keeps": keeps,
              **provenance("decode.py", argv), "graphs": info, "generation": timing}
     path = args.out / "decode-shapes.json"
@@ -236,6 +274,11 @@ def shapes_markdown(runs: list[dict]) -> str:
                 pre = f"{ratio['prefill']['p50']:.3f}" if ratio else ""
                 lines.append(f"| {cell['batch']} | {name} | {d['weight_bytes'] / 1e6:,.0f} MB | {floor:.3f} | "
                              f"{m['decode']['mean_ms']:.2f} | {dec} | {over} | {m['prefill']['p50_ms']:.1f} | {pre} |")
+        built = [f"{name} " + ", ".join(f"{stage} {b / 1e9:.1f}" for stage, b in d["build_peak_bytes"].items())
+                 for name, d in r["graphs"].items() if d.get("build_peak_bytes")]
+        if built:
+            lines += ["", "Peak resident memory of each stage that built the graphs, GB (one process per stage): "
+                      + "; ".join(built) + "."]
         lines.append("")
     return "\n".join(lines)
 

@@ -8,6 +8,7 @@ architecture from the config with no network, applies the plan and loads the wei
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -157,6 +158,14 @@ def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
     raise ModelLoadError(f"{folder} has no model.safetensors; only safetensors weights are loaded")
 
 
+def _no_init_weights() -> contextlib.AbstractContextManager:
+    """transformers' context that skips drawing a new model's weights (a no-op where a release lacks it)."""
+    from transformers import modeling_utils
+
+    skip = getattr(modeling_utils, "no_init_weights", None)
+    return contextlib.nullcontext() if skip is None else skip()
+
+
 def load_compressed(folder: str | Path) -> nn.Module:
     """Rebuild a model saved by :func:`save_compressed`, offline.
 
@@ -184,14 +193,15 @@ def load_compressed(folder: str | Path) -> nn.Module:
     cls = getattr(transformers, str(arch), None)
     if cls is None or not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise ModelLoadError(f"{path}: architecture {arch!r} is not a transformers model class")
-    model = cls(config)
+    with _no_init_weights():  # every weight is loaded below: drawing random ones first is time and memory spent
+        model = cls(config)
     try:
         apply_plan(model, plan["layers"])
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelLoadError(f"{path}: the plan in {PLAN_FILE} does not fit {arch}: {first_line(exc)}") from exc
     state = _load_weights(path)
     try:
-        result = model.load_state_dict(state, strict=False)
+        result = model.load_state_dict(state, strict=False, assign=True)  # the read tensors, not copies of them
     except RuntimeError as exc:  # a tensor whose shape differs from the plan's
         raise ModelLoadError(f"{path}: weights do not match the plan in {PLAN_FILE} "
                              f"({first_line(exc).rstrip(':')}: {_size_mismatch(exc)})") from exc

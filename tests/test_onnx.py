@@ -279,8 +279,8 @@ def test_a_factorised_layer_the_restore_cannot_find_fails_the_optimisation(built
     _, exported, _ = built("bert", "text-classification", "svd")
     real = optimize_module.densify
 
-    def densify_with_a_stranger(model):
-        dense, index = real(model)
+    def densify_with_a_stranger(model, store=None):
+        dense, index = real(model, store)
         down, up = np.ones((32, 2), np.float32), np.ones((2, 5), np.float32)
         index.pairs["not-in-the-graph"] = LowRankPair("d", "u", down, up)
         return dense, index
@@ -334,8 +334,8 @@ def test_losing_a_fused_operator_is_an_error_unless_allowed(built, tmp_path, mon
 
     _, exported, _ = built("bert", "text-classification", "svd")
     real = optimize_module.restore
-    monkeypatch.setattr(optimize_module, "restore", lambda fused, index: _unfuse_one_skip_layer_norm(
-        real(fused, index)))
+    monkeypatch.setattr(optimize_module, "restore", lambda fused, index, store=None: _unfuse_one_skip_layer_norm(
+        real(fused, index, store)))
     with pytest.raises(FusionLossError, match="lost fused operators: 1 skip_layer_norm fewer"):
         optimize_onnx(exported.out_dir, OptimizeConfig(), tmp_path / "o")
     assert not (tmp_path / "o").exists()

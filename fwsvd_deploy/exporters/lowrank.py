@@ -25,13 +25,19 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ExportError
+from . import weights
+
+if TYPE_CHECKING:
+    from .weights import WeightStore
 
 MS_DOMAIN = "com.microsoft"
 
@@ -131,8 +137,14 @@ def _up_dims(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[
     return (cols, rows) if node.op_type == "Gemm" and node_attribute(node, "transB", 0) else (rows, cols)
 
 
-def _up_weight(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray:
-    weight = numpy_helper.to_array(inits[node.input[1]])
+def _reader(store: WeightStore | None) -> Callable[[onnx.TensorProto], np.ndarray]:
+    """How a tensor's value is read: from the store where it is offloaded to one."""
+    return numpy_helper.to_array if store is None else store.array
+
+
+def _up_weight(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
+               read: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array) -> np.ndarray:
+    weight = read(inits[node.input[1]])
     return weight.T if node.op_type == "Gemm" and node_attribute(node, "transB", 0) else weight
 
 
@@ -161,8 +173,13 @@ def find_pairs(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.NodePr
     return pairs
 
 
-def densify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LowRankIndex]:
-    """A copy of ``model`` with each factorised pair replaced by one MatMul on the product of its factors."""
+def densify(model: onnx.ModelProto, store: WeightStore | None = None) -> tuple[onnx.ModelProto, LowRankIndex]:
+    """A copy of ``model`` with each factorised pair replaced by one MatMul on the product of its factors.
+
+    With a ``store``, the factors' values are mapped from it where offloaded (the index holds them so), and each
+    product is offloaded to it as soon as it is made (so the dense products are never all in memory at once).
+    """
+    read = _reader(store)
     model = inline_identities(model)
     graph = model.graph
     inits = _initializers(graph)
@@ -173,8 +190,8 @@ def densify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LowRankIndex]:
     used_factors: set[str] = set()
     products: dict[str, str] = {}
     for down_node, up_node in pairs:
-        down = numpy_helper.to_array(inits[down_node.input[1]])
-        up = _up_weight(up_node, inits)
+        down = read(inits[down_node.input[1]])
+        up = _up_weight(up_node, inits, read)
         dense = np.ascontiguousarray((down.astype(np.float64) @ up.astype(np.float64)).astype(down.dtype))
         key = _digest(dense)
         name = f"{up_node.input[1]}__lowrank_product"
@@ -182,7 +199,11 @@ def densify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, LowRankIndex]:
             name = products[key]
         else:
             products[key] = name
-            graph.initializer.append(numpy_helper.from_array(dense, name))
+            product = numpy_helper.from_array(dense, name)
+            del dense
+            if store is not None:
+                store.add(product)
+            graph.initializer.append(product)
             index.pairs[key] = LowRankPair(down_node.input[1], up_node.input[1], down, up)
         # the same operator as the up-projection (a Gemm keeps its bias), on the product in MatMul orientation
         merged = helper.make_node(up_node.op_type, [down_node.input[0], name, *up_node.input[2:]],
@@ -284,8 +305,9 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 class GraphBuilder:
     """Adds initializers and nodes with names unique in the graph."""
 
-    def __init__(self, graph: onnx.GraphProto) -> None:
+    def __init__(self, graph: onnx.GraphProto, store: WeightStore | None = None) -> None:
         self.graph = graph
+        self.store = store  # where large initializers go as they are added
         self.names = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
         self.names |= {n.name for n in graph.node} | {i.name for i in graph.input}
         self._added: dict[str, str] = {}
@@ -303,7 +325,10 @@ class GraphBuilder:
         if key in self._added:
             return self._added[key]
         name = self.unique(base)
-        self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        tensor = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        if self.store is not None and array.nbytes >= weights.OFFLOAD_BYTES:
+            self.store.add(tensor)
+        self.graph.initializer.append(tensor)
         self._added[key] = name
         return name
 
@@ -329,13 +354,14 @@ def _split_qkv(weight: np.ndarray, node: onnx.NodeProto) -> list[np.ndarray] | N
 
 
 def _restore_attention(node: onnx.NodeProto, index: LowRankIndex, inits: dict[str, onnx.TensorProto],
-                      build: GraphBuilder) -> list[onnx.NodeProto] | None:
+                      build: GraphBuilder, read: Callable[[onnx.TensorProto], np.ndarray] = numpy_helper.to_array
+                      ) -> list[onnx.NodeProto] | None:
     """Nodes replacing a fused Attention whose q/k/v weights are known products; None to keep it."""
     inputs = list(node.input) + [""] * (6 - len(node.input))
     x, weight_name, bias_name, mask, past, attention_bias = inputs[:6]
     if weight_name not in inits or past or node_attribute(node, "unidirectional", 0) or len(node.output) > 1:
         return None
-    slices = _split_qkv(numpy_helper.to_array(inits[weight_name]), node)
+    slices = _split_qkv(read(inits[weight_name]), node)
     if slices is None:
         return None
     keys = [_digest(s) for s in slices]
@@ -399,8 +425,10 @@ def _joint_attention(node: onnx.NodeProto, pairs: list[LowRankPair], build: Grap
             attention]
 
 
-def restore(model: onnx.ModelProto, index: LowRankIndex) -> onnx.ModelProto:
+def restore(model: onnx.ModelProto, index: LowRankIndex, store: WeightStore | None = None) -> onnx.ModelProto:
     """Put the factorised layers back into an optimised graph built from :func:`densify`'s output.
+
+    ``store``: where the graph's offloaded weights are; the factors put back are offloaded to it too.
 
     Raises:
         ExportError: when a dense product is left in the graph (the fusion changed it beyond recognition).
@@ -408,17 +436,18 @@ def restore(model: onnx.ModelProto, index: LowRankIndex) -> onnx.ModelProto:
     model = _copy(model)
     graph = model.graph
     inits = _initializers(graph)
-    build = GraphBuilder(graph)
+    build = GraphBuilder(graph, store)
+    read = _reader(store)
     out_nodes: list[onnx.NodeProto] = []
     reduced: dict[tuple[str, str], str] = {}  # (input, down-projection) -> its output, computed once
     for node in graph.node:
         if node.op_type == "Attention" and node.domain == MS_DOMAIN:
-            replacement = _restore_attention(node, index, inits, build)
+            replacement = _restore_attention(node, index, inits, build, read)
             if replacement is not None:
                 out_nodes.extend(replacement)
                 continue
         if _const_matmul(node, inits) or _const_gemm(node, inits, transposed=False):
-            key = _digest(numpy_helper.to_array(inits[node.input[1]]))
+            key = _digest(read(inits[node.input[1]]))
             pair = index.pairs.get(key)
             if pair is not None:
                 index.uses[key] += 1
@@ -441,7 +470,7 @@ def restore(model: onnx.ModelProto, index: LowRankIndex) -> onnx.ModelProto:
     keep = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    leftover = [i.name for i in graph.initializer if _digest(numpy_helper.to_array(i)) in index.pairs]
+    leftover = [i.name for i in graph.initializer if _digest(read(i)) in index.pairs]
     if leftover:
         raise ExportError(f"{len(leftover)} factorised layers stayed dense after fusion (e.g. {leftover[0]})")
     restored = {k for k, v in index.uses.items() if v}

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from onnx.external_data_helper import load_external_data_for_model
 
 from ..config import OptimizeConfig
 from ..errors import ConfigError, ExportError, FusionLossError, first_line
@@ -32,6 +33,7 @@ from .lowrank import MS_DOMAIN, densify, find_pairs, inline_identities, resplit_
 from .packing import pack_shared_inputs
 from .quantize import Quantization, check_quantizable, quantize_graph
 from .runtime import ONNX_FILE, make_session, parity_report, run_session
+from .weights import WeightStore
 
 # Fused operators by kind; an attention layer may be Attention, MultiHeadAttention, GroupQueryAttention or (int8)
 # QAttention, an embedding layer norm EmbedLayerNormalization or (int8) QEmbedLayerNormalization.
@@ -165,14 +167,15 @@ def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def load_onnx(folder: Path) -> onnx.ModelProto:
+    """``folder``'s checked graph; the weights of a model saved with external data stay in their file."""
     path = folder / ONNX_FILE
     if not folder.is_dir():
         raise ConfigError(f"{folder} is not a folder; give the folder written by 'fwsvd-deploy export'")
     if not path.is_file():
         raise ConfigError(f"{folder} has no {ONNX_FILE}; give the folder written by 'fwsvd-deploy export'")
     try:
-        model = onnx.load(str(path))
-        onnx.checker.check_model(model if model.ByteSize() < 2**31 - 1 else str(path))
+        model = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(str(path))
     except Exception as exc:
         raise ConfigError(f"{path} is not a valid ONNX model (truncated or another format?): {first_line(exc)}") \
             from exc
@@ -253,58 +256,74 @@ def optimize_onnx(onnx_dir: str | Path, cfg: OptimizeConfig, out_dir: str | Path
         check_positions(config, cfg.validate_shapes, tokenizer, str(src))
     start = time.perf_counter()
     pairs = len(find_pairs(inline_identities(model)))
+    # a decoder's weights wait in a file while the passes rewrite its graph (only its small tensors stay in
+    # memory); the quantiser reads every weight, and encoders' attention fusion concatenates q/k/v weights
+    offload = decoder and cfg.level != "O1" and cfg.quantize is None
+    if not offload:
+        load_external_data_for_model(model, str(src))
     resplit = 0
     if cfg.quantize is not None:
         model, resplit = resplit_factors(model, cfg.factor_split)
-    reference_fusions = None
-    attention = None
-    if cfg.level == "O1":
-        optimized = model  # basic rewrites happen when the session loads the graph (see below)
-    else:  # each stage's input is let go as soon as the next exists: one or two copies of the model at a time
-        dense, index = densify(model)
-        del model
-        release_memory()
-        if decoder:
-            dense = constants_to_initializers(dense)
-        fused = _ort_optimize(dense, cfg, family, heads, hidden)
-        del dense
-        release_memory()
-        if decoder and family.fuse_attention:
-            fused, attention = _fuse_attention(fused, cfg, config, heads)
-        if len(index):
-            reference_fusions = fusion_counts(fused)
-            optimized = restore(fused, index)
-        else:
-            optimized = fused
-        del fused, index
-        release_memory()
-    packed = 0
-    if cfg.pack_matmuls != "none":  # the config refuses it at O1 and with dynamic int8
-        optimized, packed = pack_shared_inputs(optimized, cfg.pack_matmuls)
-    if cfg.fp16:
-        from onnxruntime.transformers.onnx_model import OnnxModel
-
-        wrapper = OnnxModel(optimized)
-        # a decoder's KV cache stays float16 in and out (no Cast on past or present, half the cache's memory);
-        # float inputs and outputs otherwise stay float32, with their Casts at the graph's edge
-        cached = any(i.name.startswith("past_key_values.") for i in optimized.graph.input)
-        keep = [o.name for o in optimized.graph.output if not o.name.startswith("present.")] if cached else True
-        wrapper.convert_float_to_float16(keep_io_types=keep)
-        optimized = wrapper.model
     with atomic_output_dir(out_dir, overwrite, inputs=[src]) as tmp:
-        path = tmp / ONNX_FILE
-        large = optimized.ByteSize() > 2**31 - 1000
+        store = WeightStore(tmp / ".weights") if offload else None
+        if store is not None:
+            store.offload(model, src)
+        reference_fusions = None
+        attention = None
         if cfg.level == "O1":
-            source = src / ONNX_FILE
-            if resplit:  # the rewrites start from the re-split factors
-                source = tmp / "resplit.onnx"
-                onnx.save_model(model, str(source), save_as_external_data=large, location="resplit.onnx_data")
-            _basic_rewrites(source, path)
-            for item in tmp.glob("resplit.onnx*"):
-                item.unlink()
-            optimized = onnx.load(str(path))
+            optimized = model  # basic rewrites happen when the session loads the graph (see below)
+        else:  # each stage's input is let go as soon as the next exists: one or two copies of the graph at a time
+            dense, index = densify(model, store)
+            del model
+            release_memory()
+            if decoder:
+                dense = constants_to_initializers(dense)
+            fused = _ort_optimize(dense, cfg, family, heads, hidden)
+            del dense
+            release_memory()
+            if decoder and family.fuse_attention:
+                fused, attention = _fuse_attention(fused, cfg, config, heads)
+            if len(index):
+                reference_fusions = fusion_counts(fused)
+                optimized = restore(fused, index, store)
+            else:
+                optimized = fused
+            del fused, index
+            release_memory()
+        if store is not None and (cfg.pack_matmuls != "none" or cfg.fp16):
+            store.load_all(optimized)  # both read and rewrite weights
+        packed = 0
+        if cfg.pack_matmuls != "none":  # the config refuses it at O1 and with dynamic int8
+            optimized, packed = pack_shared_inputs(optimized, cfg.pack_matmuls)
+        if cfg.fp16:
+            from onnxruntime.transformers.onnx_model import OnnxModel
+
+            wrapper = OnnxModel(optimized)
+            # a decoder's KV cache stays float16 in and out (no Cast on past or present, half the cache's memory);
+            # float inputs and outputs otherwise stay float32, with their Casts at the graph's edge
+            cached = any(i.name.startswith("past_key_values.") for i in optimized.graph.input)
+            keep = [o.name for o in optimized.graph.output if not o.name.startswith("present.")] if cached else True
+            wrapper.convert_float_to_float16(keep_io_types=keep)
+            optimized = wrapper.model
+        path = tmp / ONNX_FILE
+        if store is not None and cfg.pack_matmuls == "none" and not cfg.fp16:
+            large = store.save(optimized, path, f"{ONNX_FILE}_data")  # one tensor in memory at a time
         else:
-            onnx.save_model(optimized, str(path), save_as_external_data=large, location=f"{ONNX_FILE}_data")
+            large = optimized.ByteSize() > 2**31 - 1000
+            if cfg.level == "O1":
+                source = src / ONNX_FILE
+                if resplit:  # the rewrites start from the re-split factors
+                    source = tmp / "resplit.onnx"
+                    onnx.save_model(optimized, str(source), save_as_external_data=large,
+                                    location="resplit.onnx_data")
+                _basic_rewrites(source, path)
+                for item in tmp.glob("resplit.onnx*"):
+                    item.unlink()
+                optimized = onnx.load(str(path))
+            else:
+                onnx.save_model(optimized, str(path), save_as_external_data=large, location=f"{ONNX_FILE}_data")
+        if store is not None:
+            shutil.rmtree(store.directory)
         quantization = None
         if cfg.quantize is not None:
             optimized, quantization = quantize_graph(optimized, cfg, tmp)
