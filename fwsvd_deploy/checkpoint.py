@@ -199,7 +199,8 @@ def load_compressed(folder: str | Path) -> nn.Module:
         apply_plan(model, plan["layers"])
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelLoadError(f"{path}: the plan in {PLAN_FILE} does not fit {arch}: {first_line(exc)}") from exc
-    state = _load_weights(path)
+    # float32 as the model was built, whatever the folder was saved in (assign keeps a tensor's own dtype)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in _load_weights(path).items()}
     try:
         result = model.load_state_dict(state, strict=False, assign=True)  # the read tensors, not copies of them
     except RuntimeError as exc:  # a tensor whose shape differs from the plan's

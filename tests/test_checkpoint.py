@@ -40,6 +40,16 @@ def test_tied_causal_lm_round_trip(tmp_path, tokenizer, data):
         assert torch.equal(model(input_ids=batch["input_ids"]).logits, loaded(input_ids=batch["input_ids"]).logits)
 
 
+def test_a_folder_saved_in_bfloat16_loads_as_float32_parameters(tmp_path, tokenizer):
+    model = tiny_causal_lm()
+    compress(model, CompressionConfig(method="svd", rank=4))
+    save_compressed(model.to(torch.bfloat16), tmp_path / "lm", tokenizer)
+    loaded = load_compressed(tmp_path / "lm")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert all(torch.equal(p, model.state_dict()[name].float()) for name, p in loaded.state_dict().items()
+               if name in model.state_dict())
+
+
 def test_existing_output_is_not_overwritten(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
