@@ -27,7 +27,6 @@ import hashlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -35,9 +34,6 @@ from onnx import helper, numpy_helper
 
 from ..errors import ExportError
 from . import weights
-
-if TYPE_CHECKING:
-    from .weights import WeightStore
 
 MS_DOMAIN = "com.microsoft"
 
@@ -137,7 +133,7 @@ def _up_dims(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[
     return (cols, rows) if node.op_type == "Gemm" and node_attribute(node, "transB", 0) else (rows, cols)
 
 
-def _reader(store: WeightStore | None) -> Callable[[onnx.TensorProto], np.ndarray]:
+def _reader(store: weights.WeightStore | None) -> Callable[[onnx.TensorProto], np.ndarray]:
     """How a tensor's value is read: from the store where it is offloaded to one."""
     return numpy_helper.to_array if store is None else store.array
 
@@ -173,7 +169,8 @@ def find_pairs(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.NodePr
     return pairs
 
 
-def densify(model: onnx.ModelProto, store: WeightStore | None = None) -> tuple[onnx.ModelProto, LowRankIndex]:
+def densify(model: onnx.ModelProto,
+            store: weights.WeightStore | None = None) -> tuple[onnx.ModelProto, LowRankIndex]:
     """A copy of ``model`` with each factorised pair replaced by one MatMul on the product of its factors.
 
     With a ``store``, the factors' values are mapped from it where offloaded (the index holds them so), and each
@@ -305,7 +302,7 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 class GraphBuilder:
     """Adds initializers and nodes with names unique in the graph."""
 
-    def __init__(self, graph: onnx.GraphProto, store: WeightStore | None = None) -> None:
+    def __init__(self, graph: onnx.GraphProto, store: weights.WeightStore | None = None) -> None:
         self.graph = graph
         self.store = store  # where large initializers go as they are added
         self.names = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
@@ -425,7 +422,8 @@ def _joint_attention(node: onnx.NodeProto, pairs: list[LowRankPair], build: Grap
             attention]
 
 
-def restore(model: onnx.ModelProto, index: LowRankIndex, store: WeightStore | None = None) -> onnx.ModelProto:
+def restore(model: onnx.ModelProto, index: LowRankIndex,
+            store: weights.WeightStore | None = None) -> onnx.ModelProto:
     """Put the factorised layers back into an optimised graph built from :func:`densify`'s output.
 
     ``store``: where the graph's offloaded weights are; the factors put back are offloaded to it too.

@@ -5,8 +5,8 @@ ONNX Runtime's fusion passes and the low-rank passes copy the whole ``ModelProto
 inside it a 0.5 B-parameter decoder peaked at about 7 times its float32 size. :class:`WeightStore` moves every large
 initializer's bytes into one file and leaves the tensor in the graph as an external-data reference to it (its name,
 type and shape unchanged), so the passes rewrite nodes over a graph of a few megabytes. Code that needs a value
-reads it back one tensor at a time with ``numpy_helper.to_array(tensor, store.directory)``. :meth:`WeightStore.save`
-streams the tensors into the output's own data file, one at a time.
+maps it from the file with :meth:`WeightStore.array`. :meth:`WeightStore.save` streams the tensors into the output's
+own data file, one at a time.
 
 Only passes that never read a large weight may run on an offloaded graph: ONNX Runtime's normalisation and rotary
 fusions on a decoder do not; its encoder attention fusion (which concatenates q/k/v weights) does, so encoders are
@@ -21,17 +21,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+from onnx.external_data_helper import uses_external_data
 
 OFFLOAD_BYTES = 1 << 20  # initializers at least this large are offloaded
 STORE_FILE = "offloaded.bin"
 INLINE_LIMIT = 2**31 - 2**24  # a model whose weights and graph together exceed this is saved with external data
 _WEIGHT_SLOTS = {"MatMul": 1, "Gemm": 1, "Gather": 0, "Transpose": 0}  # the input of each operator that is offloaded
 # (a tied embedding table is read by a Gather and, as the output projection, through a Transpose)
-
-
-def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    yield from model.graph.initializer
 
 
 def _attribute_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -63,11 +59,18 @@ def _point(tensor: onnx.TensorProto, location: str, offset: int, length: int) ->
     tensor.data_location = onnx.TensorProto.EXTERNAL
 
 
-def _inline(tensor: onnx.TensorProto, source_dir: Path | None) -> None:
-    """Read an external ``tensor``'s bytes from ``source_dir`` into the tensor itself."""
-    if source_dir is None:
+def _read(tensor: onnx.TensorProto, base_dir: Path | None) -> bytes:
+    """The bytes an external ``tensor`` refers to, its location relative to ``base_dir``."""
+    if base_dir is None:
         raise ValueError(f"{tensor.name} is external data; give the folder its location is relative to")
-    load_external_data_for_tensor(tensor, str(source_dir))
+    info = _external(tensor)
+    with (base_dir / info["location"]).open("rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        return f.read(int(info["length"])) if "length" in info else f.read()
+
+
+def _set_inline(tensor: onnx.TensorProto, data: bytes) -> None:
+    tensor.raw_data = data
     del tensor.external_data[:]
     tensor.data_location = onnx.TensorProto.DEFAULT
 
@@ -90,15 +93,7 @@ class WeightStore:
         (copied file to file: the bytes of a message once set stay in protobuf's memory until it is freed)."""
         if self.offloaded(tensor):
             return
-        if uses_external_data(tensor):
-            if source_dir is None:
-                raise ValueError(f"{tensor.name} is external data; give the folder its location is relative to")
-            info = _external(tensor)
-            with (source_dir / info["location"]).open("rb") as f:
-                f.seek(int(info.get("offset", 0)))
-                data = f.read(int(info["length"])) if "length" in info else f.read()
-        else:
-            data = tensor.raw_data
+        data = _read(tensor, source_dir) if uses_external_data(tensor) else tensor.raw_data
         with self.path.open("ab") as f:
             f.write(data)
         offset, self._size = self._size, self._size + len(data)
@@ -127,7 +122,7 @@ class WeightStore:
             for slot, name in enumerate(node.input):
                 readers.setdefault(name, []).append((node.op_type, slot))
         moved = 0
-        for tensor in _tensors(model):
+        for tensor in model.graph.initializer:
             if self.offloaded(tensor):
                 continue
             external = uses_external_data(tensor)
@@ -138,28 +133,20 @@ class WeightStore:
                 self.add(tensor, source_dir)
                 moved += 1
             elif external:
-                _inline(tensor, source_dir)
+                _set_inline(tensor, _read(tensor, source_dir))
         for tensor in _attribute_tensors(model.graph):
             if uses_external_data(tensor):
-                _inline(tensor, source_dir)
+                _set_inline(tensor, _read(tensor, source_dir))
         return moved
 
     def offloaded_bytes(self, model: onnx.ModelProto) -> int:
-        return sum(int(_external(t)["length"]) for t in _tensors(model) if self.offloaded(t))
-
-    def _read(self, tensor: onnx.TensorProto) -> bytes:
-        info = _external(tensor)
-        with self.path.open("rb") as f:
-            f.seek(int(info["offset"]))
-            return f.read(int(info["length"]))
+        return sum(int(_external(t)["length"]) for t in model.graph.initializer if self.offloaded(t))
 
     def load_all(self, model: onnx.ModelProto) -> None:
         """Put every offloaded tensor's bytes back into ``model`` (for passes that read or rewrite weights)."""
-        for tensor in _tensors(model):
+        for tensor in model.graph.initializer:
             if self.offloaded(tensor):
-                tensor.raw_data = self._read(tensor)
-                del tensor.external_data[:]
-                tensor.data_location = onnx.TensorProto.DEFAULT
+                _set_inline(tensor, _read(tensor, self.directory))
 
     def save(self, model: onnx.ModelProto, path: Path, location: str, size_threshold: int = 1024) -> bool:
         """Write ``model`` to ``path``: in one file if it fits protobuf's 2 GB limit, else with its weights of at
@@ -171,9 +158,9 @@ class WeightStore:
             return False
         written = 0
         with (path.parent / location).open("wb") as out:
-            for tensor in _tensors(model):
+            for tensor in model.graph.initializer:
                 if self.offloaded(tensor):
-                    data = self._read(tensor)
+                    data = _read(tensor, self.directory)
                 elif not uses_external_data(tensor) and len(tensor.raw_data) >= size_threshold:
                     data = tensor.raw_data
                 else:
